@@ -1,0 +1,1 @@
+"""avt_jax: audio-video Transformer (AVT) in JAX/Flax."""

@@ -1,0 +1,107 @@
+"""The base configuration that every file in `configs/` starts from.
+
+Fields (override any of them on the command line with `--config.<field>=value`):
+  data:   where the prepared records are and what the labels look like.
+  input:  clip sampling, crop sizes, augmentation, batch sizes.
+  model:  encoder size preset and AVT options (see `avt_jax.models.AVT`).
+  loss:   per-objective weights (0 removes a branch from the compiled step).
+  optim:  optimizer and learning-rate schedule.
+  mesh:   device mesh shape for data / fsdp / model parallelism.
+  train:  steps, logging, checkpointing and evaluation cadence.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the defaults shared by all datasets (ViT-B/16 per modality, paper-scale inputs)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ''
+  c.data.data_dir = ''  # prepared records: {split}-NNNNN-of-NNNNN.tfrecord + stats.json
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.label_heads = ('class',)
+  c.data.num_classes = {'class': 1}
+  c.data.multi_label = False
+
+  c.input = ml_collections.ConfigDict()
+  c.input.batch_size = 64  # global
+  c.input.eval_batch_size = 64
+  c.input.num_frames = 32
+  c.input.frame_stride = 2
+  c.input.image_size = 224
+  c.input.min_resize = 256
+  c.input.audio_frames = 800  # 8 s at 100 frames/s
+  c.input.n_mels = 128
+  c.input.shuffle_buffer = 1024
+  c.input.crop_area_range = (0.3, 1.0)
+  c.input.flip = True
+  c.input.color_jitter = 0.0
+  c.input.spec_augment = ml_collections.ConfigDict(
+      dict(freq_masks=2, freq_width=24, time_masks=2, time_width=96))
+  c.input.mixup_alpha = 0.0
+  c.input.eval_clips = 4
+  c.input.eval_crops = 3
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = 'base'
+  c.model.hidden_size = None  # explicit values override the size preset
+  c.model.num_layers = None
+  c.model.num_heads = None
+  c.model.mlp_dim = None
+  c.model.modalities = ('video', 'audio')
+  c.model.video_patch = (2, 16, 16)
+  c.model.audio_patch = (16, 16)
+  c.model.audio_stride = None
+  c.model.fusion = 'bottleneck'
+  c.model.fusion_layer = 8
+  c.model.n_bottlenecks = 4
+  c.model.contrastive_dim = 256
+  c.model.decoder_width = 384
+  c.model.decoder_depth = 2
+  c.model.decoder_heads = 6
+  c.model.decoder_mlp_dim = 1536
+  c.model.mask_ratio_video = 0.9
+  c.model.mask_ratio_audio = 0.75
+  c.model.segment_seconds = 0.64
+  c.model.num_segments = 2
+  c.model.dropout = 0.0
+  c.model.stochastic_depth = 0.1
+  c.model.dtype = 'float32'
+  c.model.attention_implementation = 'xla'
+  c.model.remat_policy = 'none'
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.weights = ml_collections.ConfigDict(dict(
+      classification=1.0, contrastive=0.1, matching=0.1, masked_video=0.1, masked_audio=0.1,
+      masked_audio_segment=0.1))
+  c.loss.label_smoothing = 0.1
+  c.loss.normalize_target = True
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'adamw'  # or 'sgd' (momentum)
+  c.optim.learning_rate = 1e-4
+  c.optim.warmup_steps = 1000
+  c.optim.weight_decay = 0.05
+  c.optim.momentum = 0.9
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip_norm = 1.0
+  c.optim.accumulation_steps = 1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.model = 1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 30000
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.eval_every = 0  # 0: evaluate once at the end
+  c.train.eval_only = False
+  return c

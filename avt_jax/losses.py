@@ -1,0 +1,141 @@
+"""The AVT objectives as pure functions of model outputs and batch labels.
+
+Every loss takes an example mask [B] (1 = real, 0 = padding) so padded examples never count.
+"""
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                          label_smoothing: float = 0.0) -> jax.Array:
+  """Mean cross-entropy of [B, C] logits against [B, C] (one-hot or soft) labels."""
+  classes = labels.shape[-1]
+  labels = labels * (1.0 - label_smoothing) + label_smoothing / classes
+  return _masked_mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), labels), mask)
+
+
+def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                          label_smoothing: float = 0.0) -> jax.Array:
+  """Multi-label binary cross-entropy, summed over classes, averaged over examples."""
+  labels = labels * (1.0 - label_smoothing) + 0.5 * label_smoothing
+  per_example = jnp.sum(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels), -1)
+  return _masked_mean(per_example, mask)
+
+
+def classification_loss(logits: Mapping[str, jax.Array], labels: Mapping[str, jax.Array],
+                        mask: jax.Array, *, multi_label: bool = False,
+                        label_smoothing: float = 0.0) -> jax.Array:
+  """Softmax CE (or sigmoid BCE if `multi_label`), summed over label heads (e.g. verb + noun)."""
+  fn = sigmoid_cross_entropy if multi_label else softmax_cross_entropy
+  return sum(fn(logits[h], labels[h], mask, label_smoothing) for h in logits)
+
+
+def info_nce(video: jax.Array, audio: jax.Array, logit_scale: jax.Array, mask: jax.Array
+             ) -> jax.Array:
+  """Symmetric InfoNCE over the (global) batch.
+
+  Args:
+    video: [B, P] unit vectors.
+    audio: [B, P] unit vectors; (video[i], audio[i]) are the positive pairs.
+    logit_scale: inverse temperature.
+    mask: [B]; padded examples are neither anchors nor negatives.
+
+  Returns:
+    0.5 * (video->audio CE + audio->video CE), averaged over valid anchors.
+  """
+  logits = logit_scale * video.astype(jnp.float32) @ audio.astype(jnp.float32).T  # [B, B]
+  valid = mask.astype(bool)
+  logits = jnp.where(valid[None, :] & valid[:, None], logits, -1e9)
+  targets = jnp.arange(logits.shape[0])
+  v2a = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  a2v = optax.softmax_cross_entropy_with_integer_labels(logits.T, targets)
+  return 0.5 * (_masked_mean(v2a, mask) + _masked_mean(a2v, mask))
+
+
+def matching_loss(positive: jax.Array, negative: jax.Array, negative_valid: jax.Array,
+                  mask: jax.Array) -> jax.Array:
+  """Binary cross-entropy: true pairs labelled 1, sampled hard negatives labelled 0.
+
+  Args:
+    positive: [B] logits of the true pairs.
+    negative: [K] logits of negative pairs.
+    negative_valid: [K] 1 for negatives that exist (valid example with a valid partner).
+    mask: [B] valid examples.
+
+  Returns:
+    Mean BCE over all valid positive and negative pairs.
+  """
+  pos = optax.sigmoid_binary_cross_entropy(positive.astype(jnp.float32), jnp.ones_like(positive))
+  neg = optax.sigmoid_binary_cross_entropy(negative.astype(jnp.float32), jnp.zeros_like(negative))
+  total = jnp.sum(pos * mask) + jnp.sum(neg * negative_valid)
+  return total / jnp.maximum(jnp.sum(mask) + jnp.sum(negative_valid), 1.0)
+
+
+def masked_reconstruction_loss(pred: jax.Array, target: jax.Array, patch_mask: jax.Array,
+                               mask: jax.Array, normalize_target: bool = True) -> jax.Array:
+  """MSE on masked patches only (MAE), used for masked video, masked audio and masked segments.
+
+  Args:
+    pred: [B, N, P] predictions.
+    target: [B, N, P] patch values.
+    patch_mask: [B, N], 1 where the patch was masked (only those count).
+    mask: [B] valid examples.
+    normalize_target: normalise each target patch to zero mean, unit variance (eps 1e-6).
+
+  Returns:
+    Mean over masked patches of valid examples of the per-patch mean squared error.
+  """
+  target = target.astype(jnp.float32)
+  if normalize_target:
+    mean = jnp.mean(target, axis=-1, keepdims=True)
+    var = jnp.var(target, axis=-1, keepdims=True)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)  # [B, N]
+  weights = patch_mask * mask[:, None]
+  return jnp.sum(per_patch * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def total_loss(outputs: Mapping, batch: Mapping[str, jax.Array], weights: Mapping[str, float], *,
+               multi_label: bool = False, label_smoothing: float = 0.0,
+               normalize_target: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted sum of the objectives present in `weights` with a non-zero weight.
+
+  Args:
+    outputs: `AVT` outputs computed for the objectives with non-zero weight.
+    batch: `labels/<head>` [B, C] and `mask` [B].
+    weights: objective -> weight.
+    multi_label, label_smoothing: classification options.
+    normalize_target: per-patch normalised reconstruction targets.
+
+  Returns:
+    (total, {objective: unweighted value}).
+  """
+  mask = batch['mask'].astype(jnp.float32)
+  terms = {}
+  for name, weight in weights.items():
+    if not weight:
+      continue
+    if name == 'classification':
+      labels = {h: batch[f'labels/{h}'] for h in outputs['logits']}
+      terms[name] = classification_loss(outputs['logits'], labels, mask, multi_label=multi_label,
+                                        label_smoothing=label_smoothing)
+    elif name == 'contrastive':
+      c = outputs['contrastive']
+      terms[name] = info_nce(c['video'], c['audio'], c['logit_scale'], mask)
+    elif name == 'matching':
+      o = outputs['matching']
+      terms[name] = matching_loss(o['positive'], o['negative'], o['negative_valid'], mask)
+    else:
+      o = outputs[name]
+      terms[name] = masked_reconstruction_loss(o['pred'], o['target'], o['mask'], mask,
+                                               normalize_target)
+  total = sum(weights[name] * value for name, value in terms.items())
+  return total, terms

@@ -1,0 +1,65 @@
+"""Light Transformer decoders that reconstruct masked patches (MAE-style) from encoder tokens."""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from avt_jax.models.tokenizers import PositionEmbedding
+from avt_jax.models.transformer import EncoderBlock
+
+
+class MaskedDecoder(nn.Module):
+  """Predicts the pixels / spectrogram values of every patch from (visible) encoder tokens.
+
+  With `ids_restore`, the input holds only the visible tokens: learned mask tokens fill the masked
+  positions and the original order is restored (MAE). Without it, the input is already the full
+  token sequence (the masked audio segment decoder, whose masked positions went through the fused
+  encoder as mask tokens).
+
+  Attributes:
+    width: decoder width.
+    depth: number of decoder blocks.
+    num_heads: attention heads.
+    mlp_dim: MLP width.
+    patch_dim: values per patch to predict (prod(patch) * channels).
+    posemb_grid: token grid the decoder position embedding is created for.
+    dtype: computation dtype.
+  """
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_dim: int
+  posemb_grid: Sequence[int]
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, grid: Sequence[int], ids_restore: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    """Decodes tokens.
+
+    Args:
+      tokens: [batch, visible or all tokens, D_encoder], without CLS.
+      grid: the input's token grid (prod(grid) = all tokens).
+      ids_restore: [batch, all tokens] from `masking.random_masking`, or None.
+      deterministic: disables dropout.
+
+    Returns:
+      [batch, prod(grid), patch_dim] float32 predictions in the original token order.
+    """
+    x = nn.Dense(self.width, dtype=self.dtype, name='decoder_embed')(tokens)
+    batch = x.shape[0]
+    if ids_restore is not None:
+      mask_token = self.param('mask_token', nn.initializers.normal(stddev=0.02), (1, 1, self.width))
+      missing = ids_restore.shape[1] - x.shape[1]
+      fill = jnp.broadcast_to(mask_token.astype(x.dtype), (batch, missing, self.width))
+      x = jnp.concatenate([x, fill], axis=1)
+      x = jnp.take_along_axis(x, ids_restore[..., None], axis=1)
+    x = PositionEmbedding(self.posemb_grid, name='decoder_posembed')(x.reshape(batch, *grid, self.width))
+    for i in range(self.depth):
+      x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype,
+                       name=f'decoderblock_{i}')(x, deterministic)
+    x = nn.LayerNorm(dtype=self.dtype, name='decoder_norm')(x)
+    return nn.Dense(self.patch_dim, dtype=jnp.float32, name='decoder_pred')(x).astype(jnp.float32)
