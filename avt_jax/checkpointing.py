@@ -1,0 +1,292 @@
+"""Checkpoints of the train state with orbax, and preemption handling.
+
+A checkpoint step holds two items under `<workdir>/checkpoints/<step>/`:
+
+- `state`: the train state, any pytree of `jax.Array`s (params, optimiser state,
+  step counter, PRNG keys), written with `ocp.args.StandardSave`;
+- `meta`: a small JSON dict (input position, config hash, ...), written with
+  `ocp.args.JsonSave`.
+
+Facts checked against orbax-checkpoint 0.12.8 (the pinned version):
+
+- Typed PRNG keys (`jax.random.key`, any impl) and raw `uint32` keys
+  (`jax.random.PRNGKey`) both round-trip; a typed key comes back typed with its
+  impl. The state may hold either.
+- Writes are atomic: a step is written to a temporary directory and renamed
+  only once complete (on GCS, where renames are not atomic, a
+  `commit_success.txt` marker plays that role), so a crashed save never
+  becomes the latest step. A `Checkpointer` deletes left-over temporary
+  directories in the background after opening the directory (finished before
+  its first save).
+- Saving is asynchronous: `save` returns once the arrays are copied off the
+  devices and the files are written in a background thread. Call `wait()` (or
+  `close()`) before the process exits.
+- Restoring takes an abstract template (`jax.ShapeDtypeStruct` leaves with
+  `.sharding`), so each array is read directly into its target sharding, which
+  may be a different mesh from the one that saved it.
+
+Preemption: Cloud TPU VMs (and most schedulers) announce preemption with SIGTERM.
+`install_preemption_handler()` turns SIGTERM into a flag; the train loop polls
+`preemption_requested(step)` after every step, and when it is true saves with
+`force=True`, calls `wait()` and exits with status 0. In a multi-process job
+(after `jax.distributed.initialize()`) JAX's own preemption service already
+catches SIGTERM and agrees on a step at which every process saves; there
+`preemption_requested` asks that service instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from typing import Any
+
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+PyTree = Any
+
+_STATE = 'state'
+_META = 'meta'
+
+_preemption_flag = threading.Event()
+
+
+def _jax_preemption_service_active() -> bool:
+  """JAX's preemption service runs (and owns SIGTERM) after distributed init."""
+  return jax.distributed.is_initialized()
+
+
+def install_preemption_handler(
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM,),
+) -> None:
+  """Makes `signals` set the preemption flag instead of killing the process.
+
+  Must be called from the main thread. After `jax.distributed.initialize()`
+  (multi-process jobs) this does nothing: JAX's preemption service owns SIGTERM
+  there (see `preemption_requested`).
+
+  Args:
+    signals: the signals that announce preemption.
+  """
+  if _jax_preemption_service_active():
+    logging.info('jax.distributed is initialised: JAX\'s preemption service '
+                 'detects preemption; no signal handler installed.')
+    return
+
+  def _on_signal(signum: int, frame: Any) -> None:
+    del frame
+    logging.warning('Received signal %d: will checkpoint and stop.', signum)
+    _preemption_flag.set()
+
+  for sig in signals:
+    signal.signal(sig, _on_signal)
+
+
+def preemption_requested(step: int | None = None) -> bool:
+  """Returns whether the train loop should save a checkpoint and stop now.
+
+  Single process: true once a signal registered by `install_preemption_handler`
+  arrived. After `jax.distributed.initialize()`: true at the step on which all
+  processes agreed to save after any of them was told of preemption (JAX's
+  preemption service, which needs the default `jax_enable_preemption_service`);
+  every process must then call this at every step, with the same `step`.
+
+  Args:
+    step: the train step just finished; required after distributed init.
+
+  Raises:
+    ValueError: `step` is None after distributed init.
+  """
+  if not _jax_preemption_service_active():
+    return _preemption_flag.is_set()
+  if step is None:
+    raise ValueError('preemption_requested(step): `step` is required after '
+                     'jax.distributed.initialize() (processes agree on a step '
+                     'to save).')
+  return multihost_utils.reached_preemption_sync_point(step)
+
+
+def _check_json_meta(meta: dict[str, Any]) -> None:
+  """Raises a TypeError naming the first field of `meta` that is not JSON."""
+  if not isinstance(meta, dict):
+    raise TypeError(f'checkpoint meta: expected a dict, got {type(meta)}.')
+  for key, value in meta.items():
+    try:
+      json.dumps(value)
+    except TypeError as e:
+      raise TypeError(
+          f'checkpoint meta field {key!r}: expected a JSON value (int, float, '
+          f'str, bool, None, list, dict), got {type(value).__name__} '
+          f'({e}). Convert arrays with .tolist() and numpy scalars with int() '
+          'or float().') from e
+
+
+class Checkpointer:
+  """Periodic, keep-N, atomic, asynchronous checkpoints of a train state.
+
+  Usage in a train loop:
+
+      ckpt = Checkpointer(workdir, keep=3, save_every=1000)
+      if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_state)
+      for step in ...:
+        state = train_step(state, batch)
+        stop = preemption_requested(step)
+        ckpt.save(step, state, meta, force=stop or step == last_step)
+        if stop:
+          break
+      ckpt.close()  # waits for the last write
+
+  Every process of a multi-process job must make the same calls.
+  """
+
+  def __init__(
+      self,
+      workdir: epath.PathLike,
+      *,
+      keep: int = 3,
+      save_every: int | None = None,
+  ):
+    """Opens (and creates) `<workdir>/checkpoints`.
+
+    Args:
+      workdir: the run's directory; local path or `gs://...`.
+      keep: how many of the most recent steps to keep; older ones are deleted
+        after each save.
+      save_every: `save` writes when `step % save_every == 0`; None writes only
+        when forced (and when JAX's multi-process preemption service asks).
+
+    Raises:
+      ValueError: `keep` < 1 or `save_every` < 1.
+    """
+    if keep < 1:
+      raise ValueError(f'Checkpointer keep: expected >= 1, got {keep}.')
+    if save_every is not None and save_every < 1:
+      raise ValueError(
+          f'Checkpointer save_every: expected >= 1 or None, got {save_every}.')
+    self.directory = epath.Path(workdir) / 'checkpoints'
+    policies = [checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if save_every is not None:
+      policies.append(checkpoint_managers.FixedIntervalPolicy(save_every))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=checkpoint_managers.AnySavePolicy(policies),
+        preservation_policy=checkpoint_managers.LatestN(keep),
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=(_STATE, _META))
+
+  def latest_step(self) -> int | None:
+    """Returns the newest saved step, or None if there is none.
+
+    A step whose asynchronous write this process started counts at once; on
+    opening a directory only completely written steps are found.
+    """
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Returns the saved steps (see `latest_step`), oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def save(
+      self,
+      step: int,
+      state: PyTree,
+      meta: dict[str, Any],
+      *,
+      force: bool = False,
+  ) -> bool:
+    """Starts writing `state` and `meta` as `step` if the save policy says so.
+
+    Args:
+      step: the train step the state belongs to.
+      state: pytree of `jax.Array`s (typed or raw PRNG keys allowed).
+      meta: JSON-serialisable dict stored next to the state.
+      force: write regardless of `save_every` (final / preemption save).
+
+    Returns:
+      Whether a write was started. A step that already exists is never
+      rewritten (returns False), so a forced final save after a periodic save
+      of the same step is harmless.
+
+    Raises:
+      TypeError: a field of `meta` is not JSON-serialisable.
+    """
+    _check_json_meta(meta)
+    if step in self._manager.all_steps():
+      return False
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(state),
+            _META: ocp.args.JsonSave(meta),
+        }),
+        force=force,
+    )
+
+  def restore(
+      self,
+      state_template: PyTree,
+      step: int | None = None,
+  ) -> tuple[PyTree, dict[str, Any]]:
+    """Reads a step into the structure, dtypes and shardings of a template.
+
+    Args:
+      state_template: pytree with the saved structure whose leaves are arrays
+        or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`); a leaf's
+        `.sharding` is where that array is placed, on any mesh. A leaf without
+        a sharding is replicated on all devices (orbax itself would refuse it
+        when the checkpoint was written on other devices).
+      step: the step to read; None reads the latest.
+
+    Returns:
+      (state, meta) as saved.
+
+    Raises:
+      FileNotFoundError: there is no checkpoint, or no checkpoint at `step`.
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(
+          f'No checkpoint to restore in {self.directory}: the directory has no '
+          'complete step.')
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(
+          f'No checkpoint for step {step} in {self.directory}; available '
+          f'steps: {steps}.')
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(jax.devices(), ('all',)), jax.sharding.PartitionSpec())
+    state_template = jax.tree.map(
+        lambda x: x if getattr(x, 'sharding', None) is not None else
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        state_template)
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(state_template),
+            _META: ocp.args.JsonRestore(),
+        }),
+    )
+    return restored[_STATE], restored[_META]
+
+  def wait(self) -> None:
+    """Blocks until every started write is complete on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending writes and releases orbax's background resources."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
