@@ -1,0 +1,466 @@
+"""Parallel, resumable preparation of clips into sharded TFRecord files plus dataset statistics.
+
+Output folder layout (`out_dir`, local or any path `tf.io.gfile` can write):
+
+* `{split}-{i:05d}-of-{n:05d}.tfrecord`: records of `avt_jax.records` (`encode_clip`). A shard is
+  written under `.incomplete/` and renamed into place when complete, so a shard file that exists is
+  complete.
+* `shard_stats/{shard name}.json`: per-shard counts, log-mel sums and report lines, written just before
+  the shard is renamed; a shard counts as finished only when both files exist.
+* `prepare_plan.json`: settings and a fingerprint of the clip-to-shard assignment. A rerun with the same
+  clips and settings keeps finished shards and only writes the missing ones; a rerun with different ones
+  is refused instead of mixing two datasets in one folder.
+* `stats.json`: dataset statistics (see `prepare_dataset`), rewritten at the end of every run.
+* `report.jsonl`: one JSON line per skipped or degraded clip: `clip_id`, `path`, `split`, `status`
+  (`skipped` or `degraded`) and `reason`.
+
+The assignment of clips to shards is deterministic: within a split, clips are sorted by id, shuffled
+with a fixed seed (so that shards mix classes even when the annotation file is sorted by class) and cut
+into contiguous, nearly equal parts. Clips are decoded in worker processes started with 'spawn' (safe when
+the parent has TensorFlow or JAX loaded); the workers import neither.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import time
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from avt_jax.prep import annotations
+from avt_jax.prep import logmel as logmel_lib
+from avt_jax.prep import media
+
+MISSING_AUDIO_POLICIES = ('silence', 'skip')
+AUDIO_FRAMES_PER_SECOND = 100.0  # 10 ms hop
+TARGET_CLIPS_PER_SHARD = 256
+SHUFFLE_SEED = 0
+INCOMPLETE_DIR = '.incomplete'
+SHARD_STATS_DIR = 'shard_stats'
+PLAN_FILE = 'prepare_plan.json'
+STATS_FILE = 'stats.json'
+REPORT_FILE = 'report.jsonl'
+_SPLIT_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.]*$')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """Everything that changes the content of the records."""
+  fps: float
+  short_side: int
+  n_mels: int
+  clip_seconds: float | None
+  missing_audio: str
+  jpeg_quality: int
+
+
+@dataclasses.dataclass
+class _Task:
+  spec: annotations.ClipSpec
+  video_path: str
+  settings: _Settings
+
+
+@dataclasses.dataclass
+class _Result:
+  """What a worker sends back for one clip: the decoded data, or why it was skipped."""
+  spec: annotations.ClipSpec
+  error: str | None = None
+  issues: list[str] = dataclasses.field(default_factory=list)
+  start: float = 0.0
+  end: float = 0.0
+  jpeg_frames: list[bytes] = dataclasses.field(default_factory=list)
+  height: int = 0
+  width: int = 0
+  logmel: np.ndarray | None = None  # [frames, n_mels] float32
+  audio_missing: bool = False
+
+
+def clip_window(spec: annotations.ClipSpec, clip_seconds: float | None) -> tuple[float | None, float | None]:
+  """The [start, end) window to decode for `spec`.
+
+  Without `clip_seconds`, the annotated segment (None = start/end of the video). With it, a window of
+  exactly `clip_seconds`: centred on the annotated segment when both ends are known (clamped at 0),
+  otherwise starting at the annotated start (or 0).
+  """
+  if clip_seconds is None:
+    return spec.start, spec.end
+  if spec.start is not None and spec.end is not None:
+    start = max(0.0, (spec.start + spec.end - clip_seconds) / 2)
+  else:
+    start = spec.start or 0.0
+  return start, start + clip_seconds
+
+
+def _process_clip(task: _Task) -> _Result:
+  """Decodes one clip and computes its log-mel spectrogram (runs in a worker process)."""
+  settings = task.settings
+  start, end = clip_window(task.spec, settings.clip_seconds)
+  try:
+    decoded = media.decode_clip(task.video_path, start, end, settings.fps, settings.short_side,
+                                settings.jpeg_quality)
+  except media.MediaError as e:
+    return _Result(task.spec, error=e.reason)
+  except Exception as e:  # pylint: disable=broad-except  # One bad file must not stop the job.
+    return _Result(task.spec, error=f'unexpected {type(e).__name__}: {e}')
+  issues = list(decoded.degraded)
+  waveform = decoded.waveform
+  if waveform is None:
+    if settings.missing_audio == 'skip':
+      return _Result(task.spec, error='no audio stream')
+    waveform = np.zeros(round((decoded.end - decoded.start) * decoded.sample_rate), np.float32)
+    issues.append('no audio stream; silence substituted')
+  spectrogram = logmel_lib.log_mel(waveform, sample_rate=decoded.sample_rate, n_mels=settings.n_mels,
+                                   hop_s=1.0 / AUDIO_FRAMES_PER_SECOND)
+  return _Result(task.spec, issues=issues, start=decoded.start, end=decoded.end,
+                 jpeg_frames=decoded.jpeg_frames, height=decoded.height, width=decoded.width,
+                 logmel=spectrogram, audio_missing=decoded.waveform is None)
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  """File name of shard `index` of `num_shards` of `split`."""
+  return f'{split}-{index:05d}-of-{num_shards:05d}.tfrecord'
+
+
+def assign_shards(specs: Sequence[annotations.ClipSpec],
+                  num_shards: int | None = None) -> list[list[annotations.ClipSpec]]:
+  """Deterministically splits the clips of one split into shards (see the module docstring).
+
+  Args:
+    specs: clips of one split.
+    num_shards: number of shards; None for about `TARGET_CLIPS_PER_SHARD` clips per shard. Capped at
+      the number of clips.
+
+  Returns:
+    One list of clips per shard.
+  """
+  if num_shards is None:
+    num_shards = round(len(specs) / TARGET_CLIPS_PER_SHARD)
+  num_shards = max(1, min(num_shards, len(specs)))
+  ordered = sorted(specs, key=lambda spec: spec.clip_id)
+  permutation = np.random.default_rng(SHUFFLE_SEED).permutation(len(ordered))
+  shuffled = [ordered[i] for i in permutation]
+  bounds = np.linspace(0, len(shuffled), num_shards + 1).round().astype(int)
+  return [shuffled[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def prepare_dataset(
+    specs: Sequence[annotations.ClipSpec],
+    video_dir: str,
+    out_dir: str,
+    *,
+    fps: float,
+    short_side: int,
+    label_names: Mapping[str, Sequence[str]],
+    n_mels: int = 128,
+    clip_seconds: float | None = None,
+    num_shards_per_split: int | Mapping[str, int] | None = None,
+    num_workers: int | None = None,
+    missing_audio: str = 'silence',
+    jpeg_quality: int = 90,
+    progress: bool = True,
+) -> dict[str, Any]:
+  """Decodes clips into sharded records and writes `stats.json` and `report.jsonl` (resumable).
+
+  Missing, unreadable or corrupt videos are skipped and reported, never fatal. Clips shorter than their
+  window are padded (see `avt_jax.prep.media`) and reported as degraded. A video without an audio
+  stream is kept with silence and `audio/missing` set (`missing_audio='silence'`, reported as degraded)
+  or skipped (`'skip'`).
+
+  Args:
+    specs: clips to prepare (all splits).
+    video_dir: folder the `ClipSpec.path`s are relative to.
+    out_dir: output folder (created).
+    fps: frame rate of the stored frames.
+    short_side: short side of the stored frames in pixels (even).
+    label_names: label head -> class names; every head used by `specs` must be present.
+    n_mels: mel bins of the stored spectrograms.
+    clip_seconds: fixed clip duration (see `clip_window`); None keeps the annotated segments.
+    num_shards_per_split: shards per split (one number for all splits, or per split); None for about
+      `TARGET_CLIPS_PER_SHARD` clips per shard.
+    num_workers: decoding processes; None for `os.cpu_count()`, 0 to decode in this process.
+    missing_audio: 'silence' or 'skip' (see above).
+    jpeg_quality: JPEG quality of the stored frames.
+    progress: print a progress line (clips done / total, clips/s, ETA) on stderr.
+
+  Returns:
+    The statistics written to `stats.json`: `logmel_mean` and `logmel_std` (over all values of the
+    stored float16 spectrograms of the train split, or of all splits when there is no train split;
+    `logmel_stats_splits` names them), `num_clips`, `num_skipped`, `num_degraded` and `num_shards`
+    {split: n}, `class_counts` {head: {split: [count per class]}}, `num_classes` {head: C},
+    `label_names`, `fps`, `short_side`, `n_mels`, `audio_frames_per_second`, `audio_sample_rate`,
+    `logmel_log_offset`, `clip_seconds`, `jpeg_quality`, `missing_audio`.
+
+  Raises:
+    ValueError: bad arguments or specs (unknown label head, index out of range, duplicate clip id
+      within a split, a path leaving `video_dir`), or `out_dir` holds a different preparation.
+  """
+  if missing_audio not in MISSING_AUDIO_POLICIES:
+    raise ValueError(f'missing_audio must be one of {MISSING_AUDIO_POLICIES}, got {missing_audio!r}.')
+  if fps <= 0 or short_side <= 0 or short_side % 2 or (clip_seconds is not None and clip_seconds <= 0):
+    raise ValueError(f'Expected fps > 0, an even short_side > 0 and clip_seconds > 0 or None; got '
+                     f'fps={fps}, short_side={short_side}, clip_seconds={clip_seconds}.')
+  settings = _Settings(fps=float(fps), short_side=int(short_side), n_mels=int(n_mels),
+                       clip_seconds=None if clip_seconds is None else float(clip_seconds),
+                       missing_audio=missing_audio, jpeg_quality=int(jpeg_quality))
+  label_names = {head: list(names) for head, names in label_names.items()}
+  if not specs:
+    raise ValueError('No clips to prepare.')
+  _check_specs(specs, video_dir, label_names)
+  by_split = collections.defaultdict(list)
+  for spec in specs:
+    by_split[spec.split].append(spec)
+  plan = {}  # shard name -> clips
+  for split in sorted(by_split):
+    wanted = (num_shards_per_split.get(split) if isinstance(num_shards_per_split, Mapping)
+              else num_shards_per_split)
+    parts = assign_shards(by_split[split], wanted)
+    for index, clips in enumerate(parts):
+      plan[shard_name(split, index, len(parts))] = clips
+
+  gfile = _tf().io.gfile
+  gfile.makedirs(os.path.join(out_dir, INCOMPLETE_DIR))
+  gfile.makedirs(os.path.join(out_dir, SHARD_STATS_DIR))
+  _check_plan(out_dir, settings, label_names, plan)
+  pending = [name for name, clips in plan.items() if not _is_finished(out_dir, name)]
+  tasks = (_Task(spec, annotations.safe_join(video_dir, spec.path), settings)
+           for name in pending for spec in plan[name])
+  meter = _Progress(sum(len(plan[name]) for name in pending), enabled=progress)
+  results = _run_tasks(tasks, num_workers)
+  for name in pending:
+    _write_shard(out_dir, name, plan[name], results, settings, label_names, meter)
+  meter.finish()
+  gfile.rmtree(os.path.join(out_dir, INCOMPLETE_DIR))
+  stats = _write_summary(out_dir, settings, label_names, plan)
+  if progress:
+    sys.stderr.write(f'prepare: {out_dir} holds {stats["num_clips"]} clips in {len(plan)} shards; skipped '
+                     f'{stats["num_skipped"]}, degraded {stats["num_degraded"]} (see {REPORT_FILE}).\n')
+  return stats
+
+
+def _check_specs(specs: Sequence[annotations.ClipSpec], video_dir: str,
+                 label_names: Mapping[str, Sequence[str]]) -> None:
+  seen = set()
+  for spec in specs:
+    if not _SPLIT_RE.match(spec.split):
+      raise ValueError(f'Clip {spec.clip_id!r}: split name {spec.split!r} must match {_SPLIT_RE.pattern} '
+                       '(it becomes part of the shard file names).')
+    key = (spec.split, spec.clip_id)
+    if key in seen:
+      raise ValueError(f'Duplicate clip id {spec.clip_id!r} in split {spec.split!r}.')
+    seen.add(key)
+    annotations.safe_join(video_dir, spec.path)
+    for head, indices in spec.labels.items():
+      if head not in label_names:
+        raise ValueError(f'Clip {spec.clip_id!r}: label head {head!r} not in label_names '
+                         f'{sorted(label_names)}.')
+      for index in indices:
+        if not 0 <= index < len(label_names[head]):
+          raise ValueError(f'Clip {spec.clip_id!r}: {head} index {index} out of range '
+                           f'[0, {len(label_names[head])}).')
+
+
+def _check_plan(out_dir: str, settings: _Settings, label_names: Mapping[str, Sequence[str]],
+                plan: Mapping[str, Sequence[annotations.ClipSpec]]) -> None:
+  """Records the plan, or refuses to continue a folder prepared with another plan."""
+  gfile = _tf().io.gfile
+  content = {
+      'settings': dataclasses.asdict(settings),
+      'label_names': label_names,
+      'shards': {name: [dataclasses.asdict(spec) for spec in clips] for name, clips in plan.items()},
+  }
+  fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+  summary = {'fingerprint': fingerprint, 'settings': content['settings'],
+             'num_shards': len(plan), 'num_clips': sum(len(clips) for clips in plan.values())}
+  path = os.path.join(out_dir, PLAN_FILE)
+  if gfile.exists(path):
+    with gfile.GFile(path) as f:
+      previous = json.load(f)
+    if previous.get('fingerprint') != fingerprint:
+      raise ValueError(f'{out_dir} holds records prepared from other clips or settings '
+                       f'({path}: {previous.get("settings")}); use a new output folder or delete it.')
+  else:
+    _write_json_atomically(path, summary)
+
+
+def _tf():
+  """TensorFlow, imported on first use: worker processes import this module but never need it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+def _is_finished(out_dir: str, name: str) -> bool:
+  gfile = _tf().io.gfile
+  return gfile.exists(os.path.join(out_dir, name)) and gfile.exists(_shard_stats_path(out_dir, name))
+
+
+def _shard_stats_path(out_dir: str, name: str) -> str:
+  return os.path.join(out_dir, SHARD_STATS_DIR, name.replace('.tfrecord', '.json'))
+
+
+def _run_tasks(tasks: Iterable[_Task], num_workers: int | None) -> Iterator[_Result]:
+  """Yields results in task order, keeping a bounded number of tasks in flight."""
+  num_workers = os.cpu_count() if num_workers is None else num_workers
+  if num_workers == 0:
+    yield from map(_process_clip, tasks)
+    return
+  context = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as executor:
+    in_flight = collections.deque()
+    for task in tasks:
+      in_flight.append((task, executor.submit(_process_clip, task)))
+      if len(in_flight) >= 4 * num_workers:
+        yield _result_of(*in_flight.popleft(), in_flight)
+    while in_flight:
+      yield _result_of(*in_flight.popleft(), in_flight)
+
+
+def _result_of(task: _Task, future: concurrent.futures.Future, in_flight: Sequence[Any]) -> _Result:
+  try:
+    return future.result()
+  except concurrent.futures.process.BrokenProcessPool as e:
+    names = [task.video_path] + [other.video_path for other, _ in in_flight]
+    raise RuntimeError(f'A decoding worker died while processing one of {names}; finished shards are '
+                       'kept, rerun to resume (and remove the offending file).') from e
+
+
+def _write_shard(out_dir: str, name: str, clips: Sequence[annotations.ClipSpec],
+                 results: Iterator[_Result], settings: _Settings,
+                 label_names: Mapping[str, Sequence[str]], meter: '_Progress') -> None:
+  """Writes one shard from the next `len(clips)` results, then its stats, then renames it into place."""
+  from avt_jax import records  # pylint: disable=g-import-not-at-top  # imports TensorFlow
+  tf = _tf()
+  counts = {head: [0] * len(names) for head, names in label_names.items()}
+  total, total_sq, num_values, num_written = 0.0, 0.0, 0, 0
+  report = []
+  temporary = os.path.join(out_dir, INCOMPLETE_DIR, name)
+  with tf.io.TFRecordWriter(temporary) as writer:
+    for expected in clips:
+      result = next(results)
+      assert result.spec.clip_id == expected.clip_id, 'results out of order'
+      spec = result.spec
+      entry = {'clip_id': spec.clip_id, 'path': spec.path, 'split': spec.split}
+      if result.error is not None:
+        report.append(dict(entry, status='skipped', reason=result.error))
+        meter.update(skipped=True)
+        continue
+      if result.issues:
+        report.append(dict(entry, status='degraded', reason='; '.join(result.issues)))
+      stored = result.logmel.astype(np.float16).astype(np.float64)  # what readers will see
+      total += stored.sum()
+      total_sq += np.square(stored).sum()
+      num_values += stored.size
+      for head, indices in spec.labels.items():
+        for index in indices:
+          counts[head][index] += 1
+      writer.write(records.encode_clip(records.Clip(
+          clip_id=spec.clip_id, source=spec.path, start=result.start, end=result.end,
+          labels=spec.labels, jpeg_frames=result.jpeg_frames, fps=settings.fps,
+          height=result.height, width=result.width, logmel=result.logmel,
+          audio_fps=AUDIO_FRAMES_PER_SECOND, audio_missing=result.audio_missing)))
+      num_written += 1
+      meter.update(skipped=False)
+  _write_json_atomically(_shard_stats_path(out_dir, name), {
+      'num_clips': num_written, 'class_counts': counts, 'logmel_sum': total, 'logmel_sum_sq': total_sq,
+      'logmel_count': num_values, 'report': report})
+  tf.io.gfile.rename(temporary, os.path.join(out_dir, name), overwrite=True)
+
+
+def _write_json_atomically(path: str, content: Any) -> None:
+  gfile = _tf().io.gfile
+  temporary = f'{path}.tmp'
+  with gfile.GFile(temporary, 'w') as f:
+    json.dump(content, f, indent=1)
+  gfile.rename(temporary, path, overwrite=True)
+
+
+def _read_json(path: str) -> Any:
+  with _tf().io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def _write_summary(out_dir: str, settings: _Settings, label_names: Mapping[str, list[str]],
+                   plan: Mapping[str, Sequence[annotations.ClipSpec]]) -> dict[str, Any]:
+  """Aggregates the per-shard stats into `stats.json` and `report.jsonl`."""
+  shard_stats = collections.defaultdict(list)  # split -> per-shard stats
+  for name in plan:
+    shard_stats[name.rsplit('-', 3)[0]].append(_read_json(_shard_stats_path(out_dir, name)))
+  splits = sorted(shard_stats)
+  stats_splits = ['train'] if 'train' in shard_stats else splits
+  moments = np.array([[s['logmel_sum'], s['logmel_sum_sq'], s['logmel_count']]
+                      for split in stats_splits for s in shard_stats[split]]).sum(axis=0)
+  mean = moments[0] / max(moments[2], 1)
+  variance = max(moments[1] / max(moments[2], 1) - mean ** 2, 0.0)
+  report = [entry for split in splits for s in shard_stats[split] for entry in s['report']]
+  stats = {
+      'logmel_mean': float(mean),
+      'logmel_std': float(math.sqrt(variance)),
+      'logmel_stats_splits': stats_splits,
+      'num_clips': {split: sum(s['num_clips'] for s in shard_stats[split]) for split in splits},
+      'num_skipped': {split: sum(e['status'] == 'skipped' for s in shard_stats[split] for e in s['report'])
+                      for split in splits},
+      'num_degraded': {split: sum(e['status'] == 'degraded' for s in shard_stats[split]
+                                  for e in s['report']) for split in splits},
+      'num_shards': {split: len(shard_stats[split]) for split in splits},
+      'class_counts': {head: {split: np.sum([s['class_counts'][head] for s in shard_stats[split]],
+                                            axis=0).astype(int).tolist() for split in splits}
+                       for head in label_names},
+      'num_classes': {head: len(names) for head, names in label_names.items()},
+      'label_names': dict(label_names),
+      'fps': settings.fps,
+      'short_side': settings.short_side,
+      'n_mels': settings.n_mels,
+      'audio_frames_per_second': AUDIO_FRAMES_PER_SECOND,
+      'audio_sample_rate': media.AUDIO_SAMPLE_RATE,
+      'logmel_log_offset': logmel_lib.LOG_OFFSET,
+      'clip_seconds': settings.clip_seconds,
+      'jpeg_quality': settings.jpeg_quality,
+      'missing_audio': settings.missing_audio,
+  }
+  _write_json_atomically(os.path.join(out_dir, STATS_FILE), stats)
+  gfile = _tf().io.gfile
+  temporary = os.path.join(out_dir, REPORT_FILE + '.tmp')
+  with gfile.GFile(temporary, 'w') as f:
+    f.write(''.join(json.dumps(entry) + '\n' for entry in report))
+  gfile.rename(temporary, os.path.join(out_dir, REPORT_FILE), overwrite=True)
+  return stats
+
+
+class _Progress:
+  """Progress on stderr: clips done / total, clips/s and ETA (one line per 10 s when not a terminal)."""
+
+  def __init__(self, total: int, enabled: bool):
+    self._total = total
+    self._enabled = enabled and total > 0
+    self._done = self._skipped = 0
+    self._start = self._last = time.monotonic()
+    self._interactive = sys.stderr.isatty()
+
+  def update(self, skipped: bool) -> None:
+    self._done += 1
+    self._skipped += skipped
+    now = time.monotonic()
+    if self._enabled and now - self._last >= (0.5 if self._interactive else 10.0):
+      self._last = now
+      self._print(end='\r' if self._interactive else '\n')
+
+  def finish(self) -> None:
+    if self._enabled:
+      self._print(end='\n')
+
+  def _print(self, end: str) -> None:
+    elapsed = time.monotonic() - self._start
+    rate = self._done / max(elapsed, 1e-9)
+    eta = (self._total - self._done) / rate if rate > 0 else float('inf')
+    eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '?'
+    sys.stderr.write(f'prepare: {self._done}/{self._total} clips, {rate:.1f} clips/s, ETA {eta_text}, '
+                     f'{self._skipped} skipped{end}')
+    sys.stderr.flush()

@@ -1,0 +1,109 @@
+"""Tests for avt_jax.prep.annotations: generic manifests and safe path joining."""
+
+import json
+import os
+
+import pytest
+
+from avt_jax.prep import annotations
+
+
+def _write(tmp_path, name, text):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+def test_csv_with_names_segments_splits_and_multi_label(tmp_path):
+  path = _write(tmp_path, 'm.csv', 'path,label,start,end,split\n'
+                'a/x.mp4,dog,1.5,3,train\n'
+                'b/y.mp4,cat|dog,,,test\n'
+                'c.mp4,,0,2,\n')
+  specs, names = annotations.read_manifest(path)
+  assert names == {'class': ['cat', 'dog']}  # sorted unique names
+  assert specs[0] == annotations.ClipSpec(clip_id='a/x#1.5-3', path='a/x.mp4', labels={'class': [1]},
+                                          start=1.5, end=3.0, split='train')
+  assert specs[1].labels == {'class': [0, 1]}
+  assert (specs[1].start, specs[1].end, specs[1].split, specs[1].clip_id) == (None, None, 'test', 'b/y')
+  assert specs[2].labels == {'class': []}  # unlabelled
+  assert specs[2].split == 'train'  # default split
+
+
+def test_class_names_fix_the_order_and_accept_indices(tmp_path):
+  path = _write(tmp_path, 'm.csv', 'path,label\nx.mp4,dog\ny.mp4,0\nz.mp4,2|dog\n')
+  specs, names = annotations.read_manifest(path, class_names=['cat', 'dog', 'cow'])
+  assert names == {'class': ['cat', 'dog', 'cow']}
+  assert [s.labels['class'] for s in specs] == [[1], [0], [2, 1]]
+
+
+def test_integer_labels_without_class_names(tmp_path):
+  path = _write(tmp_path, 'm.csv', 'path,label\nx.mp4,3\ny.mp4,0|1\n')
+  specs, names = annotations.read_manifest(path)
+  assert names == {'class': ['0', '1', '2', '3']}
+  assert [s.labels['class'] for s in specs] == [[3], [0, 1]]
+
+
+def test_jsonl_lists_ids_and_integers(tmp_path):
+  rows = [{'path': 'x.mp4', 'label': ['b', 'a'], 'split': 'val', 'id': 'clip-1'},
+          {'path': 'y.mp4', 'label': 'a', 'start': 2, 'end': 4.5}]
+  path = _write(tmp_path, 'm.jsonl', '\n'.join(json.dumps(r) for r in rows) + '\n\n')
+  specs, names = annotations.read_manifest(path)
+  assert names == {'class': ['a', 'b']}
+  assert specs[0] == annotations.ClipSpec('clip-1', 'x.mp4', {'class': [1, 0]}, None, None, 'val')
+  assert (specs[1].clip_id, specs[1].start, specs[1].end) == ('y#2-4.5', 2.0, 4.5)
+  int_path = _write(tmp_path, 'i.jsonl', json.dumps({'path': 'x.mp4', 'label': [2, 0]}))
+  specs, names = annotations.read_manifest(int_path, class_names=['p', 'q', 'r'])
+  assert specs[0].labels == {'class': [2, 0]}
+
+
+@pytest.mark.parametrize('name, text, message', [
+    ('m.csv', 'path,label,start\nx.mp4,a,1\ny.mp4,b,soon\n', r'm\.csv:3: `start` must be a number'),
+    ('m.csv', 'path,label,start,end\nx.mp4,a,3,2\n', r'm\.csv:2: `end` \(2.0\) must be greater'),
+    ('m.csv', 'path,label,start\nx.mp4,a,-1\n', r'm\.csv:2: `start` must be a finite number >= 0'),
+    ('m.csv', 'path,label\nx.mp4,a\ny.mp4,b,extra\n', r'm\.csv:3: expected 2 columns'),
+    ('m.csv', 'path,label\nx.mp4,a\ny.mp4\n', r'm\.csv:3: expected 2 columns'),
+    ('m.csv', 'video,label\nx.mp4,a\n', r"m\.csv:1: expected keys.*missing \['path'\], unknown \['video'\]"),
+    ('m.csv', 'path,label\nx.mp4,a\n,b\n', r'm\.csv:3: `path` must be a non-empty string'),
+    ('m.csv', 'path,label\nx.mp4,a\ny.mp4,1\n', r'm\.csv:3: labels mix class names and integer indices'),
+    ('m.csv', 'path,label\nx.mp4,a||b\n', r'm\.csv:2: labels must be non-empty'),
+    ('m.jsonl', '{"path": "x.mp4", "label": "a"}\n{"path": "y.mp4", "label": \n',
+     r'm\.jsonl:2: invalid JSON'),
+    ('m.jsonl', '["x.mp4", "a"]\n', r'm\.jsonl:1: expected a JSON object'),
+    ('m.jsonl', '{"path": "x.mp4", "label": [1.5]}\n', r'm\.jsonl:1: labels must be'),
+    ('m.txt', 'path,label\n', r'unknown manifest type'),
+])
+def test_malformed_manifests_name_file_and_line(tmp_path, name, text, message):
+  with pytest.raises(ValueError, match=message):
+    annotations.read_manifest(_write(tmp_path, name, text))
+
+
+@pytest.mark.parametrize('label, message', [('cow', "m.csv:3: unknown class name 'cow'"),
+                                            ('5', r'm.csv:3: class index 5 out of range \[0, 2\)')])
+def test_unknown_labels_with_class_names(tmp_path, label, message):
+  path = _write(tmp_path, 'm.csv', f'path,label\nx.mp4,cat\ny.mp4,{label}\n')
+  with pytest.raises(ValueError, match=message):
+    annotations.read_manifest(path, class_names=['cat', 'dog'])
+
+
+def test_safe_join_accepts_paths_inside_root(tmp_path):
+  root = str(tmp_path)
+  assert annotations.safe_join(root, 'a/b.mp4') == os.path.join(root, 'a', 'b.mp4')
+  assert annotations.safe_join(root, 'a/../b.mp4') == os.path.join(root, 'b.mp4')
+  os.makedirs(tmp_path / 'real')
+  os.symlink(tmp_path / 'real', tmp_path / 'link')  # a link that stays inside the root is fine
+  assert annotations.safe_join(root, 'link/c.mp4') == os.path.join(root, 'link', 'c.mp4')
+
+
+@pytest.mark.parametrize('relative', ['../x.mp4', 'a/../../x.mp4', '/etc/passwd', '', 'a\0b'])
+def test_safe_join_rejects_escaping_paths(tmp_path, relative):
+  with pytest.raises(ValueError):
+    annotations.safe_join(str(tmp_path / 'videos'), relative)
+
+
+def test_safe_join_rejects_symlinks_leaving_root(tmp_path):
+  root = tmp_path / 'videos'
+  os.makedirs(root)
+  os.makedirs(tmp_path / 'secret')
+  os.symlink(tmp_path / 'secret', root / 'escape')
+  with pytest.raises(ValueError, match='outside'):
+    annotations.safe_join(str(root), 'escape/x.mp4')
