@@ -1,0 +1,489 @@
+"""tf.data input pipeline: sharded clip records (see `avt_jax.records`) -> numpy batches.
+
+Files are `{data_dir}/{split}-{i:05d}-of-{n:05d}.tfrecord`; `{data_dir}/stats.json` gives the
+log-mel normalisation and the label space. Each process reads the files `files[i::process_count]`
+(sorted by name) and yields per-host batches of `batch_size // process_count` examples.
+
+Training (`make_train_iterator`) repeats epochs forever. Epoch `e` reads this host's files in an
+order drawn from (seed, process, e), interleaves them record by record, and shuffles records within
+consecutive blocks of `shuffle_buffer` records by permutations drawn from (seed, process, e, block).
+Records are numbered by a running counter over the whole stream; each record's augmentation comes
+from (seed, process, counter) and mixup's lambda from (seed, process, step). Only stateless random
+ops are used (a `Dataset.shuffle` buffer would also depend on TF's global seed, which other code
+may set) and parallel stages run with `deterministic=True`, so the stream is a pure function of
+(files, seed, process). Resuming at `start_step=k` counts this host's records once, jumps to the
+epoch that holds example `k * per_host_batch`, skips the serialized records before it in that
+epoch (no decoding) and continues with the same counters: it yields exactly the batches an
+uninterrupted run yields from step k on, as long as the files, the process count and the input
+config are the same.
+
+Temporal sampling: `num_frames` stored frames `frame_stride` apart. Training starts the window at a
+uniformly random frame; evaluation uses `eval_clips` starts evenly spaced from the first to the last
+possible one (one clip: the centre). The audio window starts at the same time,
+`round(start_frame / fps * audio_fps)`, and has `audio_frames` frames. Windows that run past the
+end of a clip repeat its last video frame and pad the raw log-mel with the clip's minimum value
+(its quietest frame, i.e. silence) before normalisation `(x - logmel_mean) / logmel_std`. Only
+the selected JPEGs are decoded (training decodes only the crop window).
+
+Evaluation (`make_eval_iterator`) yields every video of this host's files once, as
+`eval_clips x eval_crops` consecutive views (clip-major), with `index` = the video's position in
+this host's stream. The last batch is padded (mask 0, index -1); with several processes every
+host is padded with whole empty batches to the same number of batches, so collective eval steps
+stay in lockstep.
+
+Config fields read besides the documented `config.data.*` / `config.input.*` ones (all optional):
+  config.input.aspect_ratio_range       (3/4, 4/3)  width/height range of the random resized crop.
+  config.input.interleave_cycle_length  16          files read concurrently (fixed, so that the
+                                                     record order does not depend on the machine).
+"""
+
+import functools
+import json
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from avt_jax import records
+from avt_jax.input import augment
+
+STATS_FILE = 'stats.json'
+REQUIRED_STATS_KEYS = ('logmel_mean', 'logmel_std', 'n_mels', 'num_classes')
+DEFAULT_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+DEFAULT_INTERLEAVE_CYCLE_LENGTH = 16
+
+# Independent random streams folded into the (seed, process) seed.
+_FILE_ORDER_STREAM, _SHUFFLE_STREAM, _EXAMPLE_STREAM, _MIXUP_STREAM = range(4)
+# Per-example streams folded into the example seed.
+_TIME_STREAM, _CROP_STREAM, _FLIP_STREAM, _COLOR_STREAM, _SPEC_STREAM = range(5)
+_EPOCH_LIMIT = 2**62
+
+Batch = dict[str, np.ndarray]
+
+
+def split_pattern(data_dir: str, split: str) -> str:
+  """The glob matching the record files of `split`."""
+  return os.path.join(data_dir, f'{split}-*-of-*.tfrecord')
+
+
+def list_split_files(data_dir: str, split: str) -> list[str]:
+  """Sorted record files of `split`; raises FileNotFoundError naming the directory or glob."""
+  if not tf.io.gfile.isdir(data_dir):
+    raise FileNotFoundError(f'Data directory {data_dir!r} does not exist.')
+  pattern = split_pattern(data_dir, split)
+  files = sorted(tf.io.gfile.glob(pattern))
+  if not files:
+    raise FileNotFoundError(f'No record files for split {split!r}: nothing matches {pattern!r}.')
+  return files
+
+
+def load_stats(data_dir: str) -> dict[str, Any]:
+  """Reads `{data_dir}/stats.json` and checks the keys the pipeline needs."""
+  path = os.path.join(data_dir, STATS_FILE)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f'Dataset statistics {path!r} not found (written by data preparation).')
+  with tf.io.gfile.GFile(path) as f:
+    stats = json.load(f)
+  missing = [key for key in REQUIRED_STATS_KEYS if key not in stats]
+  if missing:
+    raise ValueError(f'{path} lacks keys {missing}; expected at least {list(REQUIRED_STATS_KEYS)}.')
+  if not stats['logmel_std'] > 0:
+    raise ValueError(f'{path}: logmel_std must be > 0, got {stats["logmel_std"]}.')
+  return stats
+
+
+def num_eval_videos(data_dir: str, split: str) -> int:
+  """Number of clips in `split` over all processes, from stats.json `num_clips`."""
+  stats = load_stats(data_dir)
+  num_clips = stats.get('num_clips', {})
+  if split not in num_clips:
+    raise ValueError(f'{os.path.join(data_dir, STATS_FILE)}: num_clips has no entry for split '
+                     f'{split!r} (has {sorted(num_clips)}).')
+  return int(num_clips[split])
+
+
+@functools.lru_cache(maxsize=32)
+def count_records(files: tuple[str, ...]) -> tuple[int, ...]:
+  """Number of records in each file (reads the files without parsing them; cached)."""
+  def count(path: tf.Tensor) -> tf.Tensor:
+    return tf.data.TFRecordDataset(path).reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
+
+  counts = tf.data.Dataset.from_tensor_slices(list(files)).map(
+      count, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return tuple(int(n) for n in counts.as_numpy_iterator())
+
+
+def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f'process_index must be in [0, {count}), got {index}.')
+  return index, count
+
+
+def _per_host_batch(global_batch: int, process_count: int, field: str) -> int:
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(f'config.input.{field}={global_batch} must be a positive multiple of the '
+                     f'process count {process_count}.')
+  return global_batch // process_count
+
+
+def _host_files(files: Sequence[str], pattern: str, process_index: int,
+                process_count: int) -> list[str]:
+  if len(files) < process_count:
+    raise ValueError(f'{len(files)} files match {pattern!r} but there are {process_count} '
+                     'processes; every process needs at least one file (write more shards).')
+  return list(files[process_index::process_count])
+
+
+def _cycle_length(config: ml_collections.ConfigDict, num_files: int) -> int:
+  cycle = config.input.get('interleave_cycle_length', DEFAULT_INTERLEAVE_CYCLE_LENGTH)
+  return min(int(cycle), num_files)
+
+
+def _interleave(files: tf.Tensor | Sequence[str], cycle_length: int) -> tf.data.Dataset:
+  """Serialized records of `files`, one record from each of `cycle_length` open files in turn."""
+  return tf.data.Dataset.from_tensor_slices(files).interleave(
+      tf.data.TFRecordDataset, cycle_length=cycle_length, block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+class _ClipDecoder:
+  """Turns serialized clips into model inputs: one augmented view (train) or all views (eval)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, stats: dict[str, Any], stats_path: str):
+    cfg = config.input
+    for field in ('num_frames', 'frame_stride', 'image_size', 'min_resize', 'audio_frames',
+                  'n_mels', 'shuffle_buffer'):
+      if int(cfg[field]) < 1:
+        raise ValueError(f'config.input.{field} must be >= 1, got {cfg[field]}.')
+    self.heads = tuple(config.data.label_heads)
+    self.multi_label = bool(config.data.multi_label)
+    self.num_classes = {}
+    for head in self.heads:
+      if head not in config.data.num_classes:
+        raise ValueError(f'config.data.num_classes has no entry for label head {head!r}.')
+      self.num_classes[head] = int(config.data.num_classes[head])
+      if head not in stats['num_classes']:
+        raise ValueError(f'{stats_path}: num_classes has no entry for label head {head!r} '
+                         f'(has {sorted(stats["num_classes"])}).')
+      if int(stats['num_classes'][head]) != self.num_classes[head]:
+        raise ValueError(f'config.data.num_classes[{head!r}]={self.num_classes[head]} but '
+                         f'{stats_path} says {stats["num_classes"][head]}.')
+    self.n_mels = int(cfg.n_mels)
+    if int(stats['n_mels']) != self.n_mels:
+      raise ValueError(f'config.input.n_mels={self.n_mels} but {stats_path} says n_mels='
+                       f'{stats["n_mels"]}.')
+    self.logmel_mean = float(stats['logmel_mean'])
+    self.logmel_std = float(stats['logmel_std'])
+    self.num_frames = int(cfg.num_frames)
+    self.frame_stride = int(cfg.frame_stride)
+    self.span = (self.num_frames - 1) * self.frame_stride + 1  # stored frames covered by a window
+    self.image_size = int(cfg.image_size)
+    self.min_resize = int(cfg.min_resize)
+    self.audio_frames = int(cfg.audio_frames)
+    self.area_range = tuple(float(a) for a in cfg.crop_area_range)
+    if not 0 < self.area_range[0] <= self.area_range[1] <= 1:
+      raise ValueError(f'config.input.crop_area_range must satisfy 0 < min <= max <= 1, got '
+                       f'{self.area_range}.')
+    self.aspect_ratio_range = tuple(cfg.get('aspect_ratio_range', DEFAULT_ASPECT_RATIO_RANGE))
+    self.flip = bool(cfg.flip)
+    self.color_jitter = float(cfg.color_jitter)
+    spec = cfg.spec_augment
+    self.spec_augment = dict(freq_masks=int(spec.freq_masks), freq_width=int(spec.freq_width),
+                             time_masks=int(spec.time_masks), time_width=int(spec.time_width))
+    self.eval_clips = int(cfg.eval_clips)
+    self.eval_crops = int(cfg.eval_crops)
+    if self.eval_clips < 1 or self.eval_crops not in (1, 3):
+      raise ValueError(f'config.input.eval_clips must be >= 1 and eval_crops 1 or 3, got '
+                       f'{self.eval_clips} and {self.eval_crops}.')
+    if self.image_size > self.min_resize:
+      raise ValueError(f'config.input.image_size={self.image_size} must be <= '
+                       f'config.input.min_resize={self.min_resize}.')
+
+  @property
+  def views_per_video(self) -> int:
+    return self.eval_clips * self.eval_crops
+
+  def _parse(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Parses one record and checks its n_mels and labels, naming the clip id on failure."""
+    clip = records.parse_clip(serialized, self.heads)
+    clip_id = clip['id']
+    num_mels = tf.shape(clip['logmel'])[1]
+    checks = [tf.debugging.Assert(
+        tf.equal(num_mels, self.n_mels),
+        [f'Record log-mel has the wrong number of mel bins (config.input.n_mels={self.n_mels}); '
+         'clip id:', clip_id, 'n_mels:', num_mels])]
+    for head in self.heads:
+      indices = clip[records.LABEL_PREFIX + head]
+      checks.append(tf.debugging.Assert(
+          tf.reduce_all((indices >= 0) & (indices < self.num_classes[head])),
+          [f'Record label {head!r} outside [0, {self.num_classes[head]}); clip id:', clip_id,
+           'labels:', indices]))
+      if not self.multi_label:
+        checks.append(tf.debugging.Assert(
+            tf.size(indices) <= 1,
+            [f'Record has several {head!r} labels but config.data.multi_label is False; clip id:',
+             clip_id, 'labels:', indices]))
+    with tf.control_dependencies(checks):
+      return {key: tf.identity(value) for key, value in clip.items()}
+
+  def _labels(self, clip: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """One-hot / multi-hot float32 [C] per head (all zeros when unlabelled)."""
+    out = {}
+    for head in self.heads:
+      hot = tf.one_hot(clip[records.LABEL_PREFIX + head], self.num_classes[head])  # [n, C]
+      out[records.LABEL_PREFIX + head] = tf.minimum(tf.reduce_sum(hot, axis=0), 1.0)
+    return out
+
+  def _frame_ids(self, start: tf.Tensor, num_stored: tf.Tensor) -> tf.Tensor:
+    """[num_frames] int32 stored-frame indices of the window at `start`; repeats the last frame."""
+    return tf.minimum(start + tf.range(self.num_frames) * self.frame_stride, num_stored - 1)
+
+  def _resize(self, frames: tf.Tensor) -> tf.Tensor:
+    """[T, h, w, 3] uint8 -> [T, S, S, 3] float32 in [0, 1]."""
+    resized = tf.image.resize(frames, [self.image_size, self.image_size], method='bilinear')
+    return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
+
+  def _audio_window(self, clip: dict[str, tf.Tensor], start_frame: tf.Tensor) -> tf.Tensor:
+    """[audio_frames, n_mels] normalised log-mel from the time of video frame `start_frame` on."""
+    logmel = clip['logmel']  # [frames, n_mels]
+    seconds = tf.cast(start_frame, tf.float64) / tf.cast(clip['fps'], tf.float64)
+    first = tf.cast(tf.floor(seconds * tf.cast(clip['audio_fps'], tf.float64) + 0.5), tf.int32)
+    num_stored = tf.shape(logmel)[0]
+    silence = tf.where(num_stored > 0, tf.reduce_min(logmel), self.logmel_mean)
+    missing = tf.maximum(first + self.audio_frames - num_stored, 0)
+    padded = tf.concat([logmel, tf.fill([missing, self.n_mels], silence)], axis=0)
+    window = padded[first:first + self.audio_frames]
+    window = tf.ensure_shape(window, [self.audio_frames, self.n_mels])
+    return (window - self.logmel_mean) / self.logmel_std
+
+  def train_example(self, counter: tf.Tensor, serialized: tf.Tensor,
+                    example_seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    """One augmented view of record number `counter` of the stream."""
+    clip = self._parse(serialized)
+    seed = augment.derive_seed(example_seed, counter)
+    num_stored = tf.shape(clip['jpeg'])[0]
+    max_start = tf.maximum(num_stored - self.span, 0)
+    start = tf.random.stateless_uniform([], augment.derive_seed(seed, _TIME_STREAM), minval=0,
+                                        maxval=max_start + 1, dtype=tf.int32)
+    jpegs = tf.gather(clip['jpeg'], self._frame_ids(start, num_stored))  # [T]
+    frame_shape = tf.io.extract_jpeg_shape(jpegs[0])
+    window = augment.train_crop_window(
+        augment.derive_seed(seed, _CROP_STREAM), frame_shape[0], frame_shape[1],
+        image_size=self.image_size, min_resize=self.min_resize, area_range=self.area_range,
+        aspect_ratio_range=self.aspect_ratio_range)
+    frames = tf.map_fn(lambda jpeg: tf.io.decode_and_crop_jpeg(jpeg, window, channels=3), jpegs,
+                       fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+    video = self._resize(frames)  # [T, S, S, 3]
+    if self.flip:
+      video = augment.flip(video, augment.derive_seed(seed, _FLIP_STREAM))
+    video = augment.color_jitter(video, augment.derive_seed(seed, _COLOR_STREAM), self.color_jitter)
+    audio = self._audio_window(clip, start)  # [A, M]
+    if self.spec_augment['freq_masks'] or self.spec_augment['time_masks']:
+      audio = augment.spec_augment(audio, augment.derive_seed(seed, _SPEC_STREAM),
+                                   **self.spec_augment)
+    return {'video': video * 2.0 - 1.0, 'audio': audio, **self._labels(clip)}
+
+  def _eval_starts(self, num_stored: tf.Tensor) -> list[tf.Tensor]:
+    """`eval_clips` window starts evenly spaced over [0, max_start] (one clip: the centre)."""
+    max_start = tf.maximum(num_stored - self.span, 0)
+    if self.eval_clips == 1:
+      return [max_start // 2]
+    last = self.eval_clips - 1
+    # round(i * max_start / last), halves rounded up.
+    return [(2 * i * max_start + last) // (2 * last) for i in range(self.eval_clips)]
+
+  def eval_views(self, index: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """All `eval_clips x eval_crops` views of one video, with a leading [views] axis."""
+    clip = self._parse(serialized)
+    num_stored = tf.shape(clip['jpeg'])[0]
+    frame_shape = tf.io.extract_jpeg_shape(clip['jpeg'][0])
+    windows = augment.eval_crop_windows(frame_shape[0], frame_shape[1], image_size=self.image_size,
+                                        min_resize=self.min_resize, num_crops=self.eval_crops)
+    videos, audios = [], []
+    for start in self._eval_starts(num_stored):
+      jpegs = tf.gather(clip['jpeg'], self._frame_ids(start, num_stored))
+      frames = tf.map_fn(lambda jpeg: tf.io.decode_jpeg(jpeg, channels=3), jpegs,
+                         fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+      # frames: [T, H, W, 3]
+      audio = self._audio_window(clip, start)
+      for crop in range(self.eval_crops):
+        y, x, height, width = tf.unstack(windows[crop])
+        videos.append(self._resize(frames[:, y:y + height, x:x + width]) * 2.0 - 1.0)
+        audios.append(audio)
+    views = self.views_per_video
+    labels = {key: tf.tile(value[None], [views, 1]) for key, value in self._labels(clip).items()}
+    return {
+        'video': tf.stack(videos),  # [V, T, S, S, 3]
+        'audio': tf.stack(audios),  # [V, A, M]
+        **labels,  # [V, C]
+        'mask': tf.ones([views], tf.float32),
+        'index': tf.fill([views], tf.cast(index, tf.int32)),
+    }
+
+
+def _pad_value(key: str) -> int:
+  return -1 if key == 'index' else 0
+
+
+def _pad_batch(batch: dict[str, tf.Tensor], size: int) -> dict[str, tf.Tensor]:
+  """Pads a partial batch to `size` examples (mask 0, index -1, everything else 0)."""
+  missing = size - tf.shape(batch['mask'])[0]
+  out = {}
+  for key, value in batch.items():
+    paddings = [[0, missing]] + [[0, 0]] * (value.shape.rank - 1)
+    padded = tf.pad(value, paddings, constant_values=tf.cast(_pad_value(key), value.dtype))
+    out[key] = tf.ensure_shape(padded, [size] + value.shape[1:].as_list())
+  return out
+
+
+def _empty_batch(element_spec: dict[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
+  return {key: tf.fill(spec.shape, tf.cast(_pad_value(key), spec.dtype))
+          for key, spec in element_spec.items()}
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
+def _numpy_batches(dataset: tf.data.Dataset, source: str) -> Iterator[Batch]:
+  """Iterates `dataset` as numpy dicts; failed record checks become a ValueError naming `source`."""
+  iterator = dataset.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as error:
+      message = error.message
+      if 'assertion failed:' in message:  # keep only the record check's own text
+        message = message.split('assertion failed:', 1)[1].split('\n', 1)[0].strip()
+      raise ValueError(f'Bad record in {source}: {message}') from error
+    yield batch
+
+
+def _check_has_records(files: Sequence[str]) -> None:
+  if not any(True for _ in tf.data.TFRecordDataset(list(files)).take(1)):
+    raise ValueError(f'The record files of this process hold no records: {list(files)}.')
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, seed: int,
+                        start_step: int = 0, process_index: int | None = None,
+                        process_count: int | None = None) -> Iterator[Batch]:
+  """Infinite, deterministic, resumable iterator of augmented training batches for this host.
+
+  Args:
+    config: experiment config (`config.data`, `config.input`).
+    data_dir: folder with the record files and stats.json (local path or `gs://`).
+    seed: run seed; the same seed gives the same batches.
+    start_step: first step to yield; batches equal those an uninterrupted iterator yields at
+      steps `start_step, start_step + 1, ...`.
+    process_index: this host's index (default `jax.process_index()`).
+    process_count: number of hosts (default `jax.process_count()`).
+
+  Returns:
+    Iterator of dicts: `video` float32 [B, num_frames, image_size, image_size, 3] in [-1, 1],
+    `audio` float32 [B, audio_frames, n_mels], `labels/<head>` float32 [B, C], `mask` float32 [B]
+    (all ones), with B = batch_size // process_count.
+  """
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+  process_index, process_count = _resolve_processes(process_index, process_count)
+  batch_size = _per_host_batch(int(config.input.batch_size), process_count, 'batch_size')
+  split = config.data.train_split
+  files = _host_files(list_split_files(data_dir, split), split_pattern(data_dir, split),
+                      process_index, process_count)
+  stats = load_stats(data_dir)
+  decoder = _ClipDecoder(config, stats, os.path.join(data_dir, STATS_FILE))
+  _check_has_records(files)
+  cycle_length = _cycle_length(config, len(files))
+  shuffle_buffer = int(config.input.shuffle_buffer)
+  host_seed = tf.constant([seed, process_index], tf.int64)
+  file_names = tf.constant(files)
+
+  def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
+    """This host's serialized records in the order of `epoch`."""
+    keys = tf.random.stateless_uniform(
+        [len(files)], augment.derive_seed(host_seed, _FILE_ORDER_STREAM, epoch))
+    records_ds = _interleave(tf.gather(file_names, tf.argsort(keys)), cycle_length)
+
+    def permute(block_index: tf.Tensor, block: tf.Tensor) -> tf.Tensor:
+      keys = tf.random.stateless_uniform(
+          tf.shape(block), augment.derive_seed(host_seed, _SHUFFLE_STREAM, epoch, block_index))
+      return tf.gather(block, tf.argsort(keys))
+
+    return records_ds.batch(shuffle_buffer).enumerate().map(permute).unbatch()
+
+  first_example = start_step * batch_size
+  first_epoch, skip = 0, 0
+  if first_example:
+    first_epoch, skip = divmod(first_example, sum(count_records(tuple(files))))
+  stream = epoch_records(tf.constant(first_epoch, tf.int64)).skip(skip).concatenate(
+      tf.data.Dataset.range(first_epoch + 1, _EPOCH_LIMIT).flat_map(epoch_records))
+
+  example_seed = augment.derive_seed(host_seed, _EXAMPLE_STREAM)
+  dataset = stream.enumerate(start=first_example).map(
+      lambda counter, serialized: decoder.train_example(counter, serialized, example_seed),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.batch(batch_size, drop_remainder=True)
+  alpha = float(config.input.mixup_alpha)
+  if alpha > 0:
+    mix_keys = ['video', 'audio'] + [records.LABEL_PREFIX + head for head in decoder.heads]
+    mixup_seed = augment.derive_seed(host_seed, _MIXUP_STREAM)
+    dataset = dataset.enumerate(start=start_step).map(
+        lambda step, batch: augment.mixup(batch, augment.derive_seed(mixup_seed, step), alpha,
+                                          mix_keys)[0],
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.map(lambda batch: {**batch, 'mask': tf.ones([batch_size], tf.float32)})
+  dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return _numpy_batches(dataset, split_pattern(data_dir, split))
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str, split: str, *,
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> Iterator[Batch]:
+  """Finite iterator over all views of every video in this host's files of `split`.
+
+  Args:
+    config: experiment config (`config.data`, `config.input`).
+    data_dir: folder with the record files and stats.json.
+    split: split name, e.g. 'test'.
+    process_index: this host's index (default `jax.process_index()`).
+    process_count: number of hosts (default `jax.process_count()`).
+
+  Returns:
+    Iterator of dicts with B = eval_batch_size // process_count: `video` float32
+    [B, num_frames, image_size, image_size, 3] in [-1, 1], `audio` float32
+    [B, audio_frames, n_mels], `labels/<head>` float32 [B, C], `mask` float32 [B] (0 on padding),
+    `index` int32 [B] (the video's position within this host's files, -1 on padding). The
+    `eval_clips x eval_crops` views of a video are consecutive (clip-major) and may span two
+    batches. With several processes, all hosts yield the same number of batches.
+  """
+  process_index, process_count = _resolve_processes(process_index, process_count)
+  batch_size = _per_host_batch(int(config.input.eval_batch_size), process_count, 'eval_batch_size')
+  all_files = list_split_files(data_dir, split)
+  files = _host_files(all_files, split_pattern(data_dir, split), process_index, process_count)
+  stats = load_stats(data_dir)
+  decoder = _ClipDecoder(config, stats, os.path.join(data_dir, STATS_FILE))
+  cycle_length = _cycle_length(config, len(files))
+  dataset = _interleave(files, cycle_length).enumerate().map(
+      decoder.eval_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.unbatch().batch(batch_size).map(lambda batch: _pad_batch(batch, batch_size))
+  if process_count > 1:
+    counts = count_records(tuple(all_files))
+    views_per_host = [sum(counts[host::process_count]) * decoder.views_per_video
+                      for host in range(process_count)]
+    batches_per_host = [math.ceil(views / batch_size) for views in views_per_host]
+    extra = max(batches_per_host) - batches_per_host[process_index]
+    if extra:
+      dataset = dataset.concatenate(
+          tf.data.Dataset.from_tensors(_empty_batch(dataset.element_spec)).repeat(extra))
+  dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return _numpy_batches(dataset, split_pattern(data_dir, split))
