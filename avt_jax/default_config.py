@@ -21,6 +21,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = ''
   c.data.data_dir = ''  # prepared records: {split}-NNNNN-of-NNNNN.tfrecord + stats.json
+  c.data.synthetic = ''  # name of a generated dataset (e.g. 'demo'), made on first use and cached
+  c.data.cache_dir = ''  # where generated data is cached ('' = $AVT_JAX_CACHE or ~/.cache/avt_jax)
   c.data.train_split = 'train'
   c.data.eval_split = 'test'
   c.data.label_heads = ('class',)
@@ -102,6 +104,5 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
-  c.train.eval_every = 0  # 0: evaluate once at the end
   c.train.eval_only = False
   return c

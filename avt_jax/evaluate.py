@@ -1,0 +1,60 @@
+"""Multi-view evaluation: every view of every video through the model, logits averaged per video."""
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from avt_jax import input as input_lib, metrics, sharding
+
+
+def metric_kind(config: ml_collections.ConfigDict) -> str:
+  """'multi_head' (e.g. EPIC verb+noun), 'multi_label' (sigmoid) or 'single_label'."""
+  if len(config.data.label_heads) > 1:
+    return 'multi_head'
+  return 'multi_label' if config.data.multi_label else 'single_label'
+
+
+def make_eval_step(model, modalities):
+  def eval_step(params, batch):
+    inputs = {k: batch[k] for k in (*modalities, 'mask')}
+    return model.apply({'params': params}, inputs, train=False, objectives=('classification',))['logits']
+  return eval_step
+
+
+def evaluate(config: ml_collections.ConfigDict, model, params: Any, mesh, data_dir: str,
+             split: str) -> dict[str, float]:
+  """Evaluates `params` on all views (`input.eval_clips` x `input.eval_crops`) of `split`.
+
+  Padded examples (mask 0) are never counted; on several hosts, hosts that run out of views feed
+  fully padded batches until all are done.
+  """
+  modalities = tuple(config.model.modalities)
+  step = jax.jit(make_eval_step(model, modalities), in_shardings=(None, sharding.batch_sharding(mesh)))
+  accumulator = metrics.MultiViewAccumulator()
+  views = input_lib.make_eval_iterator(config, data_dir, split)
+  nproc, pid = jax.process_count(), jax.process_index()
+  template = None
+  while True:
+    batch = next(views, None)
+    if nproc > 1:
+      if not multihost_utils.process_allgather(np.asarray(batch is not None)).any():
+        break
+      if batch is None:
+        batch = {k: np.zeros_like(v) for k, v in template.items()}
+        batch['index'] = np.full_like(template['index'], -1)
+    elif batch is None:
+      break
+    template = batch
+    logits = step(params, sharding.global_batch({k: batch[k] for k in (*modalities, 'mask')}, mesh))
+    labels = {k.removeprefix('labels/'): v for k, v in batch.items() if k.startswith('labels/')}
+    index = np.where(batch['index'] >= 0, batch['index'] * nproc + pid, -1)  # unique across hosts
+    local = (labels, index, batch['mask'])
+    if nproc > 1:
+      logits, local = multihost_utils.process_allgather((logits, local), tiled=True)
+    else:
+      logits = jax.device_get(logits)
+    accumulator.add(logits, *local)
+  return accumulator.result(metric_kind(config))

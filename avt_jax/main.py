@@ -1,0 +1,80 @@
+"""Trains and evaluates AVT.
+
+    python -m avt_jax.main --config=configs/demo.py --workdir=/tmp/avt_demo
+    python -m avt_jax.main --config=configs/kinetics_sounds.py --workdir=gs://bucket/ks \
+        --config.data.data_dir=/data/ks_records
+    # evaluate the latest checkpoint of a workdir only:
+    python -m avt_jax.main --config=configs/demo.py --workdir=/tmp/avt_demo --config.train.eval_only
+
+A workdir that already holds checkpoints resumes from the latest one. On several hosts (TPU pod
+slices, multi-node GPU) pass --multihost on every host.
+"""
+
+import json
+import os
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard events and results (local or gs://).')
+flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (one process per host).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def resolve_data_dir(config) -> str:
+  """Prepared-records folder: generated and cached for synthetic data, else `data.data_dir`."""
+  if config.data.synthetic:
+    from avt_jax.prep import demo_data  # pylint: disable=g-import-not-at-top
+    if config.data.synthetic != 'demo':
+      raise ValueError(f"config.data.synthetic: unknown generated dataset {config.data.synthetic!r}; "
+                       "expected 'demo' or ''.")
+    return demo_data.ensure_demo_data(config.data.cache_dir or None)
+  if not config.data.data_dir:
+    raise ValueError('config.data.data_dir is empty: set --config.data.data_dir to the folder written '
+                     'by `python -m avt_jax.prepare`.')
+  return config.data.data_dir
+
+
+def summary_table(config, summary: dict) -> str:
+  """A short markdown table of the run."""
+  rows = [('config', config.data.name), ('steps', summary['steps']),
+          ('train time', f'{summary["train_seconds"]:.0f} s')]
+  rows += [(f'train {k}', f'{v:.4f}') for k, v in summary['train'].items() if k.startswith('loss')]
+  rows += [(f'eval {k}', f'{v:.4f}' if isinstance(v, float) else v) for k, v in summary['eval'].items()]
+  width = max(len(str(k)) for k, _ in rows)
+  lines = [f'| {"":{width}} | value |', f'|{"-" * (width + 2)}|-------|']
+  return '\n'.join(lines + [f'| {str(k):{width}} | {v} |' for k, v in rows])
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from avt_jax import train  # pylint: disable=g-import-not-at-top
+  from avt_jax.models import validate  # pylint: disable=g-import-not-at-top
+
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; progress is printed
+  if FLAGS.multihost:
+    jax.distributed.initialize()
+  config = FLAGS.config
+  validate(config)  # fail on impossible settings before any data work or compilation
+  start = time.time()
+  data_dir = resolve_data_dir(config)
+  workdir = epath.Path(FLAGS.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  summary = train.train_and_evaluate(config, str(workdir), data_dir)
+  summary['total_seconds'] = time.time() - start
+  if jax.process_index() == 0:
+    (workdir / 'results.json').write_text(json.dumps(summary, indent=2, default=float))
+    print('\n' + summary_table(config, summary) + f'\n\nTotal time {summary["total_seconds"]:.0f} s; '
+          f'results in {workdir / "results.json"}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,50 @@
+"""Test setup: 8 simulated CPU devices (sharding tests) and a tiny AVT config."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import ml_collections  # noqa: E402
+
+from avt_jax.default_config import get_base_config  # noqa: E402
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """A 2-layer, width-32 AVT on 4x32x32 video and 64x32 spectrograms, all objectives on."""
+  c = get_base_config()
+  c.data.name = 'tiny'
+  c.data.num_classes = {'class': 5}
+  c.model.size = 'tiny'
+  c.model.hidden_size = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 2
+  c.model.mlp_dim = 64
+  c.model.fusion_layer = 1
+  c.model.n_bottlenecks = 2
+  c.model.contrastive_dim = 16
+  c.model.decoder_width = 16
+  c.model.decoder_depth = 1
+  c.model.decoder_heads = 2
+  c.model.decoder_mlp_dim = 32
+  c.model.stochastic_depth = 0.0
+  c.model.segment_seconds = 0.32
+  c.input.num_frames = 4
+  c.input.image_size = 32
+  c.input.min_resize = 36
+  c.input.audio_frames = 64
+  c.input.n_mels = 32
+  c.input.batch_size = 8
+  c.input.eval_batch_size = 8
+  c.optim.warmup_steps = 1
+  c.optim.learning_rate = 1e-3
+  c.train.steps = 4
+  c.train.log_every = 2
+  c.train.checkpoint_every = 2
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

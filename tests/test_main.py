@@ -1,0 +1,118 @@
+"""End to end through `python -m avt_jax.main`: kill/resume, preemption, eval-only, config errors."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from avt_jax import train
+from avt_jax.prep import demo_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config.model.hidden_size=32', '--config.model.num_layers=2', '--config.model.num_heads=2',
+        '--config.model.mlp_dim=64', '--config.model.fusion_layer=1', '--config.model.decoder_width=16',
+        '--config.model.decoder_heads=2', '--config.model.decoder_mlp_dim=32',
+        '--config.model.contrastive_dim=16', '--config.input.batch_size=8',
+        '--config.input.eval_batch_size=8', '--config.train.log_every=2',
+        '--config.train.checkpoint_every=2', '--config.data.synthetic=']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return demo_data.ensure_demo_data(str(tmp_path_factory.mktemp('cache')), train_per_class=2,
+                                    test_per_class=1)
+
+
+def command(workdir, data_dir, *extra):
+  return [sys.executable, '-m', 'avt_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+          f'--config.data.data_dir={data_dir}', *TINY, *extra]
+
+
+def run(args, **kwargs):
+  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def demo_config(*overrides):
+  spec = importlib.util.spec_from_file_location('demo_config', os.path.join(ROOT, 'configs/demo.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for flag in TINY + list(overrides):
+    key, value = flag.removeprefix('--config.').split('=')
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if value else value
+  return c
+
+
+def test_sigkill_then_resume_on_another_mesh_matches_uninterrupted(data_dir, tmp_path):
+  steps = ['--config.train.steps=8']
+  straight = run(command(tmp_path / 'straight', data_dir, *steps))
+  assert straight.returncode == 0, straight.stderr[-3000:]
+
+  workdir = tmp_path / 'killed'
+  proc = subprocess.Popen(command(workdir, data_dir, *steps), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (workdir / 'checkpoints' / '4').exists():
+    assert proc.poll() is None, 'training ended before it could be killed'
+    assert time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed = run(command(workdir, data_dir, *steps, '--config.mesh.data=4', '--config.mesh.model=2'))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from' in resumed.stdout
+
+  config = demo_config(*steps)
+  a = train.restore_params(config, str(tmp_path / 'straight'))
+  b = train.restore_params(config, str(workdir))
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['steps'] == 8 and results['eval']['num_videos'] == 9
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+  proc = subprocess.Popen(command(tmp_path, data_dir, '--config.train.steps=100000'), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  for line in proc.stdout:
+    if line.startswith('step 2/'):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = proc.stdout.read()
+  assert proc.wait(timeout=300) == 0
+  assert 'Preemption requested: saved step' in out
+  saved = int(out.split('saved step ')[1].split(',')[0])
+  assert saved >= 2 and (tmp_path / 'checkpoints' / str(saved)).is_dir()
+
+
+def test_eval_only_reads_the_latest_checkpoint(data_dir, tmp_path):
+  assert run(command(tmp_path, data_dir, '--config.train.steps=2')).returncode == 0
+  first = json.loads((tmp_path / 'results.json').read_text())
+  again = run(command(tmp_path, data_dir, '--config.train.steps=50', '--config.train.eval_only=True'))
+  assert again.returncode == 0, again.stderr[-3000:]
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['steps'] == 2 and results['train_seconds'] == 0.0
+  assert results['eval'] == first['eval']
+  assert 'eval top1' in again.stdout
+
+
+@pytest.mark.parametrize('flag, field', [
+    ('--config.model.fusion_layer=9', 'config.model.fusion_layer'),
+    ('--config.model.n_bottlenecks=0', 'config.model.n_bottlenecks'),
+    ('--config.input.image_size=70', 'config.model.video_patch'),
+])
+def test_bad_config_fails_before_any_work_naming_the_field(tmp_path, flag, field):
+  result = run(command(tmp_path, '/nonexistent', flag))
+  assert result.returncode != 0
+  assert field in result.stderr
+  assert not (tmp_path / 'checkpoints').exists()
