@@ -1,9 +1,13 @@
-"""Test setup: 8 simulated CPU devices (sharding tests) and a tiny AVT config."""
+"""Test setup: 8 simulated CPU devices, a shared compilation cache and a tiny AVT config."""
 
 import os
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# One persistent compilation cache per test process, inherited by the training subprocesses that
+# tests start, so identical programs (same model, same mesh) compile once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='avt_jax_jit_cache_'))
 
 import ml_collections  # noqa: E402
 

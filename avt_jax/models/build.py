@@ -90,6 +90,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'expected one of {sorted(REMAT_POLICIES)}, got {m.remat_policy!r}')
   _check(0.0 <= m.mask_ratio_video < 1.0, 'model.mask_ratio_video', 'must be in [0, 1)')
   _check(0.0 <= m.mask_ratio_audio < 1.0, 'model.mask_ratio_audio', 'must be in [0, 1)')
+  # A rate of 1 would divide by the keep probability 0 (NaN gradients).
+  _check(0.0 <= m.dropout < 1.0, 'model.dropout', f'must be in [0, 1), got {m.dropout}')
+  _check(0.0 <= m.stochastic_depth < 1.0, 'model.stochastic_depth',
+         f'must be in [0, 1), got {m.stochastic_depth}')
   grids = token_grids(config)
   objs = objectives(config)
   needs_both = {'contrastive', 'matching', 'masked_audio_segment'} & set(objs)

@@ -69,7 +69,21 @@ class BottleneckFusion(nn.Module):
       return self.num_layers
     return self.fusion_layer
 
+  def _validate(self) -> None:
+    if self.fusion not in FUSIONS:
+      raise ValueError(f'BottleneckFusion.fusion: expected one of {FUSIONS}, got {self.fusion!r}.')
+    if not 0 <= self.fusion_layer <= self.num_layers:
+      raise ValueError(f'BottleneckFusion.fusion_layer: expected 0..num_layers={self.num_layers}, '
+                       f'got {self.fusion_layer}.')
+    if self.fusion == 'bottleneck' and self.n_bottlenecks < 1:
+      raise ValueError(f'BottleneckFusion.n_bottlenecks: bottleneck fusion needs at least 1, got '
+                       f'{self.n_bottlenecks}.')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'BottleneckFusion.remat_policy: expected one of {sorted(REMAT_POLICIES)}, '
+                       f'got {self.remat_policy!r}.')
+
   def setup(self):
+    self._validate()
     if self.remat_policy == 'none':
       block_cls = EncoderBlock
     else:

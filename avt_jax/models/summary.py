@@ -1,0 +1,147 @@
+"""Parameter count and FLOPs per clip of an AVT model, without allocating its parameters.
+
+    python -m avt_jax.models.summary [--size=base] [--fusion=bottleneck] [--fusion_layer=8]
+        [--num_classes=309] [--batch=2]
+
+The model is built from `avt_jax.default_config.get_base_config()` (ViT-B/16 per modality, 32 frames
+of 224x224 in 2x16x16 tubelets, 8 s of audio as 800x128 log-mel in 16x16 patches, 4 bottlenecks from
+layer 8). Parameters are only shapes (`jax.eval_shape`), and the forward passes are lowered with
+`jax.ShapeDtypeStruct`s and compiled, never run, so the command needs little memory. FLOPs are XLA's
+compiled cost analysis (a multiply-add counts as 2 FLOPs), divided by the batch size; they are
+forward passes only (a training step adds the backward pass, roughly twice the forward). Compiling
+the base model takes a minute or two on a CPU.
+"""
+
+import argparse
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from avt_jax.default_config import get_base_config
+from avt_jax.models import build
+from avt_jax.models.avt import AVT, OBJECTIVES
+from avt_jax.models.fusion import FUSIONS
+
+INFERENCE_OBJECTIVES = ('classification',)
+PASSES = ('inference', 'training')
+
+
+def _input_shapes(config: ml_collections.ConfigDict, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+  return {name: jax.ShapeDtypeStruct(x.shape, x.dtype)
+          for name, x in build.example_inputs(config, batch).items()}
+
+
+def param_shapes(model: AVT, inputs: dict[str, jax.ShapeDtypeStruct],
+                 objectives: Sequence[str] = OBJECTIVES) -> dict:
+  """Shapes (`jax.ShapeDtypeStruct`) of the parameters used by `objectives`; nothing is allocated."""
+  rngs = {name: jax.random.key(i) for i, name in enumerate(('params', 'masking', 'dropout'))}
+  variables = jax.eval_shape(
+      lambda r, x: model.init(r, x, train=False, objectives=tuple(objectives)), rngs, inputs)
+  return variables['params']
+
+
+def parameter_counts(params: dict) -> dict[str, int]:
+  """Number of parameters per top-level module, plus `total`."""
+  counts = {name: sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(subtree))
+            for name, subtree in sorted(params.items())}
+  counts['total'] = sum(counts.values())
+  return counts
+
+
+def flops_per_clip(model: AVT, params: dict, inputs: dict[str, jax.ShapeDtypeStruct], *,
+                   train: bool, objectives: Sequence[str]) -> float:
+  """FLOPs of one forward pass per example, from XLA's cost analysis of the compiled function."""
+  rngs = {'masking': jax.random.key(1), 'dropout': jax.random.key(2)}
+
+  def forward(p, x):
+    return model.apply({'params': p}, x, train=train, objectives=tuple(objectives), rngs=rngs)
+
+  cost = jax.jit(forward).lower(params, inputs).compile().cost_analysis()
+  batch = inputs['audio'].shape[0] if 'audio' in inputs else inputs['video'].shape[0]
+  return float(cost['flops']) / batch
+
+
+def summarize(config: ml_collections.ConfigDict, batch: int = 2,
+              passes: Sequence[str] = PASSES) -> dict:
+  """Parameter counts and FLOPs per clip of the model `config` describes.
+
+  Args:
+    config: a full config (see `avt_jax.default_config`).
+    batch: batch size the passes are compiled for (FLOPs are divided by it).
+    passes: subset of PASSES: `inference` is the classification-only forward pass (train=False);
+      `training` the forward pass (train=True) with every objective that has a non-zero weight in
+      `config.loss.weights` (all of them in the base config).
+
+  Returns:
+    {'params': {module: count, 'total': count} for the parameters of classification and every
+    trained objective, 'inference_params': count of the parameters the inference pass uses,
+    'training_objectives': the objectives of the training pass, 'flops': {pass: FLOPs per clip}}.
+  """
+  unknown = set(passes) - set(PASSES)
+  if unknown:
+    raise ValueError(f'summarize: passes must be a subset of {PASSES}, got {sorted(unknown)}.')
+  model = build.build_model(config)
+  inputs = _input_shapes(config, batch)
+  trained = build.objectives(config)
+  used = tuple(o for o in OBJECTIVES if o in trained or o in INFERENCE_OBJECTIVES)
+  params = param_shapes(model, inputs, used)
+  inference_params = param_shapes(model, inputs, INFERENCE_OBJECTIVES)
+  flops = {}
+  if 'inference' in passes:
+    flops['inference'] = flops_per_clip(model, inference_params, inputs, train=False,
+                                        objectives=INFERENCE_OBJECTIVES)
+  if 'training' in passes:
+    flops['training'] = flops_per_clip(model, params, inputs, train=True,
+                                       objectives=trained)
+  return {'params': parameter_counts(params), 'training_objectives': trained,
+          'inference_params': parameter_counts(inference_params)['total'],
+          'flops': flops}
+
+
+def _config(size: str, fusion: str, fusion_layer: int | None,
+            num_classes: int | None) -> ml_collections.ConfigDict:
+  config = get_base_config()
+  config.model.size = size
+  config.model.fusion = fusion
+  if fusion_layer is not None:
+    config.model.fusion_layer = fusion_layer
+  if num_classes is not None:
+    config.data.num_classes = {'class': num_classes}
+  return config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(
+      prog='python -m avt_jax.models.summary',
+      description='Parameter count and FLOPs per clip of the base AVT configuration.')
+  parser.add_argument('--size', default='base', choices=sorted(build.SIZES), help='encoder size preset')
+  parser.add_argument('--fusion', default='bottleneck', choices=FUSIONS, help='fusion type')
+  parser.add_argument('--fusion_layer', type=int, default=None,
+                      help='first fused layer (default: the base config, 8)')
+  parser.add_argument('--num_classes', type=int, default=None,
+                      help='classes of the single label head (default: the base config)')
+  parser.add_argument('--batch', type=int, default=2, help='batch size to compile for')
+  args = parser.parse_args(argv)
+  config = _config(args.size, args.fusion, args.fusion_layer, args.num_classes)
+  result = summarize(config, batch=args.batch)
+  m, inp = config.model, config.input
+  print(f'AVT size={args.size} fusion={args.fusion} fusion_layer={m.fusion_layer} '
+        f'n_bottlenecks={m.n_bottlenecks}; video {inp.num_frames}x{inp.image_size}x{inp.image_size} '
+        f'tubelets {tuple(m.video_patch)}; audio {inp.audio_frames}x{inp.n_mels} patches '
+        f'{tuple(m.audio_patch)}; classes {dict(config.data.num_classes)}')
+  print('Parameters (classification and every trained objective):')
+  width = max(len(k) for k in result['params'])
+  for name, count in result['params'].items():
+    print(f'  {name:<{width}}  {count:>13,d}  ({count / 1e6:8.2f} M)')
+  print(f'Parameters used for inference (classification): {result["inference_params"]:,d} '
+        f'({result["inference_params"] / 1e6:.2f} M)')
+  print('FLOPs per clip (XLA cost analysis of the compiled forward pass; multiply-add = 2 FLOPs):')
+  print(f'  inference (classification only): {result["flops"]["inference"] / 1e9:10.1f} GFLOPs')
+  print(f'  training forward ({", ".join(result["training_objectives"])}): '
+        f'{result["flops"]["training"] / 1e9:10.1f} GFLOPs')
+
+
+if __name__ == '__main__':
+  main()
