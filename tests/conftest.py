@@ -3,7 +3,10 @@
 import os
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# 8 simulated devices for the sharding tests; tests use tiny models whose run time is dominated by
+# compilation, so XLA's backend optimisations are turned down (outputs agree to ~1e-6).
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                      '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # One persistent compilation cache per test process, inherited by the training subprocesses that
 # tests start, so identical programs (same model, same mesh) compile once.
