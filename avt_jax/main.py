@@ -54,16 +54,17 @@ def summary_table(config, summary: dict) -> str:
 
 def main(argv):
   del argv
+  from avt_jax.models import validate  # pylint: disable=g-import-not-at-top
+
+  config = FLAGS.config
+  validate(config)  # fail on impossible settings before heavy imports, data work or compilation
   import jax  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   from avt_jax import train  # pylint: disable=g-import-not-at-top
-  from avt_jax.models import validate  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; progress is printed
   if FLAGS.multihost:
     jax.distributed.initialize()
-  config = FLAGS.config
-  validate(config)  # fail on impossible settings before any data work or compilation
   start = time.time()
   data_dir = resolve_data_dir(config)
   workdir = epath.Path(FLAGS.workdir)

@@ -199,9 +199,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
   state_shardings = sharding.tree_shardings(abstract, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                    save_every=config.train.checkpoint_every)
-  with jax.set_mesh(mesh):
+  # Leaving the `with` (also through an error) waits for checkpoint writes in flight.
+  with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                  save_every=config.train.checkpoint_every) as ckpt, \
+       jax.set_mesh(mesh):
     if ckpt.latest_step() is None:
       state = jax.jit(init, out_shardings=state_shardings)(rng)
       print(f'Initialised {model.__class__.__name__}: '
@@ -220,13 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       state = summary['train'].pop('state')
       summary['train_seconds'] = summary['train'].pop('seconds')
       summary['steps'] = int(state.step)
-    ckpt.wait()
     summary['eval'] = evaluate.evaluate(config, model, state.params, mesh, data_dir,
                                         config.data.eval_split)
-  writer = metric_writers.SummaryWriter(workdir)
-  writer.write_scalars(summary['steps'], {f'eval/{k}': v for k, v in summary['eval'].items()})
-  writer.close()
-  ckpt.close()
+  if jax.process_index() == 0:
+    writer = metric_writers.SummaryWriter(workdir)
+    writer.write_scalars(summary['steps'], {f'eval/{k}': v for k, v in summary['eval'].items()})
+    writer.close()
   return summary
 
 

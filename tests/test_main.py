@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import os
 import signal
 import subprocess
@@ -35,8 +36,14 @@ def command(workdir, data_dir, *extra):
           f'--config.data.data_dir={data_dir}', *TINY, *extra]
 
 
-def run(args, **kwargs):
-  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+# Training subprocesses see 2 simulated devices (2-way data parallel): enough to exercise sharding
+# and mesh changes, cheaper to run than 8 on a 2-core machine.
+ENV = dict(os.environ, XLA_FLAGS=os.environ['XLA_FLAGS'].replace(
+    'device_count=8', 'device_count=2'))
+
+
+def run(args):
+  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
 
 
 def demo_config(*overrides):
@@ -66,7 +73,7 @@ def straight_run(data_dir, tmp_path_factory):
 def test_sigkill_then_resume_matches_uninterrupted(data_dir, straight_run, tmp_path):
   steps = '--config.train.steps=8'
   proc = subprocess.Popen(command(tmp_path, data_dir, steps), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+                          stderr=subprocess.DEVNULL, env=ENV)
   deadline = time.time() + 300
   while not (tmp_path / 'checkpoints' / '4').exists():
     assert proc.poll() is None, 'training ended before it could be killed'
@@ -87,8 +94,34 @@ def test_sigkill_then_resume_matches_uninterrupted(data_dir, straight_run, tmp_p
   assert results['steps'] == 8 and results['eval']['num_videos'] == 9
 
 
+def test_tensorboard_events_hold_every_objective_and_progress(straight_run):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for path in tf.io.gfile.glob(str(straight_run / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  objectives = ('classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
+                'masked_audio_segment')  # all six are on in configs/demo.py
+  assert {f'loss/{o}' for o in objectives} <= tags
+  assert {'loss', 'learning_rate', 'grad_norm', 'steps_per_sec', 'eta_seconds', 'eval/top1'} <= tags
+
+
+def test_non_finite_loss_stops_naming_objective_and_keeps_good_checkpoints(data_dir, tmp_path):
+  result = run(command(tmp_path, data_dir, '--config.train.steps=30', '--config.optim.warmup_steps=1',
+                       '--config.optim.learning_rate=1e30', '--config.optim.grad_clip_norm=0',
+                       '--config.train.checkpoint_every=1',
+                       *[f'--config.loss.weights.{o}=0' for o in ('contrastive', 'matching', 'masked_video',
+                                                                  'masked_audio', 'masked_audio_segment')]))
+  assert result.returncode != 0
+  message = result.stderr[result.stderr.index('NonFiniteLossError'):]
+  assert re.search(r"Objective '(\w+)' became non-finite at step (\d+)", message), message[:500]
+  bad_step = int(re.search(r'at step (\d+)', message).group(1))
+  saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved and max(saved) == bad_step - 1
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
-  proc = subprocess.Popen(command(tmp_path, data_dir, '--config.train.steps=100000'), cwd=ROOT,
+  proc = subprocess.Popen(command(tmp_path, data_dir, '--config.train.steps=100000'), cwd=ROOT, env=ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   for line in proc.stdout:
     if line.startswith('step 2/'):
@@ -104,7 +137,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
 def test_eval_only_restores_onto_another_mesh(data_dir, straight_run):
   first = json.loads((straight_run / 'results.json').read_text())
   again = run(command(straight_run, data_dir, '--config.train.steps=50',
-                      '--config.train.eval_only=True', '--config.mesh.data=4', '--config.mesh.model=2'))
+                      '--config.train.eval_only=True', '--config.mesh.data=1', '--config.mesh.model=2'))
   assert again.returncode == 0, again.stderr[-3000:]
   results = json.loads((straight_run / 'results.json').read_text())
   assert results['steps'] == 8 and results['train_seconds'] == 0.0

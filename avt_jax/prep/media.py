@@ -11,13 +11,21 @@ streams, so the returned frames and waveform cover the same [start, end) window:
   resampled to 16 kHz with soxr (through librosa), `round((end - start) * 16000)` float32 samples.
 
 Short clips: when the source ends before `end`, the video is padded by repeating the last decoded frame
-and the audio with zeros up to the requested duration; `DecodedClip.degraded` then says what was
-padded, and callers should report it. A window that contains no video at all is an error.
+and the audio with zeros up to the requested duration (padding, not looping); `DecodedClip.degraded`
+then says what was padded, and callers should report it. A window that contains no video at all is an
+error. With `end=None` the window ends where the last video packet ends, so a file cut short at a packet
+boundary cannot be told from a short video: give `end` (a fixed clip duration) to have it reported.
+
+Damaged files: a file that cannot be opened (missing index, garbage, empty) raises `MediaError`; inside
+a readable file, packets that the decoder rejects as invalid data are skipped (the video keeps the
+nearest decoded frame, the audio has a silent gap) and reported in `degraded`. Audio that is all zeros
+(digital silence) is kept and reported in `degraded` too.
 """
 
 import dataclasses
 import io
 import os
+from typing import Iterator
 
 import av
 import librosa
@@ -110,44 +118,59 @@ def decode_clip(path: str, start: float | None, end: float | None, fps: float, s
       video = container.streams.video[0]
       origin = container.start_time / av.time_base if container.start_time is not None else 0.0
       if end is None:
-        end = _video_end(path, container, video, origin)
+        end = _video_end(path, video, origin)
         if end <= start:
           raise MediaError(path, f'the window start {start:.3f}s is past the video end {end:.3f}s')
       degraded = []
       encoder = _FrameEncoder(video, short_side, jpeg_quality)
-      jpeg_frames, video_end = _decode_video(path, container, video, origin, start, end, fps, encoder)
+      decoder = _TolerantDecoder()
+      jpeg_frames, video_end = _decode_video(path, container, video, origin, start, end, fps, encoder,
+                                             decoder)
       if video_end < end - 0.5 / fps:
         degraded.append(f'video ends at {video_end:.3f}s before the window end {end:.3f}s; '
                         'padded by repeating the last frame')
+      degraded.extend(decoder.notes('video'))
       has_audio = bool(container.streams.audio)
     waveform = None
     if has_audio:
+      decoder = _TolerantDecoder()
       with av.open(path) as container:  # a fresh demuxer: see `_decode_audio`
-        waveform, audio_end = _decode_audio(container, container.streams.audio[0], origin, start, end)
+        waveform, audio_end = _decode_audio(container, container.streams.audio[0], origin, start, end,
+                                            decoder)
       if audio_end < end - 0.5 / fps:
         degraded.append(f'audio ends at {audio_end:.3f}s before the window end {end:.3f}s; '
                         'padded with silence')
+      degraded.extend(decoder.notes('audio'))
+      if not np.any(waveform):
+        degraded.append('audio is digital silence')
   except av.error.FFmpegError as e:
     raise MediaError(path, f'cannot decode ({type(e).__name__}: {e})') from e
   return DecodedClip(jpeg_frames=jpeg_frames, fps=fps, height=encoder.height, width=encoder.width,
                      start=start, end=end, waveform=waveform, degraded=degraded)
 
 
-def _video_end(path: str, container: av.container.InputContainer,
-               video: av.video.stream.VideoStream, origin: float) -> float:
-  """End of the video stream in seconds from the container start, from metadata or by demuxing."""
-  if video.duration is not None and video.time_base is not None:
-    return float(((video.start_time or 0) + video.duration) * video.time_base) - origin
-  if container.duration is not None:
-    return container.duration / av.time_base
-  last = 0.0
-  for packet in container.demux(video):
-    if packet.pts is not None:
-      last = max(last, float((packet.pts + (packet.duration or 0)) * packet.time_base) - origin)
-  container.seek(0)
-  if last <= 0:
+def _video_end(path: str, video: av.video.stream.VideoStream, origin: float) -> float:
+  """End of the video stream in seconds from the container start.
+
+  Read from the packets (the end of the last one) in a separate demuxer, since duration metadata is
+  missing in some containers (Matroska, WebM) and wrong in others (MPEG program streams give one frame's
+  duration, AVI may count the audio); the metadata is the fallback when no packet has a timestamp.
+  """
+  period = 1.0 / float(video.average_rate or video.guessed_rate or 25)
+  last = None
+  with av.open(path) as probe:
+    for packet in probe.demux(probe.streams.video[0]):
+      if packet.pts is not None:
+        duration = float(packet.duration * packet.time_base) if packet.duration else period
+        end = float(packet.pts * packet.time_base) + duration
+        last = end if last is None else max(last, end)
+    if last is None and video.duration is not None and video.time_base is not None:
+      last = float(((video.start_time or 0) + video.duration) * video.time_base)
+    if last is None and probe.duration is not None:
+      last = probe.duration / av.time_base + origin
+  if last is None or last - origin <= 0:
     raise MediaError(path, 'cannot determine the video duration')
-  return last
+  return last - origin
 
 
 def _seek(container: av.container.InputContainer, stream: av.stream.Stream, seconds: float) -> None:
@@ -156,12 +179,40 @@ def _seek(container: av.container.InputContainer, stream: av.stream.Stream, seco
     container.seek(int(seconds / stream.time_base), stream=stream, backward=True, any_frame=False)
 
 
+class _TolerantDecoder:
+  """Decodes a stream packet by packet, skipping the packets the decoder rejects as invalid data.
+
+  A damaged region of a file then costs the frames it holds (the video repeats the nearest decoded
+  frame, the audio has a silent gap) instead of the whole clip; `notes` reports it.
+  """
+
+  def __init__(self):
+    self.skipped: list[float | None] = []  # file time of each skipped packet, seconds
+
+  def decode(self, container: av.container.InputContainer,
+             stream: av.stream.Stream) -> Iterator[av.frame.Frame]:
+    """Yields the decoded frames of `stream` from the container's current position."""
+    for packet in container.demux(stream):
+      try:
+        yield from packet.decode()
+      except av.error.InvalidDataError:
+        self.skipped.append(None if packet.pts is None else float(packet.pts * packet.time_base))
+
+  def notes(self, kind: str) -> list[str]:
+    """A report line when packets of this `kind` ('video' or 'audio') were skipped."""
+    if not self.skipped:
+      return []
+    known = [t for t in self.skipped if t is not None]
+    where = f' (first at {min(known):.3f}s in the file)' if known else ''
+    return [f'{len(self.skipped)} corrupt {kind} packet(s) skipped{where}']
+
+
 def _frame_time(frame: av.frame.Frame, origin: float) -> float | None:
   return None if frame.time is None else frame.time - origin
 
 
 def _decode_video(path: str, container, video, origin: float, start: float, end: float, fps: float,
-                  encoder: '_FrameEncoder') -> tuple[list[bytes], float]:
+                  encoder: '_FrameEncoder', decoder: '_TolerantDecoder') -> tuple[list[bytes], float]:
   """Encodes, for each target time, the decoded frame with the nearest timestamp.
 
   Frames are encoded as soon as they are chosen, so memory holds two decoded frames at most.
@@ -176,7 +227,7 @@ def _decode_video(path: str, container, video, origin: float, start: float, end:
   _seek(container, video, start + origin)
   chosen: list[bytes] = []
   previous, previous_time = None, None
-  for frame in container.decode(video):
+  for frame in decoder.decode(container, video):
     time = _frame_time(frame, origin)
     if time is None:  # No timestamp: assume a constant rate from the previous frame.
       time = 0.0 if previous_time is None else previous_time + nominal_period
@@ -260,7 +311,8 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
   return tf.io.encode_jpeg(image, quality=quality).numpy()
 
 
-def _decode_audio(container, audio, origin: float, start: float, end: float) -> tuple[np.ndarray, float]:
+def _decode_audio(container, audio, origin: float, start: float, end: float,
+                  decoder: '_TolerantDecoder') -> tuple[np.ndarray, float]:
   """Decodes [start, end) of `audio` to 16 kHz mono.
 
   `container` must be freshly opened: a window near the start is then decoded from the first packet
@@ -278,7 +330,7 @@ def _decode_audio(container, audio, origin: float, start: float, end: float) -> 
   buffer = None  # [channels, samples] at the source rate
   cursor = None  # sample index (in `buffer`) just after the previous frame
   covered = 0
-  for frame in container.decode(audio):
+  for frame in decoder.decode(container, audio):
     for converted in converter.resample(frame):
       samples = converted.to_ndarray()  # [channels, samples]
       if rate is None:
