@@ -250,10 +250,17 @@ class _ClipDecoder:
     return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
 
   def _audio_window(self, clip: dict[str, tf.Tensor], start_frame: tf.Tensor) -> tf.Tensor:
-    """[audio_frames, n_mels] normalised log-mel from the time of video frame `start_frame` on."""
+    """[audio_frames, n_mels] normalised log-mel centred on the video window starting at `start_frame`.
+
+    Audio and video windows share their centre (so equal lengths share their start); a longer audio
+    window is shifted to stay inside the clip where the clip is long enough.
+    """
     logmel = clip['logmel']  # [frames, n_mels]
-    seconds = tf.cast(start_frame, tf.float64) / tf.cast(clip['fps'], tf.float64)
-    first = tf.cast(tf.floor(seconds * tf.cast(clip['audio_fps'], tf.float64) + 0.5), tf.int32)
+    video_span = self.num_frames * self.frame_stride  # stored frames covered by the video window
+    centre = (tf.cast(start_frame, tf.float64) + video_span / 2) / tf.cast(clip['fps'], tf.float64)
+    first = tf.cast(tf.floor(centre * tf.cast(clip['audio_fps'], tf.float64)
+                             - self.audio_frames / 2 + 0.5), tf.int32)
+    first = tf.clip_by_value(first, 0, tf.maximum(tf.shape(logmel)[0] - self.audio_frames, 0))
     num_stored = tf.shape(logmel)[0]
     silence = tf.where(num_stored > 0, tf.reduce_min(logmel), self.logmel_mean)
     missing = tf.maximum(first + self.audio_frames - num_stored, 0)

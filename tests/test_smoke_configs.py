@@ -1,0 +1,33 @@
+"""The `:smoke` variant of every dataset config runs train + eval end to end through main."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, XLA_FLAGS=os.environ['XLA_FLAGS'].replace(
+    'device_count=8', 'device_count=2'))
+
+
+@pytest.mark.parametrize('config, metrics', [
+    ('kinetics_sounds', {'top1', 'top5'}),
+    ('vggsound', {'top1', 'top5'}),
+    ('epic_kitchens_100', {'verb_top1', 'noun_top1', 'action_top1'}),
+])
+def test_smoke_config_trains_and_evaluates(tmp_path, config, metrics):
+  result = subprocess.run(
+      [sys.executable, '-m', 'avt_jax.main', f'--config=configs/{config}.py:smoke',
+       f'--workdir={tmp_path / "work"}', f'--config.data.cache_dir={tmp_path / "cache"}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((tmp_path / 'work' / 'results.json').read_text())
+  assert results['steps'] == 4
+  assert metrics <= set(results['eval'])
+  assert results['eval']['num_videos'] > 0
+  assert all(0.0 <= v <= 1.0 for k, v in results['eval'].items() if k != 'num_videos')
+  assert all(f'loss/{o}' in results['train'] for o in (
+      'classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
+      'masked_audio_segment'))
