@@ -209,6 +209,8 @@ def test_single_label_averages_view_logits_and_ignores_padding():
   assert result['top5'] == pytest.approx(
       skm.top_k_accuracy_score(ids, mean_logits['label'], k=5,
                                labels=np.arange(7)))
+  assert result['mAP'] == pytest.approx(skm.average_precision_score(
+      video_labels['label'], mean_logits['label'], average='macro'))
 
 
 def test_views_are_averaged_as_logits_hand_computed():
@@ -223,7 +225,7 @@ def test_views_are_averaged_as_logits_hand_computed():
           np.array([1]))
   acc.add({'label': logits[1:]}, {'label': one_hot[1:]}, np.array([5]),
           np.array([1]))
-  assert acc.result('single_label') == {'top1': 1.0, 'top5': 1.0,
+  assert acc.result('single_label') == {'top1': 1.0, 'top5': 1.0, 'mAP': 1.0,
                                         'num_videos': 1}
 
 
@@ -263,7 +265,8 @@ def test_same_video_twice_in_one_batch_and_across_batches():
   # Video 4: mean of [1, 0], [0, 3], [2, 0] = [1, 1] -> tie, counted wrong.
   acc.add({'x': np.array([[2.0, 0.0]])}, {'x': labels[:1]}, np.array([4]),
           np.array([True]))
-  assert acc.result('single_label') == {'top1': 0.5, 'top5': 1.0,
+  # mAP: class 0 ranks video 4 first (AP 1); class 1 ties videos 4 and 9 (AP 1/2).
+  assert acc.result('single_label') == {'top1': 0.5, 'top5': 1.0, 'mAP': 0.75,
                                         'num_videos': 2}
 
 
