@@ -41,21 +41,14 @@ def get_config(arg: str | None = None):
   """Paper-scale config; `arg='smoke'` for the smoke variant."""
   c = get_base_config()
   c.data.name = 'epic_kitchens_100'
-  c.data.train_split = 'train'
   c.data.eval_split = 'validation'
   c.data.label_heads = ('verb', 'noun')
   c.data.num_classes = {'verb': 97, 'noun': 300}
-  c.data.multi_label = False
 
-  c.input.batch_size = 64
-  c.input.eval_batch_size = 64
   c.input.eval_clips = 1
   c.input.eval_crops = 3
 
-  c.optim.learning_rate = 1e-4
-  c.optim.warmup_steps = 1000
   c.train.steps = 30000
-  c.train.checkpoint_every = 1000
 
   if arg == 'smoke':
     from avt_jax.prep import smoke_data  # pylint: disable=g-import-not-at-top

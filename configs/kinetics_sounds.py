@@ -44,21 +44,13 @@ def get_config(arg: str | None = None):
   """Paper-scale config; `arg`: '31' (default), '32' or '34' classes, or 'smoke'."""
   c = get_base_config()
   c.data.name = 'kinetics_sounds'
-  c.data.train_split = 'train'
   c.data.eval_split = 'val'
-  c.data.label_heads = ('class',)
   c.data.num_classes = {'class': NUM_CLASSES.get(arg or '31', 31)}
-  c.data.multi_label = False
 
-  c.input.batch_size = 64
-  c.input.eval_batch_size = 64
   c.input.eval_clips = 4
   c.input.eval_crops = 3
 
-  c.optim.learning_rate = 1e-4
-  c.optim.warmup_steps = 1000
   c.train.steps = 20000
-  c.train.checkpoint_every = 1000
 
   if arg == 'smoke':
     from avt_jax.prep import smoke_data  # pylint: disable=g-import-not-at-top

@@ -40,18 +40,12 @@ def get_config(arg: str | None = None):
   """Paper-scale config; `arg='smoke'` for the smoke variant."""
   c = get_base_config()
   c.data.name = 'vggsound'
-  c.data.train_split = 'train'
   c.data.eval_split = 'test'
-  c.data.label_heads = ('class',)
   c.data.num_classes = {'class': 309}
-  c.data.multi_label = False
 
-  c.input.batch_size = 64
-  c.input.eval_batch_size = 64
   c.input.eval_clips = 4
   c.input.eval_crops = 3
 
-  c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 2000
   c.train.steps = 80000
   c.train.checkpoint_every = 2000
