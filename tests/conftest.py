@@ -12,7 +12,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # tests start, so identical programs (same model, same mesh) compile once.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='avt_jax_jit_cache_'))
 
+import jax  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 
 from avt_jax.default_config import get_base_config  # noqa: E402
 
@@ -55,3 +57,26 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
       node = node[p]
     node[leaf] = value
   return c
+
+
+def random_params(shapes, seed: int = 0):
+  """Random parameters for abstract `shapes` (e.g. `jax.eval_shape(module.init, ...)`), no compile.
+
+  Kernels are N(0, 1/fan_in), LayerNorm scales 1 + N(0, 0.01), everything else N(0, 0.01); the
+  contrastive temperature is 0.1. Unlike the real init, the classifier kernel is non-zero, so
+  classification sends gradients into the encoder.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    x = rng.normal(size=leaf.shape).astype(np.float32)
+    name = path[-1].key
+    if name == 'kernel':
+      return x / np.sqrt(np.prod(leaf.shape[:-1]))
+    if name == 'scale':
+      return 1.0 + 0.1 * x
+    if name == 'log_inverse_temperature':
+      return np.float32(np.log(10.0))
+    return 0.1 * x
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)

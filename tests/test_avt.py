@@ -13,6 +13,7 @@ import pytest
 from avt_jax import losses
 from avt_jax.default_config import get_base_config
 from avt_jax.models import OBJECTIVES, build
+from conftest import random_params
 
 BATCH, CLASSES = 4, 5
 RNGS = {'masking': jax.random.key(1), 'dropout': jax.random.key(2)}
@@ -60,25 +61,6 @@ def _param_shapes(model, inputs, objectives=OBJECTIVES):
   return jax.eval_shape(init)['params']
 
 
-def _random_params(shapes, seed=0):
-  """Random parameters of the given shapes, without compiling the init. Unlike the real init, the
-  classifier kernel is non-zero, so classification sends gradients into the encoder."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    x = rng.normal(size=leaf.shape).astype(np.float32)
-    name = path[-1].key
-    if name == 'kernel':
-      return x / np.sqrt(np.prod(leaf.shape[:-1]))
-    if name == 'scale':
-      return 1.0 + 0.1 * x
-    if name == 'log_inverse_temperature':
-      return np.float32(np.log(10.0))
-    return 0.1 * x
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def _groups(params) -> dict[str, list]:
   """Parameter leaves per top-level module, with the encoder split into its blocks and parts."""
   groups = {}
@@ -106,7 +88,7 @@ def inputs(config):
 
 @pytest.fixture(scope='module')
 def params(model, inputs):
-  return _random_params(_param_shapes(model, inputs))
+  return random_params(_param_shapes(model, inputs))
 
 
 @pytest.fixture(scope='module')
@@ -306,7 +288,7 @@ def test_single_modality_model_trains_with_the_same_code(modality):
   config.loss.weights = {'classification': 1.0, f'masked_{modality}': 0.5}
   model = build.build_model(config)
   inputs = {k: v for k, v in _inputs(config).items() if k != other}
-  params = _random_params(_param_shapes(model, inputs, ('classification', f'masked_{modality}')))
+  params = random_params(_param_shapes(model, inputs, ('classification', f'masked_{modality}')))
   assert not any(other in name for name in params)
   assert set(params['encoder']) == {f'encoderblock_{i}_{modality}' for i in range(3)} | {
       f'encoder_norm_{modality}'}

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from avt_jax.models import fusion as fusion_lib
+from conftest import random_params
 
 WIDTH, HEADS, MLP, LAYERS = 16, 2, 32, 2
 VIDEO_TOKENS, AUDIO_TOKENS = 6, 5
@@ -33,21 +34,6 @@ def _jit(fun):
     return jax.jit(fun)
   return jax.jit(fun, compiler_options={'xla_backend_optimization_level': 0,
                                         'xla_cpu_use_fusion_emitters': False})
-
-
-def _random_params(module, tokens, seed: int = 1) -> dict:
-  """Parameters of the shapes `module.init` creates (checked abstractly), N(0, 1/fan_in) kernels."""
-  shapes = jax.eval_shape(module.init, jax.random.key(0), tokens)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    x = rng.normal(size=leaf.shape).astype(np.float32)
-    name = path[-1].key
-    if name == 'kernel':
-      return x / np.sqrt(np.prod(leaf.shape[:-1]))
-    return 1.0 + 0.1 * x if name == 'scale' else 0.1 * x
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope='module')
@@ -64,7 +50,7 @@ def _module(fusion: str, fusion_layer: int = 1, n_bottlenecks: int = 1, **kwargs
 
 def _jacobian(module, tokens, source='audio', target='video', method=None) -> np.ndarray:
   """d module(tokens)[target] / d tokens[source] as a [target numel, source numel] matrix."""
-  variables = _random_params(module, tokens)
+  variables = random_params(jax.eval_shape(module.init, jax.random.key(0), tokens), seed=1)
 
   def target_of(x):
     out = module.apply(variables, dict(tokens, **{source: x}), method=method)
@@ -160,7 +146,7 @@ def _training_forward(module, params, tokens):
 @pytest.fixture(scope='module')
 def reference_training_output(tokens):
   reference = _module('bottleneck', stochastic_depth=0.1)
-  params = _random_params(reference, tokens)
+  params = random_params(jax.eval_shape(reference.init, jax.random.key(0), tokens), seed=1)
   return params, _jit(lambda p: _training_forward(reference, p, tokens))(params)
 
 
@@ -187,7 +173,7 @@ def test_remat_policy_wraps_every_block_and_keeps_parameters_and_outputs(
 def test_stochastic_depth_grows_linearly_to_the_last_layer(tokens):
   module = fusion_lib.BottleneckFusion(MODALITIES, WIDTH, 5, HEADS, MLP, stochastic_depth=0.2,
                                        fusion_layer=2)
-  bound = module.bind(_random_params(module, tokens))
+  bound = module.bind(random_params(jax.eval_shape(module.init, jax.random.key(0), tokens), seed=1))
   for m in MODALITIES:
     rates = [block.droppath for block in bound.blocks[m]]
     np.testing.assert_allclose(rates, [0.0, 0.05, 0.1, 0.15, 0.2])

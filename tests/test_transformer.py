@@ -7,22 +7,9 @@ import pytest
 
 from avt_jax.models import transformer
 
+from conftest import random_params
+
 WIDTH, HEADS, MLP = 16, 2, 32
-
-
-def _random_variables(module: nn.Module, *args, seed: int = 0) -> dict:
-  """Parameters of the shapes `module.init` creates (checked abstractly), N(0, 1/fan_in) kernels."""
-  shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    x = rng.normal(size=leaf.shape).astype(np.float32)
-    name = path[-1].key
-    if name == 'kernel':
-      return x / np.sqrt(np.prod(leaf.shape[:-1]))
-    return 1.0 + 0.1 * x if name == 'scale' else 0.1 * x
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _layer_norm(x, p):
@@ -58,7 +45,7 @@ def _numpy_block(x, p, attention_scale=1.0, mlp_scale=1.0):
 def test_attention_has_flax_parameter_layout_and_output():
   x = np.random.default_rng(0).normal(size=(2, 5, WIDTH)).astype(np.float32)
   ours = transformer.MultiHeadSelfAttention(HEADS)
-  variables = _random_variables(ours, x)
+  variables = random_params(jax.eval_shape(ours.init, jax.random.key(0), x))
   reference = nn.MultiHeadDotProductAttention(num_heads=HEADS)
   reference_shapes = jax.eval_shape(reference.init, jax.random.key(0), x)
   assert (jax.tree_util.tree_map(lambda a: a.shape, variables)
@@ -71,7 +58,7 @@ def test_attention_has_flax_parameter_layout_and_output():
 def test_encoder_block_matches_numpy_pre_layernorm_block(tokens):
   x = np.random.default_rng(tokens).normal(size=(3, tokens, WIDTH)).astype(np.float32)
   block = transformer.EncoderBlock(HEADS, MLP)
-  variables = _random_variables(block, x)
+  variables = random_params(jax.eval_shape(block.init, jax.random.key(0), x))
   out = np.asarray(jax.jit(block.apply)(variables, x))
   assert out.shape == x.shape
   params = jax.tree_util.tree_map(np.asarray, variables['params'])
@@ -82,7 +69,7 @@ def test_drop_path_drops_whole_residual_branches_per_example():
   batch, droppath = 16, 0.5
   x = np.random.default_rng(1).normal(size=(batch, 4, WIDTH)).astype(np.float32)
   block = transformer.EncoderBlock(HEADS, MLP, droppath=droppath)
-  variables = _random_variables(block, x)
+  variables = random_params(jax.eval_shape(block.init, jax.random.key(0), x))
   params = jax.tree_util.tree_map(np.asarray, variables['params'])
 
   apply = jax.jit(block.apply, static_argnames='deterministic')
