@@ -326,3 +326,21 @@ def test_non_ascii_file_names(prepared):
   clips, _, _ = prepared
   clip = clips['Ünïcode/vidéo 日本語 ñ']
   assert len(clip['jpeg']) == 10 and clip['audio_missing'].numpy() == 0
+
+
+def test_ogg_theora_vorbis_shipped_file():
+  """tests/data/theora_vorbis.ogg: 1 s of ffmpeg's testsrc at 64x48, 10 fps (Theora) with a 440 Hz
+  sine at 16 kHz (Vorbis), made with Debian's ffmpeg (libtheora, libvorbis) since this PyAV build
+  has no Theora encoder: `ffmpeg -f lavfi -i testsrc=size=64x48:rate=10:duration=1 -f lavfi -i
+  sine=frequency=440:sample_rate=16000:duration=1 -c:v libtheora -q:v 5 -c:a libvorbis -ac 1`."""
+  path = os.path.join(os.path.dirname(__file__), 'data', 'theora_vorbis.ogg')
+  with av.open(path) as container:
+    codecs = tuple(streams[0].codec_context.codec.canonical_name
+                   for streams in (container.streams.video, container.streams.audio))
+  assert codecs == ('theora', 'vorbis')
+  clip = media.decode_clip(path, 0.0, 1.0, fps=5, short_side=24)
+  assert len(clip.jpeg_frames) == 5 and clip.degraded == []
+  assert (clip.height, clip.width) == (24, 32)
+  assert clip.waveform.shape == (16000,)
+  middle = clip.waveform[2000:14000]
+  assert _amplitude(middle, 440.0) > 10 * _amplitude(middle, 700.0)
