@@ -11,12 +11,14 @@ small AVT with all six objectives and evaluates on the held-out split.
 Single-modality ablations: --config=configs/demo.py:video or --config=configs/demo.py:audio (the
 contrastive, matching and segment objectives need both modalities and are switched off there).
 
-Measured on the 2-core CPU development machine: see MEASURED below (also in README.md).
+Measured on the 2-core, 24 GiB CPU development machine (shared with other jobs at the time):
+  audio + video: 100.0% top-1 on the 90 held-out clips; 6 min 22 s from an empty cache (300 s of it
+                 training; the rest data generation + preparation, compilation and evaluation),
+                 3 min 43 s with the data cached.
+  video only:     33.3% top-1 (1 min 45 s);   audio only: 28.9% top-1 (1 min 13 s).
 """
 
 from avt_jax.default_config import get_base_config
-
-MEASURED = 'filled in from the run logged in README.md'
 
 
 def get_config(arg: str | None = None):
