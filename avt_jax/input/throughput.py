@@ -29,7 +29,7 @@ flags.DEFINE_integer('fps', 25, 'Stored frame rate of synthetic clips.')
 flags.DEFINE_integer('short_side', 256, 'Stored short side of synthetic clips.')
 flags.DEFINE_integer('batches', 8, 'Pipeline batches to time (after 2 warm-up batches).')
 flags.DEFINE_integer('step_batch', 0, 'Train-step batch to time; 0 = input.batch_size.')
-flags.DEFINE_integer('steps', 3, 'Train steps to time (after compile).')
+flags.DEFINE_integer('steps', 3, 'Train steps to time (after compile); 0 skips the train step.')
 flags.mark_flag_as_required('config')
 
 
@@ -111,14 +111,14 @@ def main(argv):
                               FLAGS.short_side)
       data_dir = tmp
     pipeline = pipeline_clips_per_second(config, os.path.expanduser(data_dir), FLAGS.batches)
-  step_batch = FLAGS.step_batch or config.input.batch_size
-  consumed, compile_seconds = step_clips_per_second(config, step_batch, FLAGS.steps)
-  print(f'| quantity | value |\n|---|---|\n'
-        f'| CPU cores | {cores} |\n'
-        f'| input pipeline | {pipeline:.2f} clips/s ({pipeline / cores:.2f} clips/s per core) |\n'
-        f'| train step (batch {step_batch}, compile {compile_seconds:.0f} s) | {consumed:.3f} clips/s |\n'
-        f'| ratio input / step | {pipeline / consumed:.1f} |', flush=True)
-
+  print(f'| quantity | value |\n|---|---|\n| CPU cores | {cores} |\n'
+        f'| input pipeline | {pipeline:.2f} clips/s ({pipeline / cores:.2f} clips/s per core) |',
+        flush=True)
+  if FLAGS.steps:
+    step_batch = FLAGS.step_batch or config.input.batch_size
+    consumed, compile_seconds = step_clips_per_second(config, step_batch, FLAGS.steps)
+    print(f'| train step (batch {step_batch}, compile {compile_seconds:.0f} s) | {consumed:.3f} clips/s |\n'
+          f'| ratio input / step | {pipeline / consumed:.1f} |', flush=True)
 
 if __name__ == '__main__':
   app.run(main)
