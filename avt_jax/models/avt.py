@@ -14,6 +14,7 @@ from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, Log
                                   sample_hard_negatives)
 from avt_jax.models.tokenizers import (PositionEmbedding, SpectrogramPatchEmbedding, TubeletEmbedding,
                                        patchify)
+from avt_jax.models.transformer import DEFAULT_CHUNK_SIZE
 
 MODALITIES = ('video', 'audio')
 OBJECTIVES = ('classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
@@ -49,7 +50,8 @@ class AVT(nn.Module):
     decoder_width, decoder_depth, decoder_heads, decoder_mlp_dim: masked-modelling decoders.
     mask_ratio_video, mask_ratio_audio: MAE mask ratios.
     segment_patches, num_segments: masked audio segments (in time patches) per example.
-    dropout, stochastic_depth, dtype, attention_implementation, remat_policy: see BottleneckFusion.
+    dropout, stochastic_depth, dtype, attention_implementation, remat_policy, scan_layers,
+      attention_chunk_size: see BottleneckFusion.
   """
   num_classes: Mapping[str, int]
   modalities: Sequence[str] = MODALITIES
@@ -79,6 +81,8 @@ class AVT(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str = 'xla'
   remat_policy: str = 'none'
+  scan_layers: bool = False
+  attention_chunk_size: int = DEFAULT_CHUNK_SIZE
 
   def _patch(self, m: str) -> tuple[int, ...]:
     return tuple(self.video_patch) if m == 'video' else tuple(self.audio_patch)
@@ -120,7 +124,8 @@ class AVT(nn.Module):
     encoder = BottleneckFusion(
         self.modalities, d, self.num_layers, self.num_heads, self.mlp_dim, self.fusion,
         self.fusion_layer, self.n_bottlenecks, self.dropout, self.stochastic_depth, self.dtype,
-        self.attention_implementation, self.remat_policy, name='encoder')
+        self.attention_implementation, self.remat_policy, self.scan_layers,
+        self.attention_chunk_size, name='encoder')
 
     def add_cls(tokens):
       return {m: jnp.concatenate(

@@ -88,6 +88,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'expected one of {ATTENTION_IMPLEMENTATIONS}, got {m.attention_implementation!r}')
   _check(m.remat_policy in REMAT_POLICIES, 'model.remat_policy',
          f'expected one of {sorted(REMAT_POLICIES)}, got {m.remat_policy!r}')
+  _check(m.attention_chunk_size >= 1, 'model.attention_chunk_size',
+         f'must be >= 1, got {m.attention_chunk_size}')
   _check(0.0 <= m.mask_ratio_video < 1.0, 'model.mask_ratio_video', 'must be in [0, 1)')
   _check(0.0 <= m.mask_ratio_audio < 1.0, 'model.mask_ratio_audio', 'must be in [0, 1)')
   # A rate of 1 would divide by the keep probability 0 (NaN gradients).
@@ -137,7 +139,8 @@ def build_model(config: ml_collections.ConfigDict) -> AVT:
       mask_ratio_audio=m.mask_ratio_audio, segment_patches=segment_patches(config),
       num_segments=m.num_segments, dropout=m.dropout, stochastic_depth=m.stochastic_depth,
       dtype=DTYPES[m.dtype], attention_implementation=m.attention_implementation,
-      remat_policy=m.remat_policy)
+      remat_policy=m.remat_policy, scan_layers=bool(m.scan_layers),
+      attention_chunk_size=int(m.attention_chunk_size))
 
 
 def example_inputs(config: ml_collections.ConfigDict, batch: int) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avt_jax.models.transformer import EncoderBlock
+from avt_jax.models.transformer import DEFAULT_CHUNK_SIZE, EncoderBlock
 
 FUSIONS = ('bottleneck', 'concat', 'late')
 REMAT_POLICIES = {
@@ -33,6 +33,15 @@ class BottleneckFusion(nn.Module):
   Parameters are named `encoderblock_{i}_{modality}` (shared `encoderblock_{i}` for the fused layers of
   `concat`), `encoder_norm_{modality}` and `bottleneck` ([1, n_bottlenecks, D]).
 
+  With `scan_layers=True`, identical layers run in a `nn.scan` (the program holds one layer of each
+  kind, so compile time no longer grows with depth) and their parameters are stacked on a leading
+  layer axis (convert with `avt_jax.models.scan`):
+    `encoderblocks_{modality}`: layers [0, fusion_start) of that modality, [fusion_start, ...];
+    `encoderblocks_fused`: {modality: block} of the bottleneck layers [fusion_start, num_layers),
+      [num_layers - fusion_start, ...];
+    `encoderblocks_shared`: the shared blocks of the `concat` layers [fusion_start, num_layers).
+  `encoder_norm_{modality}` and `bottleneck` keep their names.
+
   Attributes:
     modalities: modality names, e.g. ('video', 'audio').
     hidden_size: token width D.
@@ -47,6 +56,8 @@ class BottleneckFusion(nn.Module):
     dtype: computation dtype.
     attention_implementation: see transformer.ATTENTION_IMPLEMENTATIONS.
     remat_policy: one of REMAT_POLICIES; rematerialises each block in the backward pass.
+    scan_layers: run identical layers in `nn.scan` (stacked parameters, see above).
+    attention_chunk_size: queries per chunk of the `chunked` attention implementation.
   """
   modalities: Sequence[str]
   hidden_size: int
@@ -61,6 +72,8 @@ class BottleneckFusion(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str = 'xla'
   remat_policy: str = 'none'
+  scan_layers: bool = False
+  attention_chunk_size: int = DEFAULT_CHUNK_SIZE
 
   @property
   def fusion_start(self) -> int:
@@ -82,38 +95,64 @@ class BottleneckFusion(nn.Module):
       raise ValueError(f'BottleneckFusion.remat_policy: expected one of {sorted(REMAT_POLICIES)}, '
                        f'got {self.remat_policy!r}.')
 
+  def _droppath(self, layer: int) -> float:
+    """Stochastic depth rate of `layer`: linear from 0 (first layer) to `stochastic_depth` (last)."""
+    return self.stochastic_depth * layer / max(self.num_layers - 1, 1)
+
+  def _block_args(self) -> dict:
+    return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
+                dtype=self.dtype, attention_implementation=self.attention_implementation,
+                attention_chunk_size=self.attention_chunk_size)
+
   def setup(self):
     self._validate()
-    if self.remat_policy == 'none':
-      block_cls = EncoderBlock
-    else:
-      block_cls = nn.remat(EncoderBlock, policy=REMAT_POLICIES[self.remat_policy],
-                           static_argnums=(2,))
-
-    def block(i, name):
-      rate = self.stochastic_depth * i / max(self.num_layers - 1, 1)
-      return block_cls(self.num_heads, self.mlp_dim, self.dropout, rate, self.dtype,
-                       self.attention_implementation, name=name)
-
+    block_cls = remat_block_class(self.remat_policy, in_scan=self.scan_layers)
     shared = self.fusion == 'concat' and len(self.modalities) > 1
-    fused_blocks = {i: block(i, f'encoderblock_{i}') for i in range(self.fusion_start, self.num_layers)
-                    } if shared else {}  # one module per fused layer, used by all modalities
-    self.blocks = {
-        m: [fused_blocks[i] if i in fused_blocks else block(i, f'encoderblock_{i}_{m}')
-            for i in range(self.num_layers)]
-        for m in self.modalities}
+    start = self.fusion_start
+    if self.scan_layers:
+      self.stacks = {m: block_cls(**self._block_args(), name=f'encoderblocks_{m}')
+                     for m in self.modalities if start > 0}
+      if start < self.num_layers:
+        self.fused_stack = (block_cls(**self._block_args(), name='encoderblocks_shared') if shared else
+                            BottleneckLayer(tuple(self.modalities), self.remat_policy,
+                                            self._block_args(), name='encoderblocks_fused'))
+    else:
+      def block(i, name):
+        return block_cls(droppath=self._droppath(i), **self._block_args(), name=name)
+
+      fused_blocks = {i: block(i, f'encoderblock_{i}') for i in range(start, self.num_layers)
+                      } if shared else {}  # one module per fused layer, used by all modalities
+      self.blocks = {
+          m: [fused_blocks[i] if i in fused_blocks else block(i, f'encoderblock_{i}_{m}')
+              for i in range(self.num_layers)]
+          for m in self.modalities}
     self.norms = {m: nn.LayerNorm(dtype=self.dtype, name=f'encoder_norm_{m}') for m in self.modalities}
-    if self.fusion == 'bottleneck' and self.fusion_start < self.num_layers:
+    if self.fusion == 'bottleneck' and start < self.num_layers:
       self.bottleneck = self.param('bottleneck', nn.initializers.normal(stddev=0.02),
                                    (1, self.n_bottlenecks, self.hidden_size))
+
+  def _scan(self, module: nn.Module, carry, layers: range, deterministic: bool):
+    """Runs `module` (parameters stacked over `layers`) as carry -> module(carry) for each layer."""
+    rates = jnp.asarray([self._droppath(i) for i in layers], jnp.float32)
+    use_rates = self.stochastic_depth > 0  # else the blocks keep their static rate 0
+
+    def step(layer, carry, rate):
+      return layer(carry, deterministic, rate if use_rates else None), None
+
+    scan = nn.scan(step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                   length=len(layers))
+    return scan(module, carry, rates)[0]
 
   def unimodal(self, tokens: Tokens, deterministic: bool = True) -> dict[str, jax.Array]:
     """Runs layers [0, fusion_start): modality -> [batch, tokens, D] (before the final norm)."""
     out = {}
     for m in self.modalities:
       x = tokens[m]
-      for i in range(self.fusion_start):
-        x = self.blocks[m][i](x, deterministic)
+      if self.scan_layers and self.fusion_start > 0:
+        x = self._scan(self.stacks[m], x, range(self.fusion_start), deterministic)
+      elif not self.scan_layers:
+        for i in range(self.fusion_start):
+          x = self.blocks[m][i](x, deterministic)
       out[m] = x
     return out
 
@@ -125,19 +164,20 @@ class BottleneckFusion(nn.Module):
       batch = x[self.modalities[0]].shape[0]
       b = jnp.broadcast_to(self.bottleneck.astype(self.dtype),
                            (batch, self.n_bottlenecks, self.hidden_size))
-      for i in range(start, self.num_layers):
-        new_b = []
-        for m in self.modalities:
-          n = x[m].shape[1]
-          y = self.blocks[m][i](jnp.concatenate([x[m], b.astype(x[m].dtype)], axis=1), deterministic)
-          x[m], bm = y[:, :n], y[:, n:]
-          new_b.append(bm)
-        b = jnp.mean(jnp.stack(new_b), axis=0)  # [batch, n_bottlenecks, D]
+      if self.scan_layers:
+        x, b = self._scan(self.fused_stack, (x, b), range(start, self.num_layers), deterministic)
+      else:
+        for i in range(start, self.num_layers):
+          x, b = bottleneck_layer({m: self.blocks[m][i] for m in self.modalities}, x, b,
+                                  deterministic)
     elif start < self.num_layers and self.fusion == 'concat':
       sizes = [x[m].shape[1] for m in self.modalities]
       y = jnp.concatenate([x[m] for m in self.modalities], axis=1)
-      for i in range(start, self.num_layers):
-        y = self.blocks[self.modalities[0]][i](y, deterministic)
+      if self.scan_layers:
+        y = self._scan(self.fused_stack, y, range(start, self.num_layers), deterministic)
+      else:
+        for i in range(start, self.num_layers):
+          y = self.blocks[self.modalities[0]][i](y, deterministic)
       splits = jnp.split(y, list(np.cumsum(sizes)[:-1]), axis=1)
       x = dict(zip(self.modalities, splits))
     return {m: self.norms[m](x[m]) for m in self.modalities}
@@ -145,3 +185,64 @@ class BottleneckFusion(nn.Module):
   def __call__(self, tokens: Tokens, deterministic: bool = True) -> dict[str, jax.Array]:
     """modality -> [batch, tokens, D] in, modality -> [batch, tokens, D] (normalised) out."""
     return self.fused(self.unimodal(tokens, deterministic), deterministic)
+
+
+def remat_block_class(policy: str, in_scan: bool = False) -> type[nn.Module]:
+  """EncoderBlock, or EncoderBlock rematerialised in the backward pass with `REMAT_POLICIES[policy]`.
+
+  `in_scan`: the block runs inside `nn.scan`, which already keeps XLA from merging the recomputation
+  with the forward pass, so the (costly) CSE barriers are left out.
+  """
+  if policy == 'none':
+    return EncoderBlock
+  return nn.remat(EncoderBlock, policy=REMAT_POLICIES[policy], prevent_cse=not in_scan,
+                  static_argnums=(2,))
+
+
+def bottleneck_layer(blocks: Mapping[str, nn.Module], x: Tokens, b: jax.Array, deterministic: bool,
+                     droppath: jax.Array | None = None) -> tuple[dict[str, jax.Array], jax.Array]:
+  """One bottleneck-fused layer.
+
+  Each modality's block sees [its tokens, bottleneck tokens]; the next bottleneck is the mean of the
+  modalities' bottleneck outputs.
+
+  Args:
+    blocks: modality -> its EncoderBlock of this layer.
+    x: modality -> [batch, tokens, D].
+    b: bottleneck tokens [batch, n_bottlenecks, D].
+    deterministic: disables dropout and drop path.
+    droppath: optional traced drop-path rate (see EncoderBlock).
+
+  Returns:
+    (modality -> [batch, tokens, D], next bottleneck [batch, n_bottlenecks, D]).
+  """
+  x, new_b = dict(x), []
+  for m, block in blocks.items():
+    n = x[m].shape[1]
+    y = block(jnp.concatenate([x[m], b.astype(x[m].dtype)], axis=1), deterministic, droppath)
+    x[m] = y[:, :n]
+    new_b.append(y[:, n:])
+  return x, jnp.mean(jnp.stack(new_b), axis=0)
+
+
+class BottleneckLayer(nn.Module):
+  """One bottleneck-fused layer of all modalities: the body of the scan over fused layers.
+
+  The EncoderBlock of each modality is named after the modality (see `bottleneck_layer`).
+
+  Attributes:
+    modalities: modality names.
+    remat_policy: one of REMAT_POLICIES.
+    block_args: EncoderBlock attributes other than `droppath`.
+  """
+  modalities: Sequence[str]
+  remat_policy: str
+  block_args: Mapping
+
+  @nn.compact
+  def __call__(self, carry: tuple[dict[str, jax.Array], jax.Array], deterministic: bool,
+               droppath: jax.Array | None = None) -> tuple[dict[str, jax.Array], jax.Array]:
+    """({modality: [batch, tokens, D]}, bottleneck [batch, n_bottlenecks, D]) -> the same, one layer on."""
+    block_cls = remat_block_class(self.remat_policy, in_scan=True)
+    blocks = {m: block_cls(**self.block_args, name=m) for m in self.modalities}
+    return bottleneck_layer(blocks, *carry, deterministic, droppath)

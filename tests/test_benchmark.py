@@ -1,0 +1,119 @@
+"""Tests for avt_jax.benchmark: configs, XLA analyses, MFU bookkeeping, reports, and one real run."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from avt_jax import benchmark
+from avt_jax.models import build
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize('name,tokens,width', [('tiny', (197, 105), 192), ('small', (801, 201), 384),
+                                               ('base', (3137, 401), 768)])
+def test_benchmark_configs_have_the_documented_sizes(name, tokens, width):
+  config = benchmark.benchmark_config(benchmark.BENCHMARKS[name])
+  assert benchmark.token_counts(config) == {'video': tokens[0], 'audio': tokens[1]}
+  assert build.encoder_size(config.model)['hidden_size'] == width
+  assert config.model.n_bottlenecks == 4 and config.model.fusion == 'bottleneck'
+  assert build.objectives(config) == ('classification',)
+  everything = benchmark.benchmark_config(benchmark.BENCHMARKS[name], objectives='all')
+  assert len(build.objectives(everything)) == 6
+
+
+def test_controls_reach_the_model_and_plain_drops_them():
+  controls = benchmark.Controls('bfloat16', 'chunked', 64, 'dots', True)
+  model = build.build_model(benchmark.benchmark_config(benchmark.BENCHMARKS['tiny'], controls))
+  assert (model.dtype, model.attention_implementation, model.attention_chunk_size,
+          model.remat_policy, model.scan_layers) == (build.DTYPES['bfloat16'], 'chunked', 64, 'dots',
+                                                      True)
+  assert controls.plain() == benchmark.Controls('bfloat16')
+  assert controls.describe() == 'bfloat16, attention=chunked/64, remat=dots, scan'
+
+
+def test_bad_arguments_are_rejected():
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(['--configs=tiny,huge'])
+  with pytest.raises(ValueError, match='objectives'):
+    benchmark.benchmark_config(benchmark.BENCHMARKS['tiny'], objectives='some')
+
+
+def test_memory_stats_count_arguments_outputs_and_donation():
+  x = jax.ShapeDtypeStruct((1000,), np.float32)
+  compiled = jax.jit(lambda a, b: (a * 2, a + b), donate_argnums=(0,)).lower(x, x).compile()
+  stats = benchmark.memory_stats(compiled)
+  assert stats['arguments'] == 8000 and stats['outputs'] >= 8000  # (+ the output tuple)
+  assert stats['aliased'] == 4000  # the donated argument holds the first output
+  assert stats['peak'] >= stats['arguments'] + stats['outputs'] - stats['aliased']
+
+
+def test_fusion_costs_order_concat_above_bottleneck_above_late():
+  """Compiled FLOPs of the train step: concat attends over all 33 x 17 video-audio token
+  pairs, bottleneck fusion adds 2 x 2 bottleneck tokens to the same linear layers, late fusion none."""
+  costs = {}
+  for fusion in ('bottleneck', 'concat', 'late'):
+    config = tiny_config(**{'model.fusion': fusion, 'model.fusion_layer': 0, 'input.image_size': 64,
+                            'input.audio_frames': 128, 'loss.weights': {'classification': 1.0}})
+    assert benchmark.token_counts(config) == {'video': 33, 'audio': 17}
+    costs[fusion] = benchmark.compile_train_step(config)
+  assert costs['concat'].flops > costs['bottleneck'].flops > costs['late'].flops
+
+
+def _result(point, fusion, flops, memory, seconds=None):
+  r = {'point': point, 'fusion': fusion, 'tokens': {'video': 100, 'audio': 50},
+       'model_flops': flops, 'plain_memory': {'peak': memory}}
+  if seconds is not None:
+    r['step_seconds'] = {'median': seconds}
+  return r
+
+
+def test_fusion_ratios_are_relative_to_bottleneck():
+  results = [_result('small', 'bottleneck', 10.0, 4.0, 2.0), _result('small', 'concat', 25.0, 8.0, 5.0),
+             _result('small', 'late', 9.0, 3.0, 1.5), _result('paper', 'bottleneck', 100.0, 10.0),
+             _result('paper', 'concat', 300.0, 40.0)]
+  ratios = benchmark.fusion_ratios(results)
+  assert ratios['small:100 concat/bottleneck'] == {'flops': 2.5, 'peak_memory': 2.0, 'step_time': 2.5}
+  assert ratios['small:100 late/bottleneck'] == {'flops': 0.9, 'peak_memory': 0.75, 'step_time': 0.75}
+  assert ratios['paper concat/bottleneck'] == {'flops': 3.0, 'peak_memory': 4.0}
+
+
+def test_mfu_uses_the_highest_peak_of_the_run():
+  results = [{'rounds': [{'achieved_flops': 30.0}, {'achieved_flops': 50.0}]}, {'name': 'untimed'}]
+  benchmark.add_mfu(results, peak=100.0, float32_peak=200.0)
+  assert results[0]['mfu'] == {'median': 0.4, 'min': 0.3, 'max': 0.5}
+  assert results[0]['mfu_vs_float32_peak'] == {'median': 0.2, 'min': 0.15, 'max': 0.25}
+  assert 'mfu' not in results[1]
+
+
+def test_peak_probe_keeps_the_best_sustained_throughput():
+  probe = benchmark.PeakProbe('float32', sizes=(64, 128), repeats=1, block_seconds=0.01)
+  assert set(probe.by_size) == {64, 128} and probe.size in (64, 128)
+  for _ in range(3):
+    assert probe.sample() > 0
+  assert probe.peak == max(probe.samples) and len(probe.samples) == 4
+
+
+def test_train_mode_end_to_end_writes_json_markdown_and_plot(tmp_path, monkeypatch):
+  """A real run of the command on a micro benchmark (2 layers of width 32, 2 x 32^2 video, 32 x 128
+  audio)."""
+  monkeypatch.setitem(build.SIZES, 'micro', dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64))
+  monkeypatch.setitem(benchmark.BENCHMARKS, 'micro', benchmark.Benchmark('micro', 1, 2, 32, 32, 2))
+  monkeypatch.setattr(benchmark, 'PEAK_SIZES', {'cpu': (128,)})
+  report = benchmark.main(['--configs=micro', '--steps=2', '--repeats=3', '--attention=chunked',
+                           '--attention_chunk_size=2', f'--output_dir={tmp_path}'])
+  (result,) = report['results']
+  assert result['tokens'] == {'video': 5, 'audio': 17}
+  assert result['model_flops'] > 0 and len(result['rounds']) == 3
+  assert all(len(r['step_seconds']) == 2 for r in result['rounds'])
+  assert 0 < result['mfu']['min'] <= result['mfu']['median'] <= result['mfu']['max']
+  # MFU is model FLOPs / step time / the run's highest matmul throughput.
+  expected = result['model_flops'] / result['step_seconds']['median'] / report['peak']['flops']
+  assert result['mfu']['median'] == pytest.approx(expected, rel=1e-6)
+  with open(tmp_path / 'train.json') as f:
+    assert json.load(f)['results'][0]['name'] == 'micro'
+  table = (tmp_path / 'train.md').read_text()
+  assert '| micro | float32, attention=chunked/2 | 2 | 5+17 |' in table
+  assert os.path.getsize(tmp_path / 'train.png') > 1000
