@@ -88,6 +88,22 @@ PAPER_SCALE = Benchmark('base', 8, 32, 224, 800, 1)
 
 # Square matmul sizes tried for the peak, per platform.
 PEAK_SIZES = {'cpu': (512, 1024, 2048), 'gpu': (4096, 8192), 'tpu': (4096, 8192)}
+# Vendor dense bfloat16 peaks (FLOP/s) by `device_kind` substring, first match wins; reported next to
+# the measured peak on accelerators.
+NOMINAL_BFLOAT16_PEAKS = (
+    ('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12),
+    ('L4', 121e12), ('A10G', 70e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12),
+    ('TPU v5', 459e12), ('TPU v4', 275e12), ('TPU v6', 918e12))
+
+
+def nominal_peak(device_kind: str, dtype: str) -> float | None:
+  """The vendor's dense bfloat16 peak of an accelerator (None for CPUs, float32, unknown devices)."""
+  if dtype != 'bfloat16':
+    return None
+  for name, flops in NOMINAL_BFLOAT16_PEAKS:
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -192,7 +208,7 @@ class PeakProbe:
 
   def __init__(self, dtype: str, sizes: Sequence[int] | None = None, repeats: int = 3,
                block_seconds: float = 0.2):
-    sizes = sizes or PEAK_SIZES.get(jax.default_backend()) or PEAK_SIZES['gpu']
+    sizes = sizes or PEAK_SIZES.get(jax.default_backend()) or (4096, 8192)
     self.dtype = dtype
     self.by_size, products = {}, {}
     for size in sizes:
@@ -424,9 +440,13 @@ def run_train(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     _log_result(result, log)
     results.append(result)
   add_mfu(results, probe.peak, probes[-1].peak)  # with the final (highest) peaks
+  nominal = nominal_peak(jax.devices()[0].device_kind, args.dtype)
+  for r in results:
+    if nominal and 'rounds' in r:
+      r['mfu_vs_nominal_peak'] = _spread([x['achieved_flops'] / nominal for x in r['rounds']])
   return {'mode': 'train', 'machine': machine_description(), 'dtype': args.dtype,
           'peak': _peak_report(probe), 'float32_peak': _peak_report(probes[-1]),
-          'command': ' '.join(sys.argv), 'results': results}
+          'nominal_peak': nominal, 'command': ' '.join(sys.argv), 'results': results}
 
 
 def _peak_report(probe: PeakProbe) -> dict:
@@ -564,6 +584,11 @@ def markdown(report: dict) -> str:
                  f'{report["peak"]["flops"] / 1e9:.1f} GFLOP/s; float32: '
                  f'{report["float32_peak"]["flops"] / 1e9:.1f} GFLOP/s. Values are the median '
                  f'[min-max] over rounds; cores = process CPU time / wall time during the steps.')
+    if report.get('nominal_peak'):
+      nominal = [f'{r["name"]} {_fmt_range(r["mfu_vs_nominal_peak"], 100, 1, "%")}'
+                 for r in report['results'] if 'mfu_vs_nominal_peak' in r]
+      lines.append(f'MFU against the vendor bfloat16 peak ({report["nominal_peak"] / 1e12:.0f} '
+                   f'TFLOP/s): {", ".join(nominal)}.')
     lines.append('')
     lines.append('| config | controls | batch | tokens (video+audio) | step time s | model GFLOP/step '
                  '| achieved GFLOP/s | MFU | MFU vs f32 peak | cores | peak memory GiB (plain) '

@@ -101,7 +101,7 @@ def test_train_mode_end_to_end_writes_json_markdown_and_plot(tmp_path, monkeypat
   audio)."""
   monkeypatch.setitem(build.SIZES, 'micro', dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64))
   monkeypatch.setitem(benchmark.BENCHMARKS, 'micro', benchmark.Benchmark('micro', 1, 2, 32, 32, 2))
-  monkeypatch.setattr(benchmark, 'PEAK_SIZES', {'cpu': (128,)})
+  monkeypatch.setattr(benchmark, 'PEAK_SIZES', {'cpu': (128,), 'gpu': (512,), 'tpu': (512,)})
   report = benchmark.main(['--configs=micro', '--steps=2', '--repeats=3', '--attention=chunked',
                            '--attention_chunk_size=2', f'--output_dir={tmp_path}'])
   (result,) = report['results']

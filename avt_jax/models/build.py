@@ -88,6 +88,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'expected one of {ATTENTION_IMPLEMENTATIONS}, got {m.attention_implementation!r}')
   _check(m.remat_policy in REMAT_POLICIES, 'model.remat_policy',
          f'expected one of {sorted(REMAT_POLICIES)}, got {m.remat_policy!r}')
+  _check(m.attention_implementation != 'cudnn' or m.dtype == 'bfloat16',
+         'model.attention_implementation', f"'cudnn' needs model.dtype='bfloat16', got {m.dtype!r}")
   _check(m.attention_chunk_size >= 1, 'model.attention_chunk_size',
          f'must be >= 1, got {m.attention_chunk_size}')
   _check(0.0 <= m.mask_ratio_video < 1.0, 'model.mask_ratio_video', 'must be in [0, 1)')
