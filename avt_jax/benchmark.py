@@ -2,13 +2,13 @@
 
     python -m avt_jax.benchmark [--configs=tiny,small,base] [--steps=5] [--repeats=3]
         [--batch_size=N] [--dtype=float32|bfloat16] [--attention=xla|chunked|cudnn]
-        [--attention_chunk_size=512] [--remat_policy=none|dots|full] [--scan_layers]
+        [--attention_chunk_size=128] [--remat_policy=none|dots|full] [--scan_layers]
         [--objectives=classification|all] [--output_dir=benchmark_results]
     python -m avt_jax.benchmark --mode=fusion [--fusion_size=small] [--paper_scale] ...
 
 `--mode=train` (default) first measures the machine's matmul peak for the dtype in use (the best
 of square matmuls of a few sizes), then for each benchmark config (`BENCHMARKS`) compiles the train
-step (`avt_jax.train.make_train_step`: forward, backward, AdamW update) and reports
+step (`avt_jax.train_step.make_train_step`: forward, backward, AdamW update) and reports
 
   - step time: median over `--steps` timed steps after compilation and one warm-up step, in each of
     `--repeats` rounds;
@@ -29,8 +29,11 @@ step (`avt_jax.train.make_train_step`: forward, backward, AdamW update) and repo
 (`FUSION_STUDY_VIDEO`: 8 -> 32 frames, 112 -> 224 pixels) at fixed audio (800 x 128): FLOPs, peak
 memory and step time per fusion, and with `--paper_scale` the base model at 32 x 224 (paper scale).
 
-`--mode=input --config_file=configs/demo.py [--data_dir=...]` compares the examples per second the
-training input pipeline delivers with what the train step of that config consumes.
+`--mode=input --config_file=configs/demo.py [--data_dir=... | --synthetic_clips=N]` compares the
+examples per second the training input pipeline (`avt_jax.input.make_train_iterator`) delivers with
+what the train step of that config consumes (`--step_batch_size` and the control flags apply to the
+step). `--synthetic_clips` writes random clips at the config's scale first (e.g. for the paper-scale
+configs without their datasets).
 
 Each mode writes `<mode>.json`, `<mode>.md` (a markdown table) and `<mode>.png` to `--output_dir`.
 The benchmark runs on one device (the first of `jax.devices()`).
@@ -51,12 +54,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from avt_jax import train
+from avt_jax import train_step
 from avt_jax.default_config import get_base_config
 from avt_jax.models import build
 from avt_jax.models.avt import OBJECTIVES
 from avt_jax.models.fusion import FUSIONS, REMAT_POLICIES
-from avt_jax.models.transformer import ATTENTION_IMPLEMENTATIONS
+from avt_jax.models.transformer import ATTENTION_IMPLEMENTATIONS, DEFAULT_CHUNK_SIZE
 
 GIB = 2.0 ** 30
 NUM_CLASSES = 309  # VGGSound
@@ -114,7 +117,7 @@ class Controls:
   """Memory and speed controls (`config.model` fields) applied to a benchmark config."""
   dtype: str = 'float32'
   attention: str = 'xla'
-  attention_chunk_size: int = 512
+  attention_chunk_size: int = DEFAULT_CHUNK_SIZE
   remat_policy: str = 'none'
   scan_layers: bool = False
 
@@ -278,8 +281,8 @@ def memory_stats(compiled) -> dict[str, float]:
 def compile_train_step(config: ml_collections.ConfigDict) -> CompiledStep:
   """Lowers and compiles the train step of `config` for one device (state donated) from shapes only,
   so FLOPs, memory and compile time are known before anything is allocated."""
-  model, tx, schedule, init = train.setup(config)
-  step = jax.jit(train.make_train_step(config, model, tx, schedule), donate_argnums=(0,))
+  model, tx, schedule, init = train_step.setup(config)
+  step = jax.jit(train_step.make_train_step(config, model, tx, schedule), donate_argnums=(0,))
   batch = random_batch(config)
   rng = jax.random.PRNGKey(config.seed)
   state = jax.eval_shape(init, rng)
@@ -505,43 +508,112 @@ def fusion_ratios(results: Sequence[dict]) -> dict[str, dict[str, float]]:
   return ratios
 
 
-def run_input(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
-  """The `input` mode: examples/s of the training input pipeline vs the train step's consumption."""
-  from absl import flags as absl_flags  # noqa: F401  (config files may use absl)
-  import importlib.util
-
-  from avt_jax import input as input_lib
-  spec = importlib.util.spec_from_file_location('benchmark_config_file', args.config_file)
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of an ml_collections config file such as configs/demo.py."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('benchmark_config_file', path)
+  if spec is None:
+    raise FileNotFoundError(f'--config_file: cannot load {path!r}.')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(args.config_arg) if args.config_arg else module.get_config()
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def write_synthetic_records(config: ml_collections.ConfigDict, folder: str, clips: int,
+                            seed: int = 0) -> str:
+  """Writes `clips` random training clips at the config's scale in the prepared-record format.
+
+  Frames are stored with short side `input.min_resize` (4:3), 25 fps, as JPEGs of smooth random
+  images with noise (typical JPEG sizes, unlike pure noise); log-mels are random. Each clip is long
+  enough for a training window (`num_frames` x `frame_stride` frames, `audio_frames` spectrogram
+  frames). Returns `folder`, which then holds `train-*.tfrecord` and `stats.json`.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from avt_jax import records  # pylint: disable=g-import-not-at-top
+  from avt_jax.input import pipeline  # pylint: disable=g-import-not-at-top
+  inp = config.input
+  fps, audio_fps = 25.0, 100.0
+  seconds = max(((inp.num_frames - 1) * inp.frame_stride + 1) / fps, inp.audio_frames / audio_fps)
+  seconds += 0.5
+  height, width = int(inp.min_resize), int(round(inp.min_resize * 4 / 3))
+  rng = np.random.default_rng(seed)
+  heads = {h: int(config.data.num_classes[h]) for h in config.data.label_heads}
+  os.makedirs(folder, exist_ok=True)
+  shards = max(1, min(8, clips))
+  writers = [tf.io.TFRecordWriter(os.path.join(folder, f'train-{i:05d}-of-{shards:05d}.tfrecord'))
+             for i in range(shards)]
+  for index in range(clips):
+    coarse = rng.uniform(0, 255, (4, 6, 3)).astype(np.float32)
+    base = tf.image.resize(coarse[None], (height, width), method='bicubic')[0].numpy()
+    frames = []
+    for _ in range(int(seconds * fps)):
+      image = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+      frames.append(tf.io.encode_jpeg(image, quality=90).numpy())
+    clip = records.Clip(
+        clip_id=f'synthetic_{index:06d}', source=f'synthetic_{index:06d}.mp4', start=0.0,
+        end=seconds, labels={h: [int(rng.integers(n))] for h, n in heads.items()},
+        jpeg_frames=frames, fps=fps, height=height, width=width,
+        logmel=rng.normal(size=(int(seconds * audio_fps), inp.n_mels)).astype(np.float32),
+        audio_fps=audio_fps)
+    writers[index % shards].write(records.encode_clip(clip))
+  for writer in writers:
+    writer.close()
+  with open(os.path.join(folder, pipeline.STATS_FILE), 'w') as f:
+    json.dump({'logmel_mean': 0.0, 'logmel_std': 1.0, 'n_mels': int(inp.n_mels),
+               'num_classes': heads, 'num_clips': {'train': clips}}, f)
+  return folder
+
+
+def run_input(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+  """The `input` mode: examples/s of the training input pipeline vs the train step's consumption."""
+  from avt_jax import input as input_lib  # pylint: disable=g-import-not-at-top
+  config = load_config_file(args.config_file, args.config_arg)
   if args.batch_size:
     config.input.batch_size = args.batch_size
   data_dir = args.data_dir or config.data.data_dir
-  if not data_dir and config.data.synthetic == 'demo':
-    from avt_jax.prep import demo_data
+  if args.synthetic_clips:
+    data_dir = write_synthetic_records(config, os.path.join(args.output_dir, 'synthetic_records'),
+                                       args.synthetic_clips)
+  elif not data_dir and config.data.synthetic == 'demo':
+    from avt_jax.prep import demo_data  # pylint: disable=g-import-not-at-top
     data_dir = demo_data.ensure_demo_data(config.data.cache_dir or None)
   if not data_dir:
-    raise ValueError('--mode=input: pass --data_dir (prepared records) or a config with '
-                     'data.data_dir / data.synthetic.')
+    raise ValueError('--mode=input: pass --data_dir (prepared records), --synthetic_clips, or a '
+                     'config with data.data_dir / data.synthetic.')
+  batch_size = int(config.input.batch_size)
   batches = input_lib.make_train_iterator(config, data_dir, seed=0)
-  next(batches)
+  next(batches)  # builds the pipeline and fills the prefetch buffer
   start = time.perf_counter()
   for _ in range(args.input_batches):
     next(batches)
   input_seconds = (time.perf_counter() - start) / args.input_batches
-  batch_size = int(config.input.batch_size)
-  log(f'input pipeline: {batch_size / input_seconds:.1f} examples/s '
-      f'({input_seconds:.3f} s per batch of {batch_size})')
-  _, timed = time_steps(compile_train_step(config), args.steps)
-  step_seconds = float(np.median(timed['step_seconds']))
-  log(f'train step: {batch_size / step_seconds:.1f} examples/s ({step_seconds:.3f} s per step)')
-  result = {'config_file': args.config_file, 'data_dir': data_dir, 'batch_size': batch_size,
-            'input_seconds_per_batch': input_seconds, 'step_seconds': timed['step_seconds'],
+  del batches
+  log(f'input pipeline: {batch_size / input_seconds:.2f} examples/s ({input_seconds:.3f} s per '
+      f'batch of {batch_size}, {args.input_batches} batches)')
+
+  step_config = config.copy_and_resolve_references()
+  controls = _controls(args)
+  step_config.model.update(dtype=controls.dtype, attention_implementation=controls.attention,
+                           attention_chunk_size=controls.attention_chunk_size,
+                           remat_policy=controls.remat_policy, scan_layers=controls.scan_layers)
+  step_config.input.batch_size = args.step_batch_size or batch_size
+  step = compile_train_step(step_config)
+  result = {'config_file': args.config_file, 'config_arg': args.config_arg, 'data_dir': data_dir,
+            'batch_size': batch_size, 'input_seconds_per_batch': input_seconds,
             'input_examples_per_second': batch_size / input_seconds,
-            'step_examples_per_second': batch_size / step_seconds,
-            'ratio': step_seconds / input_seconds}
-  log(f'input / step throughput ratio: {result["ratio"]:.2f}')
+            'step_batch_size': int(step_config.input.batch_size),
+            'step_controls': controls.describe(), 'step_memory': step.memory}
+  if step.memory['peak'] > 0.9 * available_memory_bytes():
+    log(f'train step not timed: needs {step.memory["peak"] / GIB:.1f} GiB')
+  else:
+    _, timed = time_steps(step, args.steps)
+    step_seconds = float(np.median(timed['step_seconds']))
+    result.update(step_seconds=timed['step_seconds'],
+                  step_examples_per_second=result['step_batch_size'] / step_seconds,
+                  ratio=result['input_examples_per_second'] * step_seconds / result['step_batch_size'])
+    log(f'train step: {result["step_examples_per_second"]:.2f} examples/s ({step_seconds:.3f} s per '
+        f'step of {result["step_batch_size"]}); input / step throughput: {result["ratio"]:.2f}')
   return {'mode': 'input', 'machine': machine_description(), 'command': ' '.join(sys.argv),
           'results': [result]}
 
@@ -612,11 +684,17 @@ def markdown(report: dict) -> str:
       step = f'{ratio["step_time"]:.2f}' if 'step_time' in ratio else '-'
       lines.append(f'| {key} | {ratio["flops"]:.2f} | {ratio["peak_memory"]:.2f} | {step} |')
   else:
-    lines.append('| config | batch | input examples/s | train step examples/s | input / step |')
-    lines.append('|---|---|---|---|---|')
+    lines.append('| config | input batch | input examples/s | train step (batch, controls) '
+                 '| train step examples/s | input / step |')
+    lines.append('|---|---|---|---|---|---|')
     for r in report['results']:
-      lines.append(f'| {r["config_file"]} | {r["batch_size"]} | {r["input_examples_per_second"]:.1f} '
-                   f'| {r["step_examples_per_second"]:.1f} | {r["ratio"]:.2f} |')
+      name = r['config_file'] + (f':{r["config_arg"]}' if r.get('config_arg') else '')
+      timed = 'ratio' in r
+      step = f'{r["step_examples_per_second"]:.3f}' if timed else '-'
+      ratio = f'{r["ratio"]:.1f}' if timed else '-'
+      lines.append(f'| {name} | {r["batch_size"]} | {r["input_examples_per_second"]:.2f} | '
+                   f'{r["step_batch_size"]}, {r["step_controls"]} | {step} | {ratio} |')
+
   return '\n'.join(lines) + '\n'
 
 
@@ -696,7 +774,9 @@ def plot(report: dict, path: str) -> None:
     names = [os.path.basename(r['config_file']) for r in results]
     x = np.arange(len(names))
     ax.bar(x - 0.2, [r['input_examples_per_second'] for r in results], 0.4, label='input pipeline')
-    ax.bar(x + 0.2, [r['step_examples_per_second'] for r in results], 0.4, label='train step')
+    ax.bar(x + 0.2, [r.get('step_examples_per_second', 0) for r in results], 0.4,
+           label='train step')
+    ax.set_yscale('log')
     ax.set_xticks(x, names)
     ax.set_ylabel('examples / s')
     ax.legend()
@@ -733,7 +813,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--dtype', default='float32', choices=sorted(build.DTYPES),
                  help='compute dtype (parameters stay float32)')
   p.add_argument('--attention', default='xla', choices=ATTENTION_IMPLEMENTATIONS)
-  p.add_argument('--attention_chunk_size', type=int, default=512)
+  p.add_argument('--attention_chunk_size', type=int, default=DEFAULT_CHUNK_SIZE)
   p.add_argument('--remat_policy', default='none', choices=sorted(REMAT_POLICIES))
   p.add_argument('--scan_layers', action='store_true', help='nn.scan over identical layers')
   p.add_argument('--objectives', default='classification', choices=('classification', 'all'))
@@ -749,6 +829,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--config_arg', default=None, help='input mode: argument of get_config')
   p.add_argument('--data_dir', default=None, help='input mode: prepared records')
   p.add_argument('--input_batches', type=int, default=20, help='input mode: batches timed')
+  p.add_argument('--synthetic_clips', type=int, default=0,
+                 help='input mode: write this many random clips at the config\'s scale and read them')
+  p.add_argument('--step_batch_size', type=int, default=None,
+                 help='input mode: batch size of the train step (default: the input batch size)')
   p.add_argument('--output_dir', default='benchmark_results')
   args = p.parse_args(argv)
   args.configs = [c.strip() for c in args.configs.split(',') if c.strip()]

@@ -74,7 +74,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.stochastic_depth = 0.1
   c.model.dtype = 'float32'
   c.model.attention_implementation = 'xla'  # 'chunked' (memory-efficient), 'cudnn' (NVIDIA GPUs)
-  c.model.attention_chunk_size = 512  # queries per chunk of 'chunked' attention
+  c.model.attention_chunk_size = 128  # queries per chunk of 'chunked' attention
   c.model.remat_policy = 'none'  # 'dots' or 'full': recompute block activations in the backward pass
   c.model.scan_layers = False  # nn.scan over identical layers (stacked parameters, faster compile)
 

@@ -44,8 +44,8 @@ echo "== 2/4 tests"
 JAX_DEFAULT_MATMUL_PRECISION=highest "$PYTHON" -m pytest -q -p no:cacheprovider \
   tests/test_transformer.py tests/test_fusion.py tests/test_avt.py tests/test_decoders.py \
   tests/test_perf_controls.py tests/test_benchmark.py \
-  "tests/test_train.py::test_gradient_accumulation_matches_plain_step" \
-  "tests/test_train.py::test_non_finite_loss_skips_update_and_names_objective" \
+  "tests/test_train_step.py::test_gradient_accumulation_matches_plain_step" \
+  "tests/test_train_step.py::test_non_finite_loss_skips_update_and_names_objective" \
   2>&1 | tee "$OUT/tests.log"
 
 echo "== 3/4 base benchmark, bfloat16, cuDNN attention"

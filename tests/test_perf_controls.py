@@ -10,7 +10,7 @@
 - `chunked` attention: equal to `xla` attention (and to `jax.nn.dot_product_attention`) to float32
   round-off, in values and gradients (of the whole model's loss, too), and it needs less memory for
   long sequences.
-Gradient accumulation is tested in tests/test_train.py.
+Gradient accumulation is tested in tests/test_train_step.py.
 """
 
 import jax
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from avt_jax import losses, train
+from avt_jax import losses, train_step
 from avt_jax.models import build_model, scan, transformer
 from avt_jax.models.build import objectives as config_objectives
 from avt_jax.models.fusion import BottleneckFusion
@@ -54,7 +54,7 @@ def _batches(config, steps=STEPS, seed=0):
 def _random_params(config, seed=0):
   """Parameters of the model's shapes with N(0, 1/fan_in) kernels and non-trivial norms and biases.
   (Unlike the real init, the classifier is not zero, so the first step trains the encoder.)"""
-  _, _, _, init = train.setup(config)
+  _, _, _, init = train_step.setup(config)
   return _fill(jax.eval_shape(init, jax.random.PRNGKey(0)).params, seed)
 
 
@@ -75,10 +75,10 @@ def _fill(shapes, seed=0):
 
 def _train(config, params, batches):
   """Runs the jitted train step from `params`; returns (per-step metrics, final params)."""
-  model, tx, schedule, init = train.setup(config)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+  model, tx, schedule, init = train_step.setup(config)
+  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                            rng=jax.random.PRNGKey(1))
-  step = _jit(train.make_train_step(config, model, tx, schedule))
+  step = _jit(train_step.make_train_step(config, model, tx, schedule))
   history = []
   for batch in batches:
     state, metrics = step(state, batch)
@@ -153,7 +153,7 @@ def test_scan_conversion_converts_optimizer_states_and_names_missing_layers():
   block = {'kernel': np.ones((2, 3), np.float32)}
   unrolled = {'encoder': {'encoderblock_0_video': block, 'encoderblock_1_video': block,
                           'encoder_norm_video': {'scale': np.ones(3, np.float32)}}}
-  adam_like = (train.TrainState(step=0, params=unrolled, opt_state=[unrolled], rng=None),)
+  adam_like = (train_step.TrainState(step=0, params=unrolled, opt_state=[unrolled], rng=None),)
   converted = scan.unrolled_to_scanned(adam_like, fusion_start=2)[0]
   for tree in (converted.params, converted.opt_state[0]):
     assert set(tree['encoder']) == {'encoderblocks_video', 'encoder_norm_video'}
@@ -220,7 +220,7 @@ def test_bfloat16_compute_matches_float32_within_tolerance(plain_run):
   cosine = flat @ bf16_flat / np.linalg.norm(flat) / np.linalg.norm(bf16_flat)
   assert cosine > 0.99
   np.testing.assert_allclose(np.linalg.norm(bf16_flat), np.linalg.norm(flat), rtol=0.05)
-  history, final = _train(bf16_config, params, batches)
+  history, final = _train(bf16_config, params, batches[:1])
   assert all(np.isfinite(h['loss']) for h in history)
   assert all(p.dtype == np.float32 for p in jax.tree_util.tree_leaves(final))
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 ATTENTION_IMPLEMENTATIONS = ('xla', 'chunked', 'cudnn')
-DEFAULT_CHUNK_SIZE = 512
+DEFAULT_CHUNK_SIZE = 128
 
 
 def _plain_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from avt_jax import sharding, train
+from avt_jax import sharding, train_step
 from avt_jax.models import build_model
 from conftest import tiny_config
 
@@ -35,13 +35,13 @@ def run_steps(config, mesh_shape, batches, devices=None):
   """Runs the jitted, sharded train step; returns (per-step metrics, final params as numpy)."""
   model = build_model(config)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_shape), devices)
-  tx, schedule = train.make_optimizer(config.optim, config.train.steps)
-  init = functools.partial(train.init_state, config, model, tx)
+  tx, schedule = train_step.make_optimizer(config.optim, config.train.steps)
+  init = functools.partial(train_step.init_state, config, model, tx)
   rng = jax.random.PRNGKey(0)
   shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh)
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)(rng)
-    step = jax.jit(train.make_train_step(config, model, tx, schedule),
+    step = jax.jit(train_step.make_train_step(config, model, tx, schedule),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     history = []
@@ -100,19 +100,19 @@ def test_non_finite_loss_skips_update_and_names_objective():
   devices = jax.devices()[:1]
   history, params = run_steps(config, dict(data=1, fsdp=1, model=1), batches, devices)
   model = build_model(config)
-  tx, _ = train.make_optimizer(config.optim, config.train.steps)
-  init = functools.partial(train.init_state, config, model, tx)
+  tx, _ = train_step.make_optimizer(config.optim, config.train.steps)
+  init = functools.partial(train_step.init_state, config, model, tx)
   initial = jax.device_get(jax.jit(init)(jax.random.PRNGKey(0)).params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, initial)
-  with pytest.raises(train.NonFiniteLossError, match=r"step 7"):
-    train.check_finite(7, history[0])
+  with pytest.raises(train_step.NonFiniteLossError, match=r"step 7"):
+    train_step.check_finite(7, history[0])
   assert not history[0]['finite']
 
 
 def test_weight_decay_only_on_kernels():
   optim = tiny_config().optim
   optim.learning_rate, optim.warmup_steps, optim.weight_decay, optim.grad_clip_norm = 1.0, 0, 0.5, 0.0
-  tx, _ = train.make_optimizer(optim, total_steps=10)
+  tx, _ = train_step.make_optimizer(optim, total_steps=10)
   params = {'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))},
             'posembed_video': {'posembed_input': jnp.ones((1, 2, 2))}, 'bottleneck': jnp.ones((1, 2))}
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -126,7 +126,7 @@ def test_weight_decay_only_on_kernels():
 def test_schedule_warms_up_then_decays():
   optim = tiny_config().optim
   optim.learning_rate, optim.warmup_steps = 1.0, 4
-  _, schedule = train.make_optimizer(optim, total_steps=20)
+  _, schedule = train_step.make_optimizer(optim, total_steps=20)
   lrs = np.array([schedule(i) for i in range(21)])
   np.testing.assert_allclose(lrs[:5], [0, 0.25, 0.5, 0.75, 1.0], atol=1e-6)
   assert np.all(np.diff(lrs[4:]) <= 1e-7) and lrs[-1] < 1e-6
@@ -136,4 +136,4 @@ def test_unknown_optimizer_is_rejected():
   optim = tiny_config().optim
   optim.name = 'lamb'
   with pytest.raises(ValueError, match='config.optim.name'):
-    train.make_optimizer(optim, 10)
+    train_step.make_optimizer(optim, 10)
