@@ -121,6 +121,7 @@ def test_train_mode_end_to_end_writes_json_markdown_and_plot(tmp_path, monkeypat
 
 def test_synthetic_records_feed_the_training_pipeline(tmp_path):
   """`--synthetic_clips` data has the record format and scale the input pipeline expects."""
+  pytest.importorskip('tensorflow')  # absent on accelerator images that run scripts/gpu_check.sh
   from avt_jax import input as input_lib
   config = tiny_config(**{'input.batch_size': 2, 'input.shuffle_buffer': 4})
   folder = benchmark.write_synthetic_records(config, str(tmp_path / 'records'), clips=3)
