@@ -266,11 +266,32 @@ def test_chunked_attention_needs_less_memory():
   assert temp_bytes('chunked') < attention_matrix / 2
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
-def test_cudnn_attention_matches_xla_on_gpu():
+def test_padded_attention_equals_attention_over_the_real_tokens():
+  """The padding that cuDNN needs (odd token counts such as 1 + 16 x 14 x 14) changes nothing."""
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, 128, 4, 64)), jnp.bfloat16) for _ in range(3))
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 37, 2, 8)), jnp.float32) for _ in range(3))
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * jnp.arange(8.0))
+  padded = lambda q, k, v: transformer.padded_attention(q, k, v, 16, 'xla')  # 37 -> 48 tokens
+  plain = lambda q, k, v: transformer.dot_product_attention(q, k, v, 'xla')
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+  for got, want in zip(jax.grad(loss(padded), (0, 1, 2))(q, k, v),
+                       jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
+@pytest.mark.parametrize('tokens', [128, 197])
+def test_cudnn_attention_matches_xla_on_gpu(tokens):
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, tokens, 4, 64)), jnp.bfloat16) for _ in range(3))
+  loss = lambda impl: lambda q, k, v: jnp.sum(
+      transformer.dot_product_attention(q, k, v, impl).astype(jnp.float32) * jnp.arange(64.0))
   out = transformer.dot_product_attention(q, k, v, 'cudnn')
   expected = transformer.dot_product_attention(q, k, v, 'xla')
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
                              atol=2e-2)
+  for got, want in zip(jax.grad(loss('cudnn'), (0, 1, 2))(q, k, v),
+                       jax.grad(loss('xla'), (0, 1, 2))(q, k, v)):
+    want = np.asarray(want, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want,
+                               atol=0.05 * np.abs(want).max())
