@@ -12,9 +12,11 @@ step (`avt_jax.train_step.make_train_step`: forward, backward, AdamW update) and
 
   - step time: median over `--steps` timed steps after compilation and one warm-up step, in each of
     `--repeats` rounds;
-  - model FLOPs per step: XLA's cost analysis of the compiled *plain* step (xla attention, no remat,
-    no scan), so that recomputation by remat or chunked attention does not count as useful work and
-    loops (scan) are not under-counted;
+  - model FLOPs per step: XLA's cost analysis of the *plain* step (xla attention, no remat, no scan)
+    as lowered, before backend passes: recomputation by remat or chunked attention does not count as
+    useful work, loops (scan) are not under-counted, and the count is the same on every backend (the
+    compiled GPU program hides its matrix products in cuBLAS / cuDNN calls that XLA's compiled-program
+    analysis does not count: on an H100 it reported 1606 of the base step's 2943 GFLOP);
   - achieved FLOP/s = model FLOPs / step time, and MFU = achieved / matmul peak, where the peak is
     the best sustained matmul throughput measured in the whole run: at the start and after every
     timed step (one block of products), so that a moment when the machine was busy with other work
@@ -251,7 +253,7 @@ class CompiledStep:
   batch: dict[str, np.ndarray]
   trace_seconds: float
   compile_seconds: float
-  flops: float  # XLA cost analysis of the compiled step (loop bodies counted once)
+  flops: float  # XLA cost analysis of the lowered step (before backend passes; loop bodies once)
   memory: dict[str, float]  # bytes
 
 
@@ -278,9 +280,12 @@ def memory_stats(compiled) -> dict[str, float]:
   return {k: float(v) for k, v in out.items()}
 
 
-def compile_train_step(config: ml_collections.ConfigDict) -> CompiledStep:
-  """Lowers and compiles the train step of `config` for one device (state donated) from shapes only,
-  so FLOPs, memory and compile time are known before anything is allocated."""
+def lower_train_step(config: ml_collections.ConfigDict):
+  """The train step of `config` for one device (state donated), lowered from shapes only.
+
+  Returns:
+    (lowered step, random batch, init() -> train state, trace seconds).
+  """
   model, tx, schedule, init = train_step.setup(config)
   step = jax.jit(train_step.make_train_step(config, model, tx, schedule), donate_argnums=(0,))
   batch = random_batch(config)
@@ -289,11 +294,17 @@ def compile_train_step(config: ml_collections.ConfigDict) -> CompiledStep:
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   start = time.perf_counter()
   lowered = step.lower(state, shapes)
-  traced = time.perf_counter()
+  return lowered, batch, lambda: jax.jit(init)(rng), time.perf_counter() - start
+
+
+def compile_train_step(config: ml_collections.ConfigDict) -> CompiledStep:
+  """Compiles the lowered train step, so FLOPs, memory and compile time are known before anything
+  is allocated."""
+  lowered, batch, init, trace_seconds = lower_train_step(config)
+  start = time.perf_counter()
   compiled = lowered.compile()
-  done = time.perf_counter()
-  return CompiledStep(compiled, lambda: jax.jit(init)(rng), batch, traced - start, done - traced,
-                      float(compiled.cost_analysis()['flops']), memory_stats(compiled))
+  return CompiledStep(compiled, init, batch, trace_seconds, time.perf_counter() - start,
+                      float(lowered.cost_analysis()['flops']), memory_stats(compiled))
 
 
 def time_steps(step: CompiledStep, steps: int, probes: Sequence[PeakProbe] = (),
@@ -373,7 +384,7 @@ def measure(config: ml_collections.ConfigDict, *, steps: int, repeats: int,
       f'{reference.memory["peak"] / GIB:.2f} GiB, compiled in {reference.compile_seconds:.1f} s')
   step = reference if plain == controls else compile_train_step(config)
   del reference
-  result.update(flops_compiled=step.flops, memory=step.memory, compile_seconds=step.compile_seconds,
+  result.update(flops_with_controls=step.flops, memory=step.memory, compile_seconds=step.compile_seconds,
                 trace_seconds=step.trace_seconds)
   if time_it and step.memory['peak'] > 0.9 * available_memory_bytes():
     log(f'  skipping the timed run: needs {step.memory["peak"] / GIB:.1f} GiB, '

@@ -78,7 +78,7 @@ echo "== 4/4 tests"
 # the GPU, so none preallocates its memory; an empty XLA_FLAGS keeps tests/conftest.py's CPU settings
 # (simulated devices, backend optimisation off) away from the GPU.
 XLA_FLAGS='' XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
-  "$PYTHON" -m pytest -q -p no:cacheprovider -n "${JOBS:-4}" \
+  "$PYTHON" -m pytest -v --tb=line -rfE -p no:cacheprovider -n "${JOBS:-4}" \
   tests/test_transformer.py tests/test_fusion.py tests/test_avt.py tests/test_decoders.py \
   tests/test_perf_controls.py tests/test_benchmark.py \
   "tests/test_train_step.py::test_gradient_accumulation_matches_plain_step" \

@@ -24,6 +24,23 @@ def test_benchmark_configs_have_the_documented_sizes(name, tokens, width):
   assert len(build.objectives(everything)) == 6
 
 
+def test_model_flops_match_a_hand_count_of_the_tiny_step():
+  """Model FLOPs = 3 x the forward's matrix products (forward + both backward products; the patch
+  embeddings need no input gradient: 2 x), counted by hand."""
+  bench = benchmark.BENCHMARKS['tiny']
+  config = benchmark.benchmark_config(bench)
+  width, mlp, layers, fusion_layer = 192, 768, 6, 3
+  per_clip = 0.0  # training FLOPs of one clip
+  for tokens, patch_values in ((197, 2 * 16 * 16 * 3), (105, 16 * 16)):
+    per_clip += 2 * 2 * (tokens - 1) * patch_values * width  # tubelet / patch embedding
+    for layer in range(layers):
+      n = tokens + (4 if layer >= fusion_layer else 0)  # 4 bottleneck tokens in fused layers
+      per_clip += 3 * n * (2 * (4 * width * width + 2 * width * mlp) + 4 * n * width)
+  lowered, *_ = benchmark.lower_train_step(config)
+  ratio = lowered.cost_analysis()['flops'] / (bench.batch_size * per_clip)
+  assert 1.0 <= ratio <= 1.05  # the rest: softmax, norms, GELU, AdamW
+
+
 def test_controls_reach_the_model_and_plain_drops_them():
   controls = benchmark.Controls('bfloat16', 'chunked', 64, 'dots', True)
   model = build.build_model(benchmark.benchmark_config(benchmark.BENCHMARKS['tiny'], controls))
