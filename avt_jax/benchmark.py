@@ -14,9 +14,9 @@ step (`avt_jax.train_step.make_train_step`: forward, backward, AdamW update) and
     `--repeats` rounds;
   - model FLOPs per step: XLA's cost analysis of the *plain* step (xla attention, no remat, no scan)
     as lowered, before backend passes: recomputation by remat or chunked attention does not count as
-    useful work, loops (scan) are not under-counted, and the count is the same on every backend (the
-    compiled GPU program hides its matrix products in cuBLAS / cuDNN calls that XLA's compiled-program
-    analysis does not count: on an H100 it reported 1606 of the base step's 2943 GFLOP);
+    useful work, loops (scan) are not under-counted, and the count is the same on every backend (on
+    an H100, XLA's analysis of the *compiled* GPU program reported 1606 of the 2943 GFLOP of the base
+    step that the lowered program and a hand count give);
   - achieved FLOP/s = model FLOPs / step time, and MFU = achieved / matmul peak, where the peak is
     the best sustained matmul throughput measured in the whole run: at the start and after every
     timed step (one block of products), so that a moment when the machine was busy with other work

@@ -13,19 +13,11 @@ import pytest
 from avt_jax import losses
 from avt_jax.default_config import get_base_config
 from avt_jax.models import OBJECTIVES, build
-from conftest import random_params
+from conftest import fast_jit, random_params
 
 BATCH, CLASSES = 4, 5
 RNGS = {'masking': jax.random.key(1), 'dropout': jax.random.key(2)}
 
-
-def _jit(fun, **kwargs):
-  """jax.jit; on CPU with XLA options that compile these tiny graphs ~4x faster (LLVM -O0, classic
-  fusion emitters). They change how the code is generated, not what it computes."""
-  if jax.default_backend() == 'cpu':
-    kwargs['compiler_options'] = {'xla_backend_optimization_level': 0,
-                                  'xla_cpu_use_fusion_emitters': False}
-  return jax.jit(fun, **kwargs)
 
 
 def _tiny_config(**model):
@@ -107,7 +99,7 @@ def run(model):
     (jacobian,) = jax.vmap(pullback)(jnp.eye(len(OBJECTIVES)))  # leaves: [objective, *shape]
     return outputs, values, jacobian
 
-  return _jit(run)
+  return fast_jit(run)
 
 
 @pytest.fixture(scope='module')
@@ -234,7 +226,7 @@ def test_bfloat16_forward_matches_float32(model, config, params, inputs, result)
   bf16 = build.build_model(_tiny_config(dtype='bfloat16'))
   forward = lambda p, x: bf16.apply({'params': p}, x, train=True, rngs=RNGS,
                                     objectives=('classification', 'contrastive'))
-  outputs = _jit(forward)(params, inputs)  # same drop-path decisions as the float32 run
+  outputs = fast_jit(forward)(params, inputs)  # same drop-path decisions as the float32 run
   reference = result[0]
   pairs = [(outputs['logits']['class'], reference['logits']['class']),
            (outputs['contrastive']['video'], reference['contrastive']['video']),
@@ -281,7 +273,7 @@ def test_zero_weight_branch_is_not_computed(model, config, params, inputs, all_o
 
 @pytest.mark.parametrize('modality', ['audio', 'video'])
 def test_single_modality_model_trains_with_the_same_code(modality):
-  """Audio-only / video-only: classification + masked modelling. The compiled train step (value and
+  """Audio-only / video-only: classification + masked modelling. The train step (value and
   gradient) has fewer FLOPs, and the decoder no gradient, when the masked-modelling weight is 0."""
   other = 'video' if modality == 'audio' else 'audio'
   config = _tiny_config(modalities=(modality,))
@@ -303,9 +295,9 @@ def test_single_modality_model_trains_with_the_same_code(modality):
       assert set(outputs) - {'features'} == {'logits'} | {f'masked_{modality}'} & set(objectives)
       return losses.total_loss(outputs, _labels(), dict(config.loss.weights))
 
-    step = _jit(jax.value_and_grad(loss, has_aux=True)).lower(params).compile()
-    flops[weight] = step.cost_analysis()['flops']
-    (total, terms), grads = step(params)
+    lowered = fast_jit(jax.value_and_grad(loss, has_aux=True)).lower(params)
+    flops[weight] = lowered.cost_analysis()['flops']  # the program as traced, on any backend
+    (total, terms), grads = lowered.compile()(params)
     assert set(terms) == set(objectives) and np.isfinite(total)
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
     decoder_moved = any(np.any(g != 0) for g in jax.tree_util.tree_leaves(

@@ -147,3 +147,22 @@ def test_synthetic_records_feed_the_training_pipeline(tmp_path):
   assert batch['video'].shape == (2, inp.num_frames, inp.image_size, inp.image_size, 3)
   assert batch['audio'].shape == (2, inp.audio_frames, inp.n_mels)
   assert batch['labels/class'].shape == (2, 5) and np.all(batch['labels/class'].sum(-1) == 1)
+
+
+def test_input_mode_end_to_end_compares_pipeline_and_step(tmp_path):
+  """A real `--mode=input` run on synthetic records of the tiny test config."""
+  pytest.importorskip('tensorflow')
+  config_file = tmp_path / 'tiny_config.py'
+  config_file.write_text('from conftest import tiny_config\n\n\ndef get_config():\n'
+                         "  return tiny_config(**{'input.batch_size': 4, 'input.shuffle_buffer': 4})\n")
+  report = benchmark.main(['--mode=input', f'--config_file={config_file}', '--synthetic_clips=4',
+                           '--input_batches=2', '--steps=2', '--step_batch_size=2',
+                           f'--output_dir={tmp_path}'])
+  (r,) = report['results']
+  assert r['batch_size'] == 4 and r['step_batch_size'] == 2 and len(r['step_seconds']) == 2
+  np.testing.assert_allclose(r['input_examples_per_second'], 4 / r['input_seconds_per_batch'])
+  step_rate = 2 / np.median(r['step_seconds'])
+  np.testing.assert_allclose(r['step_examples_per_second'], step_rate)
+  np.testing.assert_allclose(r['ratio'], r['input_examples_per_second'] / step_rate)
+  assert f'| {config_file} | 4 |' in (tmp_path / 'input.md').read_text()
+  assert json.loads((tmp_path / 'input.json').read_text())['results'][0]['ratio'] == r['ratio']

@@ -20,20 +20,12 @@ import numpy as np
 import pytest
 
 from avt_jax.models import fusion as fusion_lib
-from conftest import random_params
+from conftest import fast_jit, random_params
 
 WIDTH, HEADS, MLP, LAYERS = 16, 2, 32, 2
 VIDEO_TOKENS, AUDIO_TOKENS = 6, 5
 MODALITIES = ('video', 'audio')
 
-
-def _jit(fun):
-  """jax.jit; on CPU with XLA options that compile these tiny graphs ~4x faster (LLVM -O0, classic
-  fusion emitters). They change how the code is generated, not what it computes."""
-  if jax.default_backend() != 'cpu':
-    return jax.jit(fun)
-  return jax.jit(fun, compiler_options={'xla_backend_optimization_level': 0,
-                                        'xla_cpu_use_fusion_emitters': False})
 
 
 @pytest.fixture(scope='module')
@@ -56,7 +48,7 @@ def _jacobian(module, tokens, source='audio', target='video', method=None) -> np
     out = module.apply(variables, dict(tokens, **{source: x}), method=method)
     return out[target]
 
-  jac = np.asarray(_jit(jax.jacfwd(target_of))(tokens[source]))
+  jac = np.asarray(fast_jit(jax.jacfwd(target_of))(tokens[source]))
   return jac.reshape(tokens[target].size, tokens[source].size)
 
 
@@ -147,7 +139,7 @@ def _training_forward(module, params, tokens):
 def reference_training_output(tokens):
   reference = _module('bottleneck', stochastic_depth=0.1)
   params = random_params(jax.eval_shape(reference.init, jax.random.key(0), tokens), seed=1)
-  return params, _jit(lambda p: _training_forward(reference, p, tokens))(params)
+  return params, fast_jit(lambda p: _training_forward(reference, p, tokens))(params)
 
 
 @pytest.mark.parametrize('policy', ['full', 'dots'])
@@ -165,7 +157,7 @@ def test_remat_policy_wraps_every_block_and_keeps_parameters_and_outputs(
   assert len(policies) == LAYERS * len(MODALITIES)
   assert all(p is fusion_lib.REMAT_POLICIES[policy] for p in policies)
   jax.eval_shape(jax.grad(lambda p: sum(x.sum() for x in forward(p).values())), params)
-  out = _jit(forward)(params)
+  out = fast_jit(forward)(params)
   for m in MODALITIES:
     np.testing.assert_allclose(out[m], expected[m], rtol=1e-5, atol=1e-5)
 

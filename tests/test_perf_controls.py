@@ -22,19 +22,11 @@ from avt_jax import losses, train_step
 from avt_jax.models import build_model, scan, transformer
 from avt_jax.models.build import objectives as config_objectives
 from avt_jax.models.fusion import BottleneckFusion
-from conftest import tiny_config
+from conftest import fast_jit, tiny_config
 
 STEPS = 2
 CLASSIFICATION_ONLY = {'loss.weights': {'classification': 1.0}}
 
-
-def _jit(fun, **kwargs):
-  """jax.jit; on CPU with XLA options that compile these tiny graphs faster (LLVM -O0, classic fusion
-  emitters). They change how the code is generated, not what it computes."""
-  if jax.default_backend() == 'cpu':
-    kwargs['compiler_options'] = {'xla_backend_optimization_level': 0,
-                                  'xla_cpu_use_fusion_emitters': False}
-  return jax.jit(fun, **kwargs)
 
 
 def _config(**overrides):
@@ -78,7 +70,7 @@ def _train(config, params, batches):
   model, tx, schedule, init = train_step.setup(config)
   state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                            rng=jax.random.PRNGKey(1))
-  step = _jit(train_step.make_train_step(config, model, tx, schedule))
+  step = fast_jit(train_step.make_train_step(config, model, tx, schedule))
   history = []
   for batch in batches:
     state, metrics = step(state, batch)
@@ -142,7 +134,7 @@ def test_scan_layout_and_conversion_for_every_fusion(fusion, fusion_layer, objec
           == jax.tree_util.tree_map(lambda x: x.shape, expected))
   jax.tree_util.tree_map(np.testing.assert_array_equal, scan.scanned_to_unrolled(converted), params)
   if objectives:
-    forward = lambda m: _jit(lambda p: m.apply({'params': p}, inputs, objectives=objs,
+    forward = lambda m: fast_jit(lambda p: m.apply({'params': p}, inputs, objectives=objs,
                                                rngs={'masking': jax.random.key(2)}))
     out, scanned_out = forward(model)(params), forward(scanned)(converted)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
@@ -204,7 +196,7 @@ def _loss_and_grads(config, params, batch):
                           rngs={'masking': jax.random.key(3), 'dropout': jax.random.key(4)})
     return losses.total_loss(outputs, batch, weights)[0]
 
-  return _jit(jax.value_and_grad(loss))(params)
+  return fast_jit(jax.value_and_grad(loss))(params)
 
 
 def test_bfloat16_compute_matches_float32_within_tolerance(plain_run):
