@@ -1,4 +1,4 @@
-"""Train step: sharded == single device, accumulation == plain, NaN safety, optimizer masks, imports."""
+"""Train step: sharded == single device, accumulation == plain, NaN safety, optimizer, imports."""
 
 import functools
 import subprocess
