@@ -87,12 +87,18 @@ def plain_run():
 
 
 @pytest.mark.parametrize('policy', ['dots', 'full'])
-def test_remat_train_steps_are_bit_identical(plain_run, policy):
+def test_remat_train_steps_match_the_plain_steps(plain_run, policy):
+  """Bit-identical on CPU; on GPUs, where XLA autotunes each compiled program's matrix-product
+  algorithms separately, to float32 round-off."""
   config, batches, params, (history, final) = plain_run
   remat_history, remat_final = _train(_config(**{'model.remat_policy': policy}), params, batches)
+  if jax.default_backend() == 'cpu':
+    same = np.testing.assert_array_equal
+  else:
+    same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   for ref, got in zip(history, remat_history):
-    np.testing.assert_array_equal(got['loss'], ref['loss'])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, remat_final, final)
+    same(got['loss'], ref['loss'])
+  jax.tree_util.tree_map(same, remat_final, final)
 
 
 def test_scanned_train_steps_match_unrolled_after_conversion(plain_run):
