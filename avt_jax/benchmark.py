@@ -123,6 +123,18 @@ class Controls:
   remat_policy: str = 'none'
   scan_layers: bool = False
 
+  @classmethod
+  def of(cls, model: ml_collections.ConfigDict) -> 'Controls':
+    """The controls a `config.model` holds."""
+    return cls(model.dtype, model.attention_implementation, int(model.attention_chunk_size),
+               model.remat_policy, bool(model.scan_layers))
+
+  def apply(self, model: ml_collections.ConfigDict) -> None:
+    """Sets these controls on a `config.model`, in place."""
+    model.update(dtype=self.dtype, attention_implementation=self.attention,
+                 attention_chunk_size=self.attention_chunk_size, remat_policy=self.remat_policy,
+                 scan_layers=self.scan_layers)
+
   def plain(self) -> 'Controls':
     """The same dtype without memory controls: the reference for model FLOPs and memory."""
     return Controls(dtype=self.dtype)
@@ -160,11 +172,7 @@ def benchmark_config(bench: Benchmark, controls: Controls = Controls(), *,
   c.model.fusion_layer = bench.fusion_layer
   c.model.n_bottlenecks = n_bottlenecks
   c.model.stochastic_depth = 0.0
-  c.model.dtype = controls.dtype
-  c.model.attention_implementation = controls.attention
-  c.model.attention_chunk_size = controls.attention_chunk_size
-  c.model.remat_policy = controls.remat_policy
-  c.model.scan_layers = controls.scan_layers
+  controls.apply(c.model)
   c.input.num_frames = bench.num_frames
   c.input.image_size = bench.image_size
   c.input.audio_frames = bench.audio_frames
@@ -365,16 +373,12 @@ def measure(config: ml_collections.ConfigDict, *, steps: int, repeats: int,
     (bytes), compile and trace seconds, and when timed `rounds` and the spreads (median, min, max over
     rounds) `step_seconds`, `achieved_flops` and `cores_used`. `add_mfu` adds the MFU.
   """
-  controls = Controls(config.model.dtype, config.model.attention_implementation,
-                      int(config.model.attention_chunk_size), config.model.remat_policy,
-                      bool(config.model.scan_layers))
+  controls = Controls.of(config.model)
   result = {'controls': dataclasses.asdict(controls), 'controls_text': controls.describe(),
             'batch_size': int(config.input.batch_size), 'tokens': token_counts(config)}
   plain_config = config.copy_and_resolve_references()
   plain = controls.plain()
-  plain_config.model.attention_implementation = plain.attention
-  plain_config.model.remat_policy = plain.remat_policy
-  plain_config.model.scan_layers = plain.scan_layers
+  plain.apply(plain_config.model)
   reference = compile_train_step(plain_config)
   result['model_flops'] = reference.flops
   result['plain_memory'] = reference.memory
@@ -605,9 +609,7 @@ def run_input(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
 
   step_config = config.copy_and_resolve_references()
   controls = _controls(args)
-  step_config.model.update(dtype=controls.dtype, attention_implementation=controls.attention,
-                           attention_chunk_size=controls.attention_chunk_size,
-                           remat_policy=controls.remat_policy, scan_layers=controls.scan_layers)
+  controls.apply(step_config.model)
   step_config.input.batch_size = args.step_batch_size or batch_size
   step = compile_train_step(step_config)
   result = {'config_file': args.config_file, 'config_arg': args.config_arg, 'data_dir': data_dir,
