@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,10 +108,23 @@ def test_mfu_uses_the_highest_peak_of_the_run():
 
 def test_peak_probe_keeps_the_best_sustained_throughput():
   probe = benchmark.PeakProbe('float32', sizes=(64, 128), repeats=1, block_seconds=0.01)
-  assert set(probe.by_size) == {64, 128} and probe.size in (64, 128)
+  assert set(probe.by_product) == {'64', '128'} and probe.product in ('64', '128')
+  assert probe.samples == [probe.by_product[probe.product]] == [max(probe.by_product.values())]
   for _ in range(3):
     assert probe.sample() > 0
   assert probe.peak == max(probe.samples) and len(probe.samples) == 4
+
+
+def test_bfloat16_peak_also_measures_float32_accumulation():
+  probe = benchmark.PeakProbe('bfloat16', sizes=(64,), repeats=1, block_seconds=0.01)
+  assert set(probe.by_product) == {'64', '64->float32'}
+  assert probe.peak == max(probe.by_product.values())
+  product, _ = benchmark._matmul(64, 'bfloat16', 'float32')
+  out = product()
+  a = jax.random.normal(jax.random.key(0), (64, 64), jnp.bfloat16).astype(jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (64, 64), jnp.bfloat16).astype(jnp.float32)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, jnp.matmul(a, b, precision='highest'), rtol=1e-5, atol=1e-4)
 
 
 def test_train_mode_end_to_end_writes_json_markdown_and_plot(tmp_path, monkeypatch):
