@@ -180,6 +180,42 @@ def test_reconstruction_targets_are_the_input_patches(result, inputs):
                                   audio[:, 16:24, 8:16].reshape(BATCH, -1))
 
 
+def test_segment_pass_reuses_the_full_pass_video_stream(model, params, inputs):
+  """With the full pass running, the segment pass takes the video stream's unimodal layers from it:
+  same result as running the whole encoder on the segment-masked inputs (eval: no drop path), and
+  the video block is traced once, not twice."""
+  def forward(objectives):
+    return jax.jit(lambda p, x: model.apply({'params': p}, x, train=False, objectives=objectives,
+                                            rngs=RNGS))
+
+  both, alone = ('classification', 'masked_audio_segment'), ('masked_audio_segment',)
+  shared = forward(both)(params, inputs)['masked_audio_segment']
+  separate = forward(alone)(params, inputs)['masked_audio_segment']
+  np.testing.assert_array_equal(shared['mask'], separate['mask'])
+  np.testing.assert_allclose(shared['pred'], separate['pred'], rtol=1e-5, atol=1e-6)
+
+  def video_block_products(objectives):
+    """Matrix products traced inside the video stream's unimodal block (layer 0)."""
+    jaxpr = jax.make_jaxpr(lambda p, x: model.apply(
+        {'params': p}, x, train=False, objectives=objectives, rngs=RNGS))(params, inputs)
+    return sum(eqn.primitive.name == 'dot_general' and 'encoderblock_0_video' in str(
+        eqn.source_info.name_stack) for eqn in _equations(jaxpr.jaxpr))
+
+  assert video_block_products(alone) == video_block_products(('classification',)) > 0
+  assert video_block_products(both) == video_block_products(alone)
+
+
+def _equations(jaxpr):
+  """All equations of a jaxpr, those of nested jaxprs (pjit, custom_vjp, remat) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, 'jaxpr', sub)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          yield from _equations(inner)
+
+
 def test_padding_never_becomes_a_hard_negative(run, params, inputs):
   labels = _labels()
   labels_mask = np.array([1, 1, 0, 1], np.float32)

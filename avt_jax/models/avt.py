@@ -35,7 +35,8 @@ class AVT(nn.Module):
   head sees the concatenated final CLS tokens; the masked-modelling pass masks every modality at its
   ratio and runs the full (fused) encoder on the visible tokens; the masked audio segment pass replaces
   the embeddings of whole time segments with a learned mask token, runs the fused encoder on all tokens
-  and decodes the segment from the fused audio tokens.
+  and decodes the segment from the fused audio tokens (the video stream's unimodal layers are those
+  of the full pass when it runs: same inputs, so computed once).
 
   Attributes:
     num_classes: label head -> classes, e.g. {'class': 309} or {'verb': 97, 'noun': 300}.
@@ -138,6 +139,7 @@ class AVT(nn.Module):
     batch = tokens[self.modalities[0]].shape[0]
     example_mask = inputs.get('mask', jnp.ones((batch,), jnp.float32))
     out = {}
+    pre = None  # unimodal encoder outputs of the full pass, when it runs
 
     # Full pass: classification, contrastive (pre-fusion) and matching (fused) branches.
     if objectives & {'classification', 'contrastive', 'matching'}:
@@ -195,8 +197,11 @@ class AVT(nn.Module):
       mask_token = self.param('segment_mask_token', nn.initializers.normal(stddev=0.02), (1, 1, d))
       patches = embedded['audio'].reshape(batch, -1, d)
       patches = jnp.where(seg[..., None] > 0, mask_token.astype(patches.dtype), patches)
-      masked_tokens = dict(tokens, audio=posembs['audio'](patches.reshape(batch, *grid, d)))
-      encoded = encoder(add_cls(masked_tokens), deterministic)
+      masked = add_cls({'audio': posembs['audio'](patches.reshape(batch, *grid, d))})
+      if pre is not None:  # the other modalities' unimodal layers saw the same tokens: reuse them
+        encoded = encoder.fused(dict(pre, **encoder.unimodal(masked, deterministic)), deterministic)
+      else:
+        encoded = encoder(dict(add_cls(tokens), **masked), deterministic)
       target = patchify(inputs['audio'][..., None], self._patch('audio'))
       decoder = MaskedDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
                               self.decoder_mlp_dim, target.shape[-1], self.audio_grid, self.dtype,

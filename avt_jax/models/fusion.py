@@ -144,9 +144,10 @@ class BottleneckFusion(nn.Module):
     return scan(module, carry, rates)[0]
 
   def unimodal(self, tokens: Tokens, deterministic: bool = True) -> dict[str, jax.Array]:
-    """Runs layers [0, fusion_start): modality -> [batch, tokens, D] (before the final norm)."""
+    """Runs layers [0, fusion_start) of the modalities in `tokens` (any subset):
+    modality -> [batch, tokens, D] (before the final norm)."""
     out = {}
-    for m in self.modalities:
+    for m in tokens:
       x = tokens[m]
       if self.scan_layers and self.fusion_start > 0:
         x = self._scan(self.stacks[m], x, range(self.fusion_start), deterministic)
