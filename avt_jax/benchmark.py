@@ -198,7 +198,8 @@ def token_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 def _matmul(size: int, dtype: str, accumulate: str | None = None
             ) -> tuple[Callable[[], jax.Array], float]:
-  """A compiled [size, size] @ [size, size] product (output in `accumulate`, else `dtype`) and its FLOPs."""
+  """A compiled [size, size] @ [size, size] product and its FLOPs; the output is in `accumulate`
+  (e.g. float32 for bfloat16 inputs), else in `dtype`."""
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
   b = jax.random.normal(jax.random.key(1), (size, size), jnp.dtype(dtype))
   product = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=accumulate)

@@ -185,21 +185,19 @@ def test_segment_pass_reuses_the_full_pass_video_stream(model, params, inputs):
   same result as running the whole encoder on the segment-masked inputs (eval: no drop path), and
   the video block is traced once, not twice."""
   def forward(objectives):
-    return jax.jit(lambda p, x: model.apply({'params': p}, x, train=False, objectives=objectives,
-                                            rngs=RNGS))
-
-  both, alone = ('classification', 'masked_audio_segment'), ('masked_audio_segment',)
-  shared = forward(both)(params, inputs)['masked_audio_segment']
-  separate = forward(alone)(params, inputs)['masked_audio_segment']
-  np.testing.assert_array_equal(shared['mask'], separate['mask'])
-  np.testing.assert_allclose(shared['pred'], separate['pred'], rtol=1e-5, atol=1e-6)
+    return lambda p, x: model.apply({'params': p}, x, train=False, objectives=objectives, rngs=RNGS)
 
   def video_block_products(objectives):
     """Matrix products traced inside the video stream's unimodal block (layer 0)."""
-    jaxpr = jax.make_jaxpr(lambda p, x: model.apply(
-        {'params': p}, x, train=False, objectives=objectives, rngs=RNGS))(params, inputs)
+    jaxpr = jax.make_jaxpr(forward(objectives))(params, inputs)
     return sum(eqn.primitive.name == 'dot_general' and 'encoderblock_0_video' in str(
         eqn.source_info.name_stack) for eqn in _equations(jaxpr.jaxpr))
+
+  both, alone = ('classification', 'masked_audio_segment'), ('masked_audio_segment',)
+  shared = fast_jit(forward(both))(params, inputs)['masked_audio_segment']
+  separate = fast_jit(forward(alone))(params, inputs)['masked_audio_segment']
+  np.testing.assert_array_equal(shared['mask'], separate['mask'])
+  np.testing.assert_allclose(shared['pred'], separate['pred'], rtol=1e-5, atol=1e-6)
 
   assert video_block_products(alone) == video_block_products(('classification',)) > 0
   assert video_block_products(both) == video_block_products(alone)

@@ -197,11 +197,12 @@ class AVT(nn.Module):
       mask_token = self.param('segment_mask_token', nn.initializers.normal(stddev=0.02), (1, 1, d))
       patches = embedded['audio'].reshape(batch, -1, d)
       patches = jnp.where(seg[..., None] > 0, mask_token.astype(patches.dtype), patches)
-      masked = add_cls({'audio': posembs['audio'](patches.reshape(batch, *grid, d))})
+      masked_audio = posembs['audio'](patches.reshape(batch, *grid, d))
       if pre is not None:  # the other modalities' unimodal layers saw the same tokens: reuse them
-        encoded = encoder.fused(dict(pre, **encoder.unimodal(masked, deterministic)), deterministic)
+        audio = encoder.unimodal(add_cls({'audio': masked_audio}), deterministic)
+        encoded = encoder.fused(dict(pre, **audio), deterministic)
       else:
-        encoded = encoder(dict(add_cls(tokens), **masked), deterministic)
+        encoded = encoder(add_cls(dict(tokens, audio=masked_audio)), deterministic)
       target = patchify(inputs['audio'][..., None], self._patch('audio'))
       decoder = MaskedDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
                               self.decoder_mlp_dim, target.shape[-1], self.audio_grid, self.dtype,
