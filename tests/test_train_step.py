@@ -53,9 +53,19 @@ def run_steps(config, mesh_shape, batches, devices=None):
   return history, jax.device_get(state.params)
 
 
+def equivalence_config():
+  """All objectives, SGD: parameter differences stay proportional to gradient round-off.
+
+  (AdamW normalises each gradient by its running RMS, so a near-zero gradient whose sign differs by
+  round-off becomes a full learning-rate step of the opposite sign: which one depends on the CPU's
+  summation order, e.g. Intel vs AMD. The optimizers themselves are optax's, tested there.)
+  """
+  return tiny_config(**{'optim.name': 'sgd', 'optim.learning_rate': 0.1})
+
+
 @pytest.fixture(scope='module')
 def single_device_run():
-  config = tiny_config()
+  config = equivalence_config()
   batches = make_batches(config, STEPS)
   return config, batches, run_steps(config, dict(data=1, fsdp=1, model=1), batches,
                                     devices=jax.devices()[:1])
@@ -67,14 +77,13 @@ def single_device_run():
     dict(data=2, fsdp=4, model=1),
 ])
 def test_sharded_steps_match_single_device(single_device_run, mesh_shape):
-  """All six objectives, 3 AdamW steps: losses and parameters agree to float32 round-off."""
+  """All six objectives, 3 SGD steps: losses, gradient norms and parameters agree to round-off."""
   config, batches, (ref_history, ref_params) = single_device_run
   history, params = run_steps(config, mesh_shape, batches)
   for ref, got in zip(ref_history, history):
     for key in ref:
       np.testing.assert_allclose(got[key], ref[key], rtol=2e-4, atol=1e-5, err_msg=key)
-  # Tolerance: AdamW's normalised first steps amplify round-off of near-zero gradients to ~lr/1e3.
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5),
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                          params, ref_params)
   assert set(ref_history[0]) >= {'loss/classification', 'loss/contrastive', 'loss/matching',
                                  'loss/masked_video', 'loss/masked_audio',
