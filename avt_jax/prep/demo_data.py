@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 import zlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import av
 import numpy as np
@@ -233,31 +233,44 @@ def ensure_demo_data(cache_dir: str | None = None, *, train_per_class: int = 40,
   """
   root = cache_dir or default_cache_dir()
   folder = os.path.join(root, f'demo-{DEMO_VERSION}-{train_per_class}x{test_per_class}-seed{seed}')
-  prepared = os.path.join(folder, 'prepared')
-  if os.path.exists(os.path.join(folder, MARKER_FILE)):
-    return prepared
-  building = f'{folder}.building-{os.getpid()}'
-  shutil.rmtree(building, ignore_errors=True)
   if num_workers is None:
     num_workers = min(os.cpu_count() or 1, MAX_WORKERS)
-  if progress:
-    count = (train_per_class + test_per_class) * len(CLASS_NAMES)
-    sys.stderr.write(f'demo: generating {count} videos in {building}\n')
+
+  def build(building: str) -> None:
+    if progress:
+      count = (train_per_class + test_per_class) * len(CLASS_NAMES)
+      sys.stderr.write(f'demo: generating {count} videos in {building}\n')
+    manifest = write_demo_videos(building, {'train': train_per_class, 'test': test_per_class}, seed,
+                                 num_workers)
+    specs, label_names = annotations.read_manifest(manifest, class_names=CLASS_NAMES)
+    shards.prepare_dataset(specs, building, os.path.join(building, 'prepared'), fps=PREPARED_FPS,
+                           short_side=PREPARED_SHORT_SIDE, n_mels=PREPARED_N_MELS,
+                           label_names=label_names, clip_seconds=DURATION_S,
+                           num_workers=num_workers, progress=progress)
+
+  build_once(folder, build, {'version': DEMO_VERSION})
+  return os.path.join(folder, 'prepared')
+
+
+def build_once(folder: str, build: Callable[[str], None], marker: Mapping[str, Any]) -> None:
+  """Builds a cached dataset folder exactly once, atomically.
+
+  `build(tmp)` fills a temporary sibling folder, which gets the marker file `COMPLETE` (holding
+  `marker` and the build time) and is renamed to `folder`, so concurrent callers never see a partial
+  dataset; a folder without the marker is rebuilt. Does nothing when `folder` is complete.
+  """
+  if os.path.exists(os.path.join(folder, MARKER_FILE)):
+    return
+  building = f'{folder}.building-{os.getpid()}'
+  shutil.rmtree(building, ignore_errors=True)
   begin = time.monotonic()
-  manifest = write_demo_videos(building, {'train': train_per_class, 'test': test_per_class}, seed,
-                               num_workers)
-  generated = time.monotonic()
-  specs, label_names = annotations.read_manifest(manifest, class_names=CLASS_NAMES)
-  shards.prepare_dataset(specs, building, os.path.join(building, 'prepared'), fps=PREPARED_FPS,
-                         short_side=PREPARED_SHORT_SIDE, n_mels=PREPARED_N_MELS, label_names=label_names,
-                         clip_seconds=DURATION_S, num_workers=num_workers, progress=progress)
+  build(building)
   with open(os.path.join(building, MARKER_FILE), 'w') as f:
-    json.dump({'version': DEMO_VERSION, 'generate_s': generated - begin,
-               'prepare_s': time.monotonic() - generated}, f)
+    json.dump({**marker, 'build_s': time.monotonic() - begin}, f)
   if os.path.exists(folder):  # Incomplete leftover, or a concurrent caller finished first.
     if os.path.exists(os.path.join(folder, MARKER_FILE)):
       shutil.rmtree(building)
-      return prepared
+      return
     shutil.rmtree(folder)
   try:
     os.rename(building, folder)
@@ -265,4 +278,3 @@ def ensure_demo_data(cache_dir: str | None = None, *, train_per_class: int = 40,
     if not os.path.exists(os.path.join(folder, MARKER_FILE)):
       raise
     shutil.rmtree(building)
-  return prepared

@@ -1,0 +1,137 @@
+"""Learning benchmark on real media: linear-probe floors and AVT runs on VoiceDigits.
+
+    apt-get install hedgewars-data          # the recorded voices (once)
+    pip install -e '.[test]'                # scikit-learn for the linear probes
+    python -m avt_jax.learning_benchmark --variants=clean,hard --runs=av,video,audio
+
+Builds (and caches) the VoiceDigits dataset (`avt_jax/prep/voice_digits.py`), fits the linear floors
+(scikit-learn logistic regression on simple features, the regularisation picked by 5-fold
+cross-validation on the training clips) and trains `configs/manifest.py` audio + video, video only
+and audio only with `python -m avt_jax.main`, one process per run. Prints a markdown table and writes
+`learning_benchmark.json` into `--workdir`.
+
+Features of the floors (our design): video, the mean over a clip's stored frames, grey, 16x16; audio,
+the normalised log-mel averaged into 20 time x 16 mel cells; both, the two concatenated.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+FLOOR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+VIDEO_FEATURE_SIZE = 16
+AUDIO_FEATURE_CELLS = (20, 16)
+RUNS = {'av': '', 'video': ':video', 'audio': ':audio'}
+
+
+def clip_features(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(video [N, 256], audio [N, 320], labels [N]) features of every clip of `split`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from avt_jax import records  # pylint: disable=g-import-not-at-top
+  from avt_jax.input import pipeline  # pylint: disable=g-import-not-at-top
+
+  stats = pipeline.load_stats(data_dir)
+
+  def features(serialized):
+    clip = records.parse_clip(serialized)
+    frames = tf.cast(tf.map_fn(lambda j: tf.io.decode_jpeg(j, channels=1), clip['jpeg'],
+                               fn_output_signature=tf.uint8), tf.float32)  # [T, H, W, 1]
+    mean = tf.image.resize(tf.reduce_mean(frames, 0), [VIDEO_FEATURE_SIZE] * 2, method='area')
+    return tf.reshape(mean, [-1]) / 255.0, clip['logmel'], clip['labels/class'][0]
+
+  dataset = tf.data.TFRecordDataset(pipeline.list_split_files(data_dir, split)).map(
+      features, num_parallel_calls=tf.data.AUTOTUNE)
+  video, audio, labels = [], [], []
+  for v, logmel, label in dataset.as_numpy_iterator():
+    video.append(v)
+    audio.append(_cell_means((logmel - stats['logmel_mean']) / stats['logmel_std'],
+                             AUDIO_FEATURE_CELLS))
+    labels.append(int(label))
+  return np.stack(video), np.stack(audio), np.asarray(labels)
+
+
+def _cell_means(x: np.ndarray, cells: Sequence[int]) -> np.ndarray:
+  """Means of `x` [rows, cols] over a cells[0] x cells[1] grid of near-equal blocks, flattened."""
+  rows = np.array_split(np.arange(x.shape[0]), cells[0])
+  cols = np.array_split(np.arange(x.shape[1]), cells[1])
+  return np.array([[x[np.ix_(r, c)].mean() for c in cols] for r in rows]).ravel()
+
+
+def linear_floors(data_dir: str, train_split: str = 'train', test_split: str = 'test'
+                  ) -> dict[str, float]:
+  """Test top-1 of logistic regression on video, audio and both feature sets."""
+  from sklearn import linear_model, model_selection, pipeline as skpipe, preprocessing  # pylint: disable=g-import-not-at-top
+
+  train = clip_features(data_dir, train_split)
+  test = clip_features(data_dir, test_split)
+  sets = {'video': [0], 'audio': [1], 'av': [0, 1]}
+  floors = {}
+  for name, parts in sets.items():
+    x_train = np.concatenate([train[i] for i in parts], axis=1)
+    x_test = np.concatenate([test[i] for i in parts], axis=1)
+    probe = model_selection.GridSearchCV(
+        skpipe.make_pipeline(preprocessing.StandardScaler(),
+                             linear_model.LogisticRegression(max_iter=2000)),
+        {'logisticregression__C': FLOOR_C_GRID}, cv=5)
+    probe.fit(x_train, train[2])
+    floors[name] = float(probe.score(x_test, test[2]))
+  return floors
+
+
+def train_run(config: str, data_dir: str, workdir: str, overrides: Sequence[str] = ()) -> dict:
+  """Runs `python -m avt_jax.main` and returns its results.json (plus `wall_seconds`)."""
+  results = os.path.join(workdir, 'results.json')
+  if not os.path.exists(results):  # a finished run is kept; an unfinished one resumes
+    command = [sys.executable, '-m', 'avt_jax.main', f'--config={config}', f'--workdir={workdir}',
+               f'--config.data.data_dir={data_dir}', *overrides]
+    begin = time.time()
+    subprocess.run(command, check=True)
+    with open(results) as f:
+      summary = json.load(f)
+    summary['wall_seconds'] = time.time() - begin
+    with open(results, 'w') as f:
+      json.dump(summary, f, indent=2)
+  with open(results) as f:
+    return json.load(f)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--variants', default='clean,hard', help='VoiceDigits variants.')
+  parser.add_argument('--runs', default='av,video,audio', help=f'subset of {sorted(RUNS)}.')
+  parser.add_argument('--workdir', default='/tmp/avt_learning_benchmark')
+  parser.add_argument('--cache_dir', default=None, help='dataset cache (default ~/.cache/avt_jax).')
+  parser.add_argument('--config', default='configs/manifest.py')
+  parser.add_argument('--override', action='append', default=[],
+                      help='extra --config.x=y flags for every run (repeatable).')
+  args = parser.parse_args(argv)
+  from avt_jax.prep import voice_digits  # pylint: disable=g-import-not-at-top
+
+  table, rows = {}, ['| variant | run | AVT top-1 | linear floor | train s |', '|---|---|---|---|---|']
+  for variant in args.variants.split(','):
+    data_dir = voice_digits.ensure_voice_digits(variant, args.cache_dir)
+    floors = linear_floors(data_dir)
+    table[variant] = {'floors': floors, 'runs': {}}
+    for run in args.runs.split(','):
+      summary = train_run(args.config + RUNS[run], data_dir,
+                          os.path.join(args.workdir, f'{variant}_{run}'), args.override)
+      top1 = float(summary['eval']['top1'])
+      table[variant]['runs'][run] = {'top1': top1, 'train_seconds': summary['train_seconds']}
+      rows.append(f'| {variant} | {run} | {top1:.3f} | {floors[run]:.3f} | '
+                  f'{summary["train_seconds"]:.0f} |')
+  os.makedirs(args.workdir, exist_ok=True)
+  with open(os.path.join(args.workdir, 'learning_benchmark.json'), 'w') as f:
+    json.dump(table, f, indent=2)
+  print('\n'.join(rows))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
