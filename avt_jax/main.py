@@ -76,6 +76,12 @@ def main(argv):
     jax.distributed.initialize()
   start = time.time()
   data_dir = resolve_data_dir(config)
+  if config.data.from_stats or config.train.epochs:
+    from avt_jax import dataset_stats  # pylint: disable=g-import-not-at-top
+    fields = dataset_stats.apply_stats(config, data_dir)
+    validate(config)
+    print('From ' + os.path.join(data_dir, 'stats.json') + ': ' +
+          ', '.join(f'{k}={v}' for k, v in fields.items()), flush=True)
   workdir = epath.Path(FLAGS.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   summary = train.train_and_evaluate(config, str(workdir), data_dir)

@@ -1,0 +1,81 @@
+"""Your own labelled videos, prepared with `python -m avt_jax.prepare --dataset=manifest`.
+
+    python -m avt_jax.prepare --dataset=manifest --annotations=my.csv --videos=/data/mine \
+        --output=/data/mine_records --fps=10 --short_side=64 --n_mels=64 --clip_seconds=2
+    python -m avt_jax.main --config=configs/manifest.py --workdir=/tmp/mine \
+        --config.data.data_dir=/data/mine_records
+
+Classes, mel bins, the clip window (stored fps x clip length) and frame size come from the prepared
+folder's `stats.json` (`avt_jax/dataset_stats.py`); the schedule is in epochs, so the number of steps
+follows the number of training clips. Single-modality runs: `configs/manifest.py:video` or `:audio`.
+
+The recipe is tuned for a few hundred to a few thousand clips trained from scratch (see README
+"Learning on real media" for the measurements behind each choice). Expected: on the VoiceDigits
+benchmark (`python -m avt_jax.learning_benchmark`, 360 training clips) ...
+"""
+
+from avt_jax.default_config import get_base_config
+
+
+def get_config(arg: str | None = None):
+  """Manifest config; `arg` may be 'video' or 'audio' for a single-modality run."""
+  c = get_base_config()
+  c.data.name = 'manifest'
+  c.data.from_stats = True
+  c.data.eval_split = 'test'
+  c.data.num_classes = {'class': 2}  # placeholder: from stats.json
+
+  c.input.batch_size = 32
+  c.input.eval_batch_size = 32
+  c.input.num_frames = 8
+  c.input.frame_stride = 2  # from stats.json
+  c.input.image_size = 64  # cap; from stats.json
+  c.input.min_resize = 64  # from stats.json
+  c.input.audio_frames = 192  # from stats.json
+  c.input.n_mels = 64  # from stats.json
+  c.input.shuffle_buffer = 1024
+  c.input.crop_area_range = (0.5, 1.0)
+  c.input.flip = False
+  c.input.spec_augment.freq_masks = 1
+  c.input.spec_augment.freq_width = 8
+  c.input.spec_augment.time_masks = 1
+  c.input.spec_augment.time_width = 16
+  c.input.eval_clips = 1
+  c.input.eval_crops = 1
+
+  c.model.size = 'tiny'
+  c.model.hidden_size = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.mlp_dim = 256
+  c.model.video_patch = (2, 8, 8)
+  c.model.audio_patch = (16, 16)
+  c.model.fusion_layer = 2
+  c.model.n_bottlenecks = 4
+  c.model.contrastive_dim = 64
+  c.model.decoder_width = 64
+  c.model.decoder_depth = 1
+  c.model.decoder_heads = 4
+  c.model.decoder_mlp_dim = 128
+  c.model.stochastic_depth = 0.1
+  c.model.segment_seconds = 0.48
+  c.model.num_segments = 1
+
+  c.loss.label_smoothing = 0.1
+
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_epochs = 5
+  c.optim.weight_decay = 0.05
+
+  c.train.epochs = 60
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+
+  if arg:
+    if arg not in ('video', 'audio'):
+      raise ValueError(f"configs/manifest.py: expected ':video' or ':audio', got {arg!r}.")
+    c.model.modalities = (arg,)
+    for name in ('contrastive', 'matching', 'masked_audio_segment',
+                 'masked_audio' if arg == 'video' else 'masked_video'):
+      c.loss.weights[name] = 0.0
+  return c

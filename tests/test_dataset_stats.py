@@ -1,0 +1,75 @@
+"""configs/manifest.py takes its data-dependent fields from stats.json (avt_jax.dataset_stats)."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+from avt_jax import dataset_stats
+from avt_jax.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STATS = {
+    'num_classes': {'class': 7}, 'num_clips': {'train': 250, 'test': 40}, 'fps': 12.0,
+    'clip_seconds': 3.0, 'short_side': 72, 'n_mels': 48, 'logmel_mean': -5.0, 'logmel_std': 2.0,
+}
+
+
+def manifest_config(arg=None):
+  spec = importlib.util.spec_from_file_location('manifest_config',
+                                                os.path.join(ROOT, 'configs/manifest.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def write_stats(folder, **changes):
+  stats = dict(STATS, **changes)
+  with open(os.path.join(folder, 'stats.json'), 'w') as f:
+    json.dump({k: v for k, v in stats.items() if v is not None}, f)
+  return str(folder)
+
+
+def test_every_data_field_comes_from_stats(tmp_path):
+  config = manifest_config()
+  fields = dataset_stats.apply_stats(config, write_stats(tmp_path))
+  assert dict(config.data.num_classes) == {'class': 7} and tuple(config.data.label_heads) == ('class',)
+  assert config.input.n_mels == 48 and config.input.min_resize == 72
+  # 3 s at 12 fps = 36 stored frames over num_frames=8 -> stride round(4.5) = 4 (8 x 4 = 32 frames,
+  # 2.67 s); audio covers the same 2.67 s in whole 16-frame patches: 266 // 16 * 16 = 256.
+  assert config.input.frame_stride == 4 and config.input.audio_frames == 256
+  # image size: the configured cap 64 (< short side 72) in whole 8-pixel patches.
+  assert config.input.image_size == 64
+  # epochs -> steps: ceil(epochs * 250 / 32); warm-up in epochs.
+  per_epoch = 250 / config.input.batch_size
+  assert config.train.steps == math.ceil(config.train.epochs * per_epoch)
+  assert config.optim.warmup_steps == round(config.optim.warmup_epochs * per_epoch)
+  assert fields['input.audio_frames'] == 256
+  model = build_model(config)  # the filled config is a valid model
+  assert model.num_classes == {'class': 7}
+
+
+def test_small_frames_shrink_the_image_size_to_whole_patches(tmp_path):
+  config = manifest_config('video')
+  dataset_stats.apply_stats(config, write_stats(tmp_path, short_side=44))
+  assert config.input.image_size == 40 and config.input.min_resize == 44
+  assert config.model.modalities == ('video',)
+
+
+def test_not_a_prepared_folder_is_named(tmp_path):
+  with pytest.raises(dataset_stats.DatasetStatsError, match=r'is not a prepared dataset.*prepare'):
+    dataset_stats.apply_stats(manifest_config(), str(tmp_path))
+
+
+def test_missing_field_and_empty_training_split_are_named(tmp_path):
+  with pytest.raises(dataset_stats.DatasetStatsError, match="no 'fps'"):
+    dataset_stats.apply_stats(manifest_config(), write_stats(tmp_path, fps=None))
+  with pytest.raises(dataset_stats.DatasetStatsError, match="training split 'train'"):
+    dataset_stats.apply_stats(manifest_config(), write_stats(tmp_path, num_clips={'test': 3}))
+
+
+def test_unknown_variant_is_rejected():
+  with pytest.raises(ValueError, match=':video'):
+    manifest_config('both')
