@@ -7,6 +7,9 @@ A checkpoint step holds two items under `<workdir>/checkpoints/<step>/`:
 - `meta`: a small JSON dict (input position, config hash, ...), written with
   `ocp.args.JsonSave`.
 
+`BestCheckpointer` keeps, apart from these, the parameters of the step with the
+best evaluation metric under `<workdir>/best/<step>/` (same two items).
+
 Facts checked against orbax-checkpoint 0.12.8 (the pinned version):
 
 - Typed PRNG keys (`jax.random.key`, any impl) and raw `uint32` keys
@@ -151,8 +154,9 @@ class Checkpointer:
       *,
       keep: int = 3,
       save_every: int | None = None,
+      subdir: str = 'checkpoints',
   ):
-    """Opens (and creates) `<workdir>/checkpoints`.
+    """Opens (and creates) `<workdir>/<subdir>`.
 
     Args:
       workdir: the run's directory; local path or `gs://...`.
@@ -160,6 +164,7 @@ class Checkpointer:
         after each save.
       save_every: `save` writes when `step % save_every == 0`; None writes only
         when forced (and when JAX's multi-process preemption service asks).
+      subdir: the folder under `workdir` ('best' holds `BestCheckpointer`'s).
 
     Raises:
       ValueError: `keep` < 1 or `save_every` < 1.
@@ -169,7 +174,7 @@ class Checkpointer:
     if save_every is not None and save_every < 1:
       raise ValueError(
           f'Checkpointer save_every: expected >= 1 or None, got {save_every}.')
-    self.directory = epath.Path(workdir) / 'checkpoints'
+    self.directory = epath.Path(workdir) / subdir
     policies = [checkpoint_managers.PreemptionCheckpointingPolicy()]
     if save_every is not None:
       policies.append(checkpoint_managers.FixedIntervalPolicy(save_every))
@@ -277,6 +282,16 @@ class Checkpointer:
     )
     return restored[_STATE], restored[_META]
 
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """Returns the `meta` saved with `step`, without reading its arrays."""
+    if step not in self.all_steps():
+      raise FileNotFoundError(
+          f'No checkpoint for step {step} in {self.directory}; available '
+          f'steps: {self.all_steps()}.')
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+    return restored[_META]
+
   def wait(self) -> None:
     """Blocks until every started write is complete on disk."""
     self._manager.wait_until_finished()
@@ -286,6 +301,140 @@ class Checkpointer:
     self._manager.close()
 
   def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+BEST_SUBDIR = 'best'
+
+
+def infer_best_mode(metric: str) -> str:
+  """'min' for metric names that end in 'loss' or 'error', else 'max'."""
+  return 'min' if metric.lower().endswith(('loss', 'error')) else 'max'
+
+
+class BestCheckpointer:
+  """The single best checkpoint by an evaluation metric, in `<workdir>/best/<step>/`.
+
+  A second orbax CheckpointManager (a `Checkpointer` keeping 1 step) next to the
+  latest checkpoints' one, rather than orbax's best-N preservation options on a
+  single manager: those would need every evaluated step saved in the latest
+  rotation (with its own schedule and keep count) and steps without metrics
+  handled apart. Here the latest checkpoints' schedule and keep-N rotation are
+  untouched and cannot reach the best one, which lives in another directory; a
+  step is written there only when an evaluation improves on the best so far
+  (ties keep the earlier step), and orbax then deletes the previous best. The
+  best step is the only complete step in that directory; its JSON meta records
+  `{'metric', 'mode', 'step', 'value', 'metrics'}` (all evaluation metrics of
+  that step), from which a resumed run takes the best value to beat.
+
+  It holds parameters only: what evaluation and export need (with AdamW, a third
+  of the train state).
+
+  Every process of a multi-process job must make the same calls with the same
+  metrics.
+  """
+
+  def __init__(self, workdir: epath.PathLike, metric: str, mode: str):
+    """Opens (and creates) `<workdir>/best` and reads the best so far.
+
+    Args:
+      workdir: the run's directory; local path or `gs://...`.
+      metric: the evaluation metric that decides, e.g. 'top1'.
+      mode: 'max' (higher is better) or 'min'.
+
+    Raises:
+      ValueError: `mode` is not 'max' or 'min', or the saved best has no value
+        for `metric`.
+    """
+    if mode not in ('max', 'min'):
+      raise ValueError(f"BestCheckpointer mode: expected 'max' or 'min', got {mode!r}.")
+    self.metric, self.mode = metric, mode
+    self._ckpt = Checkpointer(workdir, keep=1, subdir=BEST_SUBDIR)
+    self.directory = self._ckpt.directory
+    self.step: int | None = None
+    self.value: float | None = None
+    self.metrics: dict[str, Any] = {}
+    step = self._ckpt.latest_step()
+    if step is not None:
+      meta = self._ckpt.read_meta(step)
+      if metric not in meta['metrics']:
+        raise ValueError(
+            f'best metric {metric!r}: the best checkpoint in {self.directory} '
+            f'(step {step}) has no value for it; it has {sorted(meta["metrics"])}.')
+      if (meta['metric'], meta['mode']) != (metric, mode):
+        logging.warning(
+            'The best checkpoint in %s (step %d) was chosen by %s (%s); '
+            'comparing by %s (%s) from now on, starting from its %s = %s.',
+            self.directory, step, meta['metric'], meta['mode'], metric, mode,
+            metric, meta['metrics'][metric])
+      self.step, self.metrics = step, meta['metrics']
+      self.value = float(meta['metrics'][metric])
+
+  def improves(self, value: float) -> bool:
+    """Whether `value` is strictly better than the best so far."""
+    if self.value is None:
+      return True
+    return value > self.value if self.mode == 'max' else value < self.value
+
+  def update(self, step: int, params: PyTree, metrics: dict[str, Any]) -> bool:
+    """Saves `params` as the new best if `metrics[metric]` improves on the best.
+
+    A step at or before the saved best step is never saved: it was already
+    compared (a run resumed from a latest checkpoint older than the best).
+
+    Args:
+      step: the train step `params` belong to.
+      params: pytree of `jax.Array`s.
+      metrics: the evaluation metrics of `params` (JSON numbers).
+
+    Returns:
+      Whether `step` became the best (its write has started).
+
+    Raises:
+      ValueError: `metrics` has no value for the metric.
+    """
+    if self.metric not in metrics:
+      raise ValueError(f'best metric {self.metric!r}: not among the evaluation '
+                       f'metrics {sorted(metrics)}.')
+    value = float(metrics[self.metric])
+    if (self.step is not None and step <= self.step) or not self.improves(value):
+      return False
+    metrics = {k: (int(v) if isinstance(v, int) else float(v)) for k, v in metrics.items()}
+    self._ckpt.save(step, params, {'metric': self.metric, 'mode': self.mode, 'step': step,
+                                   'value': value, 'metrics': metrics}, force=True)
+    self.step, self.value, self.metrics = step, value, metrics
+    return True
+
+  def summary(self) -> dict[str, Any] | None:
+    """{'metric', 'mode', 'step', 'value'} of the best so far; None before the first."""
+    if self.step is None:
+      return None
+    return {'metric': self.metric, 'mode': self.mode, 'step': self.step, 'value': self.value}
+
+  def restore(self, params_template: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    """Reads the best parameters into a template (see `Checkpointer.restore`).
+
+    Returns:
+      (params, meta).
+
+    Raises:
+      FileNotFoundError: there is no best checkpoint yet.
+    """
+    if self.step is None:
+      raise FileNotFoundError(f'No best checkpoint in {self.directory}.')
+    return self._ckpt.restore(params_template, self.step)
+
+  def wait(self) -> None:
+    """Blocks until the best checkpoint's write is complete on disk."""
+    self._ckpt.wait()
+
+  def close(self) -> None:
+    self._ckpt.close()
+
+  def __enter__(self) -> BestCheckpointer:
     return self
 
   def __exit__(self, *exc_info: Any) -> None:

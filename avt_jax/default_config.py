@@ -107,4 +107,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.eval_only = False
+  # Evaluate data.eval_split every N steps during training and keep the best checkpoint in
+  # <workdir>/best by best_metric (a score evaluate returns; '': top1, mAP or action_top1 by the
+  # kind of labels) and best_mode ('max' or 'min'; '': 'min' for names ending in loss or error).
+  # 0: evaluate once, at the end, and keep no best checkpoint.
+  c.train.eval_every = 0
+  c.train.best_metric = ''
+  c.train.best_mode = ''
+  c.train.eval_checkpoint = 'latest'  # what eval_only evaluates: 'latest' or 'best'
   return c

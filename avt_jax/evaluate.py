@@ -1,6 +1,6 @@
 """Multi-view evaluation: every view of every video through the model, logits averaged per video."""
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -24,6 +24,52 @@ def make_eval_step(model, modalities):
   return eval_step
 
 
+def score_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The scores `evaluate` returns for this config (besides 'num_videos'); the first is the headline."""
+  return metrics.SCORES[metric_kind(config)]
+
+
+def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str, split: str
+                   ) -> Callable[[Any], dict[str, float]]:
+  """Returns evaluate(params) -> metrics on `split`, compiling the eval step once for all calls.
+
+  Training evaluates every `train.eval_every` steps; a fresh `jax.jit` per call would compile the
+  model again each time.
+  """
+  modalities = tuple(config.model.modalities)
+  step = jax.jit(make_eval_step(model, modalities), in_shardings=(None, sharding.batch_sharding(mesh)))
+  kind = metric_kind(config)
+
+  def run(params: Any) -> dict[str, float]:
+    accumulator = metrics.MultiViewAccumulator()
+    views = input_lib.make_eval_iterator(config, data_dir, split)
+    nproc, pid = jax.process_count(), jax.process_index()
+    template = None
+    while True:
+      batch = next(views, None)
+      if nproc > 1:
+        if not multihost_utils.process_allgather(np.asarray(batch is not None)).any():
+          break
+        if batch is None:
+          batch = {k: np.zeros_like(v) for k, v in template.items()}
+          batch['index'] = np.full_like(template['index'], -1)
+      elif batch is None:
+        break
+      template = batch
+      logits = step(params, sharding.global_batch({k: batch[k] for k in (*modalities, 'mask')}, mesh))
+      labels = {k.removeprefix('labels/'): v for k, v in batch.items() if k.startswith('labels/')}
+      index = np.where(batch['index'] >= 0, batch['index'] * nproc + pid, -1)  # unique across hosts
+      local = (labels, index, batch['mask'])
+      if nproc > 1:
+        logits, local = multihost_utils.process_allgather((logits, local), tiled=True)
+      else:
+        logits = jax.device_get(logits)
+      accumulator.add(logits, *local)
+    return accumulator.result(kind)
+
+  return run
+
+
 def evaluate(config: ml_collections.ConfigDict, model, params: Any, mesh, data_dir: str,
              split: str) -> dict[str, float]:
   """Evaluates `params` on all views (`input.eval_clips` x `input.eval_crops`) of `split`.
@@ -31,30 +77,4 @@ def evaluate(config: ml_collections.ConfigDict, model, params: Any, mesh, data_d
   Padded examples (mask 0) are never counted; on several hosts, hosts that run out of views feed
   fully padded batches until all are done.
   """
-  modalities = tuple(config.model.modalities)
-  step = jax.jit(make_eval_step(model, modalities), in_shardings=(None, sharding.batch_sharding(mesh)))
-  accumulator = metrics.MultiViewAccumulator()
-  views = input_lib.make_eval_iterator(config, data_dir, split)
-  nproc, pid = jax.process_count(), jax.process_index()
-  template = None
-  while True:
-    batch = next(views, None)
-    if nproc > 1:
-      if not multihost_utils.process_allgather(np.asarray(batch is not None)).any():
-        break
-      if batch is None:
-        batch = {k: np.zeros_like(v) for k, v in template.items()}
-        batch['index'] = np.full_like(template['index'], -1)
-    elif batch is None:
-      break
-    template = batch
-    logits = step(params, sharding.global_batch({k: batch[k] for k in (*modalities, 'mask')}, mesh))
-    labels = {k.removeprefix('labels/'): v for k, v in batch.items() if k.startswith('labels/')}
-    index = np.where(batch['index'] >= 0, batch['index'] * nproc + pid, -1)  # unique across hosts
-    local = (labels, index, batch['mask'])
-    if nproc > 1:
-      logits, local = multihost_utils.process_allgather((logits, local), tiled=True)
-    else:
-      logits = jax.device_get(logits)
-    accumulator.add(logits, *local)
-  return accumulator.result(metric_kind(config))
+  return make_evaluator(config, model, mesh, data_dir, split)(params)

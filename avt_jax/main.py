@@ -3,8 +3,10 @@
     python -m avt_jax.main --config=configs/demo.py --workdir=/tmp/avt_demo
     python -m avt_jax.main --config=configs/kinetics_sounds.py --workdir=gs://bucket/ks \
         --config.data.data_dir=/data/ks_records
-    # evaluate the latest checkpoint of a workdir only:
+    # evaluate the latest checkpoint of a workdir only, or its best (kept when train.eval_every > 0):
     python -m avt_jax.main --config=configs/demo.py --workdir=/tmp/avt_demo --config.train.eval_only
+    python -m avt_jax.main --config=configs/demo.py --workdir=/tmp/avt_demo --config.train.eval_only \
+        --config.train.eval_checkpoint=best
 
 A workdir that already holds checkpoints resumes from the latest one. On several hosts (TPU pod
 slices, multi-node GPU) pass --multihost on every host.
@@ -56,6 +58,9 @@ def summary_table(config, summary: dict) -> str:
           ('train time', f'{summary["train_seconds"]:.0f} s')]
   rows += [(f'train {k}', f'{v:.4f}') for k, v in summary['train'].items() if k.startswith('loss')]
   rows += [(f'eval {k}', f'{v:.4f}' if isinstance(v, float) else v) for k, v in summary['eval'].items()]
+  if 'best' in summary:
+    rows.append((f'best {summary["best"]["metric"]}',
+                 f'{summary["best"]["value"]:.4f} (step {summary["best"]["step"]})'))
   width = max(len(str(k)) for k, _ in rows)
   lines = [f'| {"":{width}} | value |', f'|{"-" * (width + 2)}|-------|']
   return '\n'.join(lines + [f'| {str(k):{width}} | {v} |' for k, v in rows])
@@ -74,6 +79,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; progress is printed
   if FLAGS.multihost:
     jax.distributed.initialize()
+  train.check_eval_config(config, FLAGS.workdir)  # before data work; after distributed init (orbax)
   start = time.time()
   data_dir = resolve_data_dir(config)
   if config.data.from_stats or config.train.epochs:

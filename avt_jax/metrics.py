@@ -21,6 +21,13 @@ from typing import Mapping
 import numpy as np
 
 KINDS = ('single_label', 'multi_label', 'multi_head')
+# The scores `MultiViewAccumulator.result` returns for each kind (besides 'num_videos'); the first
+# is the kind's headline number (the default `config.train.best_metric`).
+SCORES = {
+    'single_label': ('top1', 'top5', 'mAP'),
+    'multi_label': ('mAP',),
+    'multi_head': ('action_top1', 'verb_top1', 'verb_top5', 'noun_top1', 'noun_top5'),
+}
 
 
 def _as_2d(name: str, array: np.ndarray) -> np.ndarray:

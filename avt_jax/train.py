@@ -1,12 +1,14 @@
 """The training loop: resume, train with progress logging and checkpoints, then evaluate."""
 
+import contextlib
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
+from etils import epath
 
 from avt_jax import checkpointing, evaluate, input as input_lib, sharding
 from avt_jax.train_step import check_finite, make_train_step, setup
@@ -40,26 +42,124 @@ class ProgressLog:
           f'{rate:.2f} steps/s | ETA {_format_seconds(eta)}', flush=True)
     return means
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation) out of the steps/s and ETA of the next report."""
+    self.last_time += seconds
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-  """Parameters of a workdir's latest (or given) checkpoint, e.g. for analysis or export."""
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                   checkpoint: str = 'latest'):
+  """Parameters of a workdir's latest (or given) checkpoint, or with checkpoint='best' of its best
+  checkpoint (`<workdir>/best`), e.g. for analysis or export."""
   *_, init = setup(config)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  if checkpoint == 'best':
+    with checkpointing.BestCheckpointer(workdir, *check_eval_config(config)) as best:
+      return best.restore(abstract.params)[0]
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   state, _ = ckpt.restore(abstract, step)
   ckpt.close()
   return state.params
 
 
+def check_eval_config(config: ml_collections.ConfigDict, workdir: str | None = None
+                      ) -> tuple[str, str]:
+  """Checks `config.train`'s evaluation fields; returns (best metric, best mode) with '' resolved.
+
+  With `workdir`, also checks that `eval_only` with `eval_checkpoint='best'` has a best checkpoint.
+
+  Raises:
+    ValueError: naming the field, what it holds and what it may hold.
+  """
+  t = config.train
+  if not isinstance(t.eval_every, int) or t.eval_every < 0:
+    raise ValueError('config.train.eval_every: expected an integer >= 0 (steps between evaluations; '
+                     f'0 evaluates only at the end), got {t.eval_every!r}.')
+  scores = evaluate.score_names(config)
+  metric = t.best_metric or scores[0]
+  if metric not in scores:
+    raise ValueError(f'config.train.best_metric: {metric!r} is not among the evaluation metrics of '
+                     f'{evaluate.metric_kind(config)} labels {scores} (or \'\' for {scores[0]!r}).')
+  mode = t.best_mode or checkpointing.infer_best_mode(metric)
+  if mode not in ('max', 'min'):
+    raise ValueError("config.train.best_mode: expected 'max', 'min' or '' (inferred from the metric "
+                     f'name), got {t.best_mode!r}.')
+  if t.eval_checkpoint not in ('latest', 'best'):
+    raise ValueError("config.train.eval_checkpoint: expected 'latest' or 'best', got "
+                     f'{t.eval_checkpoint!r}.')
+  if workdir is not None and t.eval_only and t.eval_checkpoint == 'best':
+    if not _saved_steps(workdir, checkpointing.BEST_SUBDIR):
+      latest = _saved_steps(workdir, 'checkpoints')
+      exists = (f"its latest checkpoints are steps {latest}: use config.train.eval_checkpoint='latest'"
+                if latest else 'it has no checkpoints at all')
+      raise ValueError(
+          f"config.train.eval_checkpoint='best': there is no best checkpoint in "
+          f'{epath.Path(workdir) / checkpointing.BEST_SUBDIR} (training keeps one when '
+          f'config.train.eval_every > 0); {exists}.')
+  return metric, mode
+
+
+def _saved_steps(workdir: str, subdir: str) -> list[int]:
+  """The complete steps in `<workdir>/<subdir>`, without creating the folder."""
+  if not (epath.Path(workdir) / subdir).exists():
+    return []
+  with checkpointing.Checkpointer(workdir, subdir=subdir) as ckpt:
+    return ckpt.all_steps()
+
+
+def _open_best(config: ml_collections.ConfigDict, workdir: str, metric: str, mode: str):
+  """The run's BestCheckpointer when it evaluates during training or evaluates the best; else a
+  context that yields None (eval_every = 0 keeps no best checkpoint)."""
+  t = config.train
+  if t.eval_every > 0 or (t.eval_only and t.eval_checkpoint == 'best'):
+    return checkpointing.BestCheckpointer(workdir, metric, mode)
+  return contextlib.nullcontext()
+
+
+def _with_best_params(state, best: checkpointing.BestCheckpointer, abstract, state_shardings):
+  """`state` with the best checkpoint's parameters; and the step they are from."""
+  target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract.params, state_shardings.params)
+  params, meta = best.restore(target)
+  print(f'Evaluating the best checkpoint: step {meta["step"]} ({meta["metric"]} '
+        f'{meta["value"]:.4f} when it was saved).', flush=True)
+  return state.replace(params=params), meta['step']
+
+
+def _evaluate_during_training(step: int, params, evaluator: Callable[[Any], dict[str, float]],
+                              best: checkpointing.BestCheckpointer,
+                              writer: metric_writers.MetricWriter, progress: ProgressLog
+                              ) -> tuple[dict[str, float], float]:
+  """Evaluates `params`, logs `eval/<metric>` at `step`, keeps them if best; returns the metrics
+  and the seconds it took (left out of the progress log's steps/s)."""
+  t0 = time.time()
+  results = evaluator(params)
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()})
+  new = best.update(step, params, results)
+  seconds = time.time() - t0
+  progress.exclude(seconds)
+  scores = ' '.join(f'{k} {v:.4f}' for k, v in results.items() if k != 'num_videos')
+  print(f'eval step {step}/{progress.total} | {scores} ({results["num_videos"]} videos) | best '
+        f'{best.metric} {best.value:.4f} at step {best.step}{" (new)" if new else ""} | '
+        f'{seconds:.1f} s', flush=True)
+  return results, seconds
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str
                        ) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints), then evaluates.
 
+  With `train.eval_every` > 0 it also evaluates every that many steps and at the last step, and
+  keeps the best checkpoint by `train.best_metric` in `<workdir>/best` (see `_train_loop`).
+
   Returns:
-    {'train': last logged means, 'eval': evaluation metrics, 'steps': final step,
-     'train_seconds': wall time of this run's training}.
+    {'train': last logged means, 'eval': evaluation metrics, 'steps': final (or evaluated best)
+     step, 'train_seconds': wall time of this run's training without evaluations,
+     'eval_seconds': of the evaluations during training, and with a best checkpoint 'best':
+     {'metric', 'mode', 'step', 'value'}}.
   """
   model, tx, schedule, init = setup(config)
+  best_metric, best_mode = check_eval_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   total_steps = int(config.train.steps)
   rng = jax.random.PRNGKey(config.seed)
@@ -68,6 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   # Leaving the `with` (also through an error) waits for checkpoint writes in flight.
   with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                   save_every=config.train.checkpoint_every) as ckpt, \
+       _open_best(config, workdir, best_metric, best_mode) as best, \
        jax.set_mesh(mesh):
     if ckpt.latest_step() is None:
       state = jax.jit(init, out_shardings=state_shardings)(rng)
@@ -80,16 +181,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       print(f'Resumed from {workdir} at step {int(state.step)} ({meta}).', flush=True)
 
     start = int(state.step)
-    summary = {'train': {}, 'steps': start, 'train_seconds': 0.0}
+    summary = {'train': {}, 'steps': start, 'train_seconds': 0.0, 'eval_seconds': 0.0}
+    evaluator = evaluate.make_evaluator(config, model, mesh, data_dir, config.data.eval_split)
+    if config.train.eval_only and config.train.eval_checkpoint == 'best':
+      state, summary['steps'] = _with_best_params(state, best, abstract, state_shardings)
+    last_eval = None
     if not config.train.eval_only and start < total_steps:
       summary['train'] = _train_loop(config, model, tx, schedule, mesh, state_shardings, state,
-                                     ckpt, data_dir, workdir, start)
+                                     ckpt, data_dir, workdir, start, evaluator=evaluator, best=best)
       state = summary['train'].pop('state')
       summary['train_seconds'] = summary['train'].pop('seconds')
+      summary['eval_seconds'] = summary['train'].pop('eval_seconds')
+      last_eval = summary['train'].pop('last_eval')
       summary['steps'] = int(state.step)
-    summary['eval'] = evaluate.evaluate(config, model, state.params, mesh, data_dir,
-                                        config.data.eval_split)
-  if jax.process_index() == 0:
+    reused = last_eval is not None and last_eval[0] == summary['steps']
+    if reused:  # the loop has just evaluated (and logged) the last step
+      summary['eval'] = last_eval[1]
+    else:
+      summary['eval'] = evaluator(state.params)
+      if best is not None and not config.train.eval_only:
+        best.update(summary['steps'], state.params, summary['eval'])
+    if best is not None and best.summary() is not None:
+      summary['best'] = best.summary()
+  if jax.process_index() == 0 and not reused:
     writer = metric_writers.SummaryWriter(workdir)
     writer.write_scalars(summary['steps'], {f'eval/{k}': v for k, v in summary['eval'].items()})
     writer.close()
@@ -97,8 +211,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
 
 def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt, data_dir, workdir,
-                start: int) -> dict[str, Any]:
+                start: int, *, evaluator: Callable[[Any], dict[str, float]] | None = None,
+                best: checkpointing.BestCheckpointer | None = None) -> dict[str, Any]:
+  """Trains from step `start` to `train.steps`; with `train.eval_every` > 0 evaluates every that
+  many steps and at the last one (`evaluator`), and saves improvements to `best`.
+
+  Evaluation reads only the parameters: the training batches, PRNG keys and updates are the same
+  with or without it. A step where preemption is requested is saved but not evaluated (so the
+  process exits quickly); the resumed run evaluates at its next evaluation step.
+  """
   total_steps = int(config.train.steps)
+  eval_every = int(config.train.eval_every)
+  last_eval, eval_seconds = None, 0.0
   step_fn = jax.jit(make_train_step(config, model, tx, schedule),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -117,7 +241,8 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
     pending.append((step, metrics))
     preempted = checkpointing.preemption_requested(step)
     save_due = step % config.train.checkpoint_every == 0 or step == total_steps or preempted
-    if save_due or step % config.train.log_every == 0:
+    eval_due = eval_every > 0 and (step % eval_every == 0 or step == total_steps) and not preempted
+    if save_due or eval_due or step % config.train.log_every == 0:
       history = []
       for s, m in pending:  # Check every step since the last report before anything is saved.
         m = jax.device_get(m)
@@ -128,9 +253,14 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
     if save_due:
       ckpt.save(step, state, {'step': step, 'examples_seen': step * config.input.batch_size},
                 force=True)
+    if eval_due:
+      results, seconds = _evaluate_during_training(step, state.params, evaluator, best, writer,
+                                                   progress)
+      last_eval, eval_seconds = (step, results), eval_seconds + seconds
     if preempted:
       ckpt.wait()
       print(f'Preemption requested: saved step {step}, exiting.', flush=True)
       raise SystemExit(0)
   writer.flush()
-  return {**means, 'state': state, 'seconds': time.time() - t0}
+  return {**means, 'state': state, 'seconds': time.time() - t0 - eval_seconds,
+          'eval_seconds': eval_seconds, 'last_eval': last_eval}

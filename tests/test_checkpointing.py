@@ -338,3 +338,45 @@ def test_sigterm_to_one_process_of_a_distributed_job(tmp_path):
         proc.kill()
   assert steps[0] == steps[1] >= 3
   _assert_checkpoint_of(tmp_path, steps[0])
+
+
+def test_best_checkpointer_keeps_the_best_and_reads_it_back(tmp_path):
+  params = lambda v: {'w': jnp.full(2, v)}
+  template = {'w': jax.ShapeDtypeStruct((2,), jnp.float32)}
+  with checkpointing.BestCheckpointer(tmp_path, 'top1', 'max') as best:
+    assert best.summary() is None
+    assert best.update(2, params(2.0), {'top1': 0.5, 'num_videos': 9})
+    assert not best.update(4, params(4.0), {'top1': 0.5, 'num_videos': 9})  # a tie keeps step 2
+    assert best.update(6, params(6.0), {'top1': 0.75, 'num_videos': 9})
+    assert not best.update(8, params(8.0), {'top1': 0.25, 'num_videos': 9})
+    with pytest.raises(ValueError, match=r"'top1': not among the evaluation metrics \['mAP'\]"):
+      best.update(10, params(10.0), {'mAP': 1.0})
+  assert sorted(p.name for p in (tmp_path / 'best').iterdir()) == ['6']
+  # A resumed run starts from the value on disk: a worse or equal later step is not saved.
+  with checkpointing.BestCheckpointer(tmp_path, 'top1', 'max') as best:
+    assert best.summary() == {'metric': 'top1', 'mode': 'max', 'step': 6, 'value': 0.75}
+    assert not best.update(8, params(8.0), {'top1': 0.5, 'num_videos': 9})
+    assert not best.update(6, params(-1.0), {'top1': 1.0, 'num_videos': 9})  # already compared
+    restored, meta = best.restore(template)
+  np.testing.assert_array_equal(restored['w'], np.full(2, 6.0))
+  assert meta == {'metric': 'top1', 'mode': 'max', 'step': 6, 'value': 0.75,
+                  'metrics': {'top1': 0.75, 'num_videos': 9}}
+  # 'min' compares the other way; another metric is read from the saved step's metrics.
+  with checkpointing.BestCheckpointer(tmp_path, 'num_videos', 'min') as best:
+    assert best.value == 9
+    assert best.update(12, params(12.0), {'top1': 0.0, 'num_videos': 8})
+  with pytest.raises(ValueError, match=r"best metric 'mAP'.*step 12.*\['num_videos', 'top1'\]"):
+    checkpointing.BestCheckpointer(tmp_path, 'mAP', 'max')
+
+
+def test_best_checkpoint_is_apart_from_the_latest_rotation(tmp_path):
+  state = lambda v: {'w': jnp.full(2, v)}
+  with checkpointing.Checkpointer(tmp_path, keep=1, save_every=1) as ckpt, \
+       checkpointing.BestCheckpointer(tmp_path, 'loss', checkpointing.infer_best_mode('loss')) as best:
+    assert best.mode == 'min'
+    for step, loss in enumerate([3.0, 1.0, 2.0, 2.5], start=1):
+      ckpt.save(step, state(step), {})
+      best.update(step, state(step), {'loss': loss})
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['4']
+  assert sorted(p.name for p in (tmp_path / 'best').iterdir()) == ['2']
+  assert checkpointing.infer_best_mode('top1') == 'max'

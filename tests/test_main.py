@@ -1,9 +1,11 @@
-"""End to end through `python -m avt_jax.main`: kill/resume, preemption, eval-only, config errors."""
+"""End to end through `python -m avt_jax.main`: kill/resume, preemption, eval-only, evaluation
+during training with a best checkpoint, config errors."""
 
 import importlib.util
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,4 +157,108 @@ def test_bad_config_fails_before_any_work_naming_the_field(tmp_path, flag, field
   result = run(command(tmp_path, '/nonexistent', flag))
   assert result.returncode != 0
   assert field in result.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def eval_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+  """{'eval/<metric>': [(step, value), ...]} of a workdir's TensorBoard events, as written."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  scalars = {}
+  for path in sorted(tf.io.gfile.glob(str(workdir / 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.tag.startswith('eval/'):
+          scalars.setdefault(v.tag, []).append((event.step, float(tf.make_ndarray(v.tensor))))
+  return scalars
+
+
+def assert_same_params(a, b):
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_eval_every_keeps_the_best_checkpoint_through_resume_and_eval_only(
+    data_dir, straight_run, tmp_path):
+  steps = '--config.train.steps=8'
+  workdir = tmp_path / 'run'
+  flags = (steps, '--config.train.eval_every=2', '--config.train.keep_checkpoints=2')
+  result = run(command(workdir, data_dir, *flags))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [int(s) for s in re.findall(r'^eval step (\d+)/8', result.stdout, re.M)] == [2, 4, 6, 8]
+
+  # Evaluating reads the parameters only: training is the same as without eval_every.
+  config = demo_config(steps)
+  assert_same_params(train.restore_params(config, str(workdir)),
+                     train.restore_params(config, str(straight_run)))
+
+  # eval/<metric> at every evaluated step, once: the final evaluation reuses step 8's.
+  scalars = eval_scalars(workdir)
+  assert set(scalars) == {'eval/top1', 'eval/top5', 'eval/mAP', 'eval/num_videos'}
+  for tag, points in scalars.items():
+    assert [step for step, _ in points] == [2, 4, 6, 8], tag
+  logged = {step: {tag.removeprefix('eval/'): points[i][1] for tag, points in scalars.items()}
+            for i, step in enumerate([2, 4, 6, 8])}
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['eval'] == pytest.approx(logged[8])
+
+  # The best step is the (first) argmax of the logged top1; the latest rotation kept 6 and 8 only
+  # and left the best alone.
+  top1 = [logged[s]['top1'] for s in (2, 4, 6, 8)]
+  best_step = (2, 4, 6, 8)[int(np.argmax(top1))]
+  assert results['best'] == {'metric': 'top1', 'mode': 'max', 'step': best_step,
+                             'value': pytest.approx(max(top1))}
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['6', '8']
+  assert [p.name for p in (workdir / 'best').iterdir()] == [str(best_step)]
+
+  # Resume from step 6 (as if killed before the step 8 checkpoint): the best so far comes from disk,
+  # so a worse evaluation at step 8 does not replace it.
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '8')
+  (resumed / 'results.json').unlink()
+  again = run(command(resumed, data_dir, *flags))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'Resumed from' in again.stdout and 'eval step 8/8' in again.stdout
+  assert json.loads((resumed / 'results.json').read_text())['best'] == results['best']
+  assert [p.name for p in (resumed / 'best').iterdir()] == [str(best_step)]
+  assert_same_params(train.restore_params(config, str(resumed)),
+                     train.restore_params(config, str(workdir)))
+
+  # eval_only on the best checkpoint evaluates the best step's parameters.
+  only = run(command(workdir, data_dir, steps, '--config.train.eval_only=True',
+                     '--config.train.eval_checkpoint=best'))
+  assert only.returncode == 0, only.stderr[-3000:]
+  assert f'Evaluating the best checkpoint: step {best_step}' in only.stdout
+  evaluated = json.loads((workdir / 'results.json').read_text())
+  assert evaluated['steps'] == best_step and evaluated['train_seconds'] == 0.0
+  assert evaluated['eval'] == pytest.approx(logged[best_step])
+  assert evaluated['best'] == results['best']
+
+
+def test_bad_eval_settings_name_the_field_and_what_exists(straight_run, tmp_path):
+  def error(workdir=None, **train_fields):
+    config = demo_config()
+    config.train.update(train_fields)
+    with pytest.raises(ValueError) as info:
+      train.check_eval_config(config, workdir and str(workdir))
+    return str(info.value)
+
+  assert train.check_eval_config(demo_config()) == ('top1', 'max')
+  message = error(best_metric='top3')
+  assert 'config.train.best_metric' in message and "('top1', 'top5', 'mAP')" in message
+  epic = demo_config()
+  epic.data.label_heads = ('verb', 'noun')
+  assert train.check_eval_config(epic) == ('action_top1', 'max')
+  assert 'config.train.best_mode' in error(best_mode='maximum')
+  assert 'config.train.eval_every' in error(eval_every=-1)
+  assert 'config.train.eval_checkpoint' in error(eval_checkpoint='oldest')
+  # straight_run trained without eval_every: it has latest checkpoints and no best one.
+  message = error(straight_run, eval_only=True, eval_checkpoint='best')
+  assert re.search(r"config.train.eval_checkpoint='best': there is no best checkpoint in .*best "
+                   r'.*latest checkpoints are steps \[4, 6, 8\]', message), message
+  assert 'no checkpoints at all' in error(tmp_path, eval_only=True, eval_checkpoint='best')
+  assert not (straight_run / 'best').exists() and not (tmp_path / 'best').exists()
+  # Through main: before any data or checkpoint work.
+  result = run(command(tmp_path, '/nonexistent', '--config.train.best_metric=accuracy'))
+  assert result.returncode != 0
+  assert "config.train.best_metric: 'accuracy' is not among" in result.stderr
   assert not (tmp_path / 'checkpoints').exists()

@@ -201,6 +201,7 @@ def test_single_label_averages_view_logits_and_ignores_padding():
   acc = metrics.MultiViewAccumulator()
   feed(acc, index, logits, labels, batch=16, rng=rng)
   result = acc.result('single_label')
+  assert set(result) == {*metrics.SCORES['single_label'], 'num_videos'}
   ids = video_labels['label'].argmax(1)
   assert result['num_videos'] == 40
   assert result['top1'] == pytest.approx(
@@ -236,6 +237,7 @@ def test_multi_label_map_matches_sklearn_on_averaged_logits():
   acc = metrics.MultiViewAccumulator()
   feed(acc, index, logits, labels, batch=7, rng=rng)
   result = acc.result('multi_label')
+  assert set(result) == {*metrics.SCORES['multi_label'], 'num_videos'}
   assert result['num_videos'] == 30
   assert result['mAP'] == pytest.approx(skm.average_precision_score(
       video_labels['labels'], mean_logits['labels'], average='macro'))
@@ -248,6 +250,7 @@ def test_multi_head_matches_epic_accuracies_on_averaged_logits():
   acc = metrics.MultiViewAccumulator()
   feed(acc, index, logits, labels, batch=8, rng=rng)
   result = acc.result('multi_head')
+  assert set(result) == {*metrics.SCORES['multi_head'], 'num_videos'}
   expected = metrics.epic_accuracies(
       mean_logits['verb'], mean_logits['noun'],
       video_labels['verb'].argmax(1), video_labels['noun'].argmax(1))
