@@ -28,6 +28,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.label_heads = ('class',)
   c.data.num_classes = {'class': 1}
   c.data.multi_label = False
+  c.data.from_stats = False  # fill classes, mel bins and clip windows from stats.json (dataset_stats.py)
 
   c.input = ml_collections.ConfigDict()
   c.input.batch_size = 64  # global
@@ -70,6 +71,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.mask_ratio_audio = 0.75
   c.model.segment_seconds = 0.64
   c.model.num_segments = 2
+  c.model.classifier = 'token'  # or 'gap': mean of the fused tokens instead of the CLS token
   c.model.dropout = 0.0
   c.model.stochastic_depth = 0.1
   c.model.dtype = 'float32'
@@ -83,6 +85,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       classification=1.0, contrastive=0.1, matching=0.1, masked_video=0.1, masked_audio=0.1,
       masked_audio_segment=0.1))
   c.loss.label_smoothing = 0.1
+  c.loss.modality_weight = 0.0  # + each modality's own classification loss (losses.total_loss)
   c.loss.normalize_target = True
 
   c.optim = ml_collections.ConfigDict()
@@ -95,6 +98,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.grad_clip_norm = 1.0
   c.optim.accumulation_steps = 1
+  c.optim.warmup_epochs = 0.0  # with train.epochs: warm-up length in epochs (replaces warmup_steps)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices
@@ -103,6 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 30000
+  c.train.epochs = 0.0  # > 0: train.steps = ceil(epochs * train clips / batch_size) (from stats.json)
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3

@@ -105,7 +105,8 @@ def masked_reconstruction_loss(pred: jax.Array, target: jax.Array, patch_mask: j
 
 def total_loss(outputs: Mapping, batch: Mapping[str, jax.Array], weights: Mapping[str, float], *,
                multi_label: bool = False, label_smoothing: float = 0.0,
-               normalize_target: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+               normalize_target: bool = True, modality_weight: float = 0.0
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted sum of the objectives present in `weights` with a non-zero weight.
 
   Args:
@@ -114,6 +115,10 @@ def total_loss(outputs: Mapping, batch: Mapping[str, jax.Array], weights: Mappin
     weights: objective -> weight.
     multi_label, label_smoothing: classification options.
     normalize_target: per-patch normalised reconstruction targets.
+    modality_weight: the classification term adds `modality_weight` x the mean over modalities of
+      each modality's own classification loss (`outputs['modality_logits']`), so that every
+      modality must classify on its own and none is left to the other (our design: without it,
+      fusing audio made VoiceDigits results worse than video alone, see README).
 
   Returns:
     (total, {objective: unweighted value}).
@@ -125,8 +130,13 @@ def total_loss(outputs: Mapping, batch: Mapping[str, jax.Array], weights: Mappin
       continue
     if name == 'classification':
       labels = {h: batch[f'labels/{h}'] for h in outputs['logits']}
-      terms[name] = classification_loss(outputs['logits'], labels, mask, multi_label=multi_label,
-                                        label_smoothing=label_smoothing)
+      options = dict(multi_label=multi_label, label_smoothing=label_smoothing)
+      terms[name] = classification_loss(outputs['logits'], labels, mask, **options)
+      per_modality = outputs.get('modality_logits', {})
+      if modality_weight and len(per_modality) > 1:
+        terms[name] += modality_weight * sum(
+            classification_loss(logits, labels, mask, **options)
+            for logits in per_modality.values()) / len(per_modality)
     elif name == 'contrastive':
       c = outputs['contrastive']
       terms[name] = info_nce(c['video'], c['audio'], c['logit_scale'], mask)

@@ -85,7 +85,8 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
                           rngs={'dropout': dropout_rng, 'masking': masking_rng})
     total, terms = losses.total_loss(
         outputs, batch, weights, multi_label=config.data.multi_label,
-        label_smoothing=config.loss.label_smoothing, normalize_target=config.loss.normalize_target)
+        label_smoothing=config.loss.label_smoothing, normalize_target=config.loss.normalize_target,
+        modality_weight=config.loss.modality_weight)
     return total, terms
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

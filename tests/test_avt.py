@@ -112,6 +112,7 @@ def _expected_output_shapes(video_grid, audio_grid, batch=BATCH):
   video_patch, audio_patch = 2 * 8 * 8 * 3, 8 * 8
   return {
       'logits': {'class': (batch, CLASSES)},
+      'modality_logits': {m: {'class': (batch, CLASSES)} for m in ('video', 'audio')},
       'contrastive': {'video': (batch, 8), 'audio': (batch, 8), 'logit_scale': ()},
       'matching': {'positive': (batch,), 'negative': (2 * batch,), 'negative_valid': (2 * batch,)},
       'masked_video': {'pred': (batch, video_tokens, video_patch),
@@ -338,3 +339,28 @@ def test_single_modality_model_trains_with_the_same_code(modality):
         grads[f'decoder_{modality}']))
     assert decoder_moved == (weight > 0)
   assert flops[0.0] < flops[0.5]
+
+
+def test_logits_are_the_mean_of_the_shared_classifier_on_each_modality(result, params):
+  outputs = result[0]
+  per = outputs['modality_logits']
+  np.testing.assert_allclose(outputs['logits']['class'],
+                             (per['video']['class'] + per['audio']['class']) / 2, rtol=1e-6)
+  head = params['classifier']['output_projection']
+  for m in ('video', 'audio'):  # one classifier, applied to each modality's final feature
+    np.testing.assert_allclose(per[m]['class'], outputs['features']['final'][m] @ head['kernel']
+                               + head['bias'], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('classifier', ['token', 'gap'])
+def test_classifier_reads_the_cls_token_or_the_mean_of_the_other_tokens(classifier):
+  tokens = np.random.default_rng(0).normal(size=(2, 5, 3)).astype(np.float32)  # [B, 1 + N, D]
+  pooled = build.AVT(num_classes={'class': 2}, classifier=classifier)._pool(jnp.asarray(tokens))
+  expected = tokens[:, 0] if classifier == 'token' else tokens[:, 1:].mean(axis=1)
+  np.testing.assert_allclose(pooled, expected, rtol=1e-6)
+
+
+def test_unknown_classifier_names_the_field():
+  config = _tiny_config(classifier='cls')
+  with pytest.raises(build.ConfigError, match='model.classifier'):
+    build.build_model(config)

@@ -149,3 +149,22 @@ def test_total_loss_weights_terms_and_skips_zero_weights(rng):
   np.testing.assert_allclose(terms['classification'], classification, rtol=1e-6)
   np.testing.assert_allclose(terms['contrastive'], contrastive, rtol=1e-6)
   np.testing.assert_allclose(total, classification + 0.25 * contrastive, rtol=1e-6)
+
+
+def test_modality_weight_adds_each_modalitys_own_cross_entropy(rng):
+  """CE(mean logits) + w * mean over modalities of CE(modality logits), by hand with numpy."""
+  per = {m: rng.normal(size=(4, 3)).astype(np.float32) for m in ('video', 'audio')}
+  labels = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+  outputs = {'logits': {'class': (per['video'] + per['audio']) / 2},
+             'modality_logits': {m: {'class': x} for m, x in per.items()}}
+  batch = {'labels/class': labels, 'mask': np.ones(4, np.float32)}
+
+  def ce(logits):
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return float(-(labels * log_p).sum(-1).mean())
+
+  _, plain = losses.total_loss(outputs, batch, {'classification': 1.0})
+  _, terms = losses.total_loss(outputs, batch, {'classification': 1.0}, modality_weight=0.5)
+  np.testing.assert_allclose(plain['classification'], ce(outputs['logits']['class']), rtol=1e-5)
+  expected = ce(outputs['logits']['class']) + 0.5 * (ce(per['video']) + ce(per['audio'])) / 2
+  np.testing.assert_allclose(terms['classification'], expected, rtol=1e-5)

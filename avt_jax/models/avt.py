@@ -19,6 +19,7 @@ from avt_jax.models.transformer import DEFAULT_CHUNK_SIZE
 MODALITIES = ('video', 'audio')
 OBJECTIVES = ('classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
               'masked_audio_segment')
+CLASSIFIERS = ('token', 'gap')
 
 
 class AVT(nn.Module):
@@ -51,6 +52,9 @@ class AVT(nn.Module):
     decoder_width, decoder_depth, decoder_heads, decoder_mlp_dim: masked-modelling decoders.
     mask_ratio_video, mask_ratio_audio: MAE mask ratios.
     segment_patches, num_segments: masked audio segments (in time patches) per example.
+    classifier: the fused representation of a modality that the classifier and the matching head
+      read: `token`, its CLS token (ViT); `gap`, the mean of its other tokens (global average
+      pooling, as in big_vision's ViT option of that name; better on small datasets, see README).
     dropout, stochastic_depth, dtype, attention_implementation, remat_policy, scan_layers,
       attention_chunk_size: see BottleneckFusion.
   """
@@ -77,6 +81,7 @@ class AVT(nn.Module):
   mask_ratio_audio: float = 0.75
   segment_patches: int = 4
   num_segments: int = 2
+  classifier: str = 'token'
   dropout: float = 0.0
   stochastic_depth: float = 0.0
   dtype: jnp.dtype = jnp.float32
@@ -84,6 +89,10 @@ class AVT(nn.Module):
   remat_policy: str = 'none'
   scan_layers: bool = False
   attention_chunk_size: int = DEFAULT_CHUNK_SIZE
+
+  def _pool(self, tokens: jax.Array) -> jax.Array:
+    """[B, 1 + N, D] encoder output (CLS first) -> [B, D] per `classifier`."""
+    return tokens[:, 0] if self.classifier == 'token' else jnp.mean(tokens[:, 1:], axis=1)
 
   def _patch(self, m: str) -> tuple[int, ...]:
     return tuple(self.video_patch) if m == 'video' else tuple(self.audio_patch)
@@ -101,7 +110,8 @@ class AVT(nn.Module):
 
     Returns:
       Dict with, depending on `objectives`:
-        `logits`: head -> [B, classes];
+        `logits`: head -> [B, classes], the mean over modalities of `modality_logits`;
+        `modality_logits`: modality -> head -> [B, classes], the shared classifier on that modality;
         `contrastive`: `video`, `audio` [B, contrastive_dim] unit vectors and `logit_scale` [];
         `matching`: `positive` [B], `negative` [2B] logits and `negative_valid` [2B];
         `masked_video` / `masked_audio` / `masked_audio_segment`: `pred` and `target`
@@ -111,6 +121,8 @@ class AVT(nn.Module):
     unknown = set(objectives) - set(OBJECTIVES)
     if unknown:
       raise ValueError(f'Unknown objectives {sorted(unknown)}; expected a subset of {OBJECTIVES}.')
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f'AVT.classifier: expected one of {CLASSIFIERS}, got {self.classifier!r}.')
     objectives = set(objectives)
     deterministic = not train
     d = self.hidden_size
@@ -158,17 +170,20 @@ class AVT(nn.Module):
           pairs = {'video': jnp.concatenate([pre['video'], pre['video'], pre['video'][v_for_a]]),
                    'audio': jnp.concatenate([pre['audio'], pre['audio'][a_for_v], pre['audio']])}
           final = encoder.fused(pairs, deterministic)
-          fused_cls = jnp.concatenate([final['video'][:, 0], final['audio'][:, 0]], axis=-1)
-          scores = MatchingHead(name='matching_head')(fused_cls)  # [3B]
+          fused = jnp.concatenate([self._pool(final['video']), self._pool(final['audio'])], axis=-1)
+          scores = MatchingHead(name='matching_head')(fused)  # [3B]
           out['matching'] = {'positive': scores[:batch], 'negative': scores[batch:],
                              'negative_valid': jnp.concatenate([has_neg, has_neg]).astype(jnp.float32)}
           final = {m: x[:batch] for m, x in final.items()}
         else:
           final = encoder.fused(pre, deterministic)
-        out['features']['final'] = {m: x[:, 0] for m, x in final.items()}
+        out['features']['final'] = {m: self._pool(x) for m, x in final.items()}
         if 'classification' in objectives:
-          out['logits'] = ClassificationHead(self.num_classes, name='classifier')(
-              out['features']['final'])
+          head = ClassificationHead(self.num_classes, name='classifier')
+          per_modality = {m: head({m: f}) for m, f in out['features']['final'].items()}
+          out['logits'] = {h: jnp.mean(jnp.stack([per_modality[m][h] for m in per_modality]), 0)
+                           for h in self.num_classes}
+          out['modality_logits'] = per_modality
 
     # Masked-modelling pass: every modality masked at its ratio, visible tokens through the encoder.
     mae = [m for m in self.modalities if f'masked_{m}' in objectives]

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from avt_jax.models.avt import AVT, MODALITIES, OBJECTIVES
+from avt_jax.models.avt import AVT, CLASSIFIERS, MODALITIES, OBJECTIVES
 from avt_jax.models.fusion import FUSIONS, REMAT_POLICIES
 from avt_jax.models.transformer import ATTENTION_IMPLEMENTATIONS
 
@@ -74,6 +74,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(len(mods) > 0 and len(set(mods)) == len(mods) and set(mods) <= set(MODALITIES),
          'model.modalities', f'expected a non-empty subset of {MODALITIES}, got {mods}')
   _check(m.fusion in FUSIONS, 'model.fusion', f'expected one of {FUSIONS}, got {m.fusion!r}')
+  _check(m.classifier in CLASSIFIERS, 'model.classifier',
+         f'expected one of {CLASSIFIERS}, got {m.classifier!r}')
   _check(0 <= m.fusion_layer <= size['num_layers'], 'model.fusion_layer',
          f'must be in [0, num_layers={size["num_layers"]}], got {m.fusion_layer}')
   if m.fusion == 'bottleneck':
@@ -139,7 +141,8 @@ def build_model(config: ml_collections.ConfigDict) -> AVT:
       decoder_width=m.decoder_width, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
       decoder_mlp_dim=m.decoder_mlp_dim, mask_ratio_video=m.mask_ratio_video,
       mask_ratio_audio=m.mask_ratio_audio, segment_patches=segment_patches(config),
-      num_segments=m.num_segments, dropout=m.dropout, stochastic_depth=m.stochastic_depth,
+      num_segments=m.num_segments, classifier=m.classifier, dropout=m.dropout,
+      stochastic_depth=m.stochastic_depth,
       dtype=DTYPES[m.dtype], attention_implementation=m.attention_implementation,
       remat_policy=m.remat_policy, scan_layers=bool(m.scan_layers),
       attention_chunk_size=int(m.attention_chunk_size))
