@@ -11,6 +11,7 @@ from clu import metric_writers
 from etils import epath
 
 from avt_jax import checkpointing, evaluate, input as input_lib, sharding
+from avt_jax.models.build import objectives as config_objectives
 from avt_jax.train_step import check_finite, make_train_step, setup
 
 
@@ -197,6 +198,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     reused = last_eval is not None and last_eval[0] == summary['steps']
     if reused:  # the loop has just evaluated (and logged) the last step
       summary['eval'] = last_eval[1]
+    elif 'classification' not in config_objectives(config):  # self-supervised only: no classifier
+      print('No classification objective (config.loss.weights.classification = 0): the run has no '
+            'classifier to evaluate; fine-tune from this workdir with config.init.', flush=True)
+      summary['eval'], reused = {}, True
     else:
       summary['eval'] = evaluator(state.params)
       if best is not None and not config.train.eval_only:
