@@ -8,6 +8,7 @@ Fields (override any of them on the command line with `--config.<field>=value`):
   optim:  optimizer and learning-rate schedule.
   mesh:   device mesh shape for data / fsdp / model parallelism.
   train:  steps, logging, checkpointing and evaluation cadence.
+  init:   pretrained checkpoints to start from (see `avt_jax.pretrained`); empty = random init.
 """
 
 import ml_collections
@@ -107,4 +108,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.eval_only = False
+
+  # Pretrained initialisation (avt_jax/pretrained, README "Start from pretrained weights"). Applied
+  # after the random init of a run without checkpoints in its workdir; a resumed run ignores it.
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ''  # file or directory, local or gs://; '' = random init
+  c.init.format = 'auto'  # or vit_npz, big_vision, timm, hf_vit, scenic, avt
+  c.init.modalities = ('video', 'audio')  # encoders that receive init.checkpoint
+  c.init.video_kernel = 'central'  # 2D patch kernel -> tubelet: 'central' frame or 'average'
+  c.init.exclude = ()  # regular expressions of parameter names to leave at their init
+  for m in ('video', 'audio'):  # a separate checkpoint for one encoder: init.audio.checkpoint=...
+    c.init[m] = ml_collections.ConfigDict(dict(checkpoint='', format='auto'))
   return c
