@@ -116,6 +116,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.init.format = 'auto'  # or vit_npz, big_vision, timm, hf_vit, scenic, avt
   c.init.modalities = ('video', 'audio')  # encoders that receive init.checkpoint
   c.init.video_kernel = 'central'  # 2D patch kernel -> tubelet: 'central' frame or 'average'
+  # Pixel normalisation the (external) checkpoint was trained with, folded into the video patch
+  # embedding (AVT feeds [0, 1] pixels): 'minus_one_to_one' (ViT release, big_vision, Scenic, HF
+  # google/vit, timm augreg), 'imagenet' (mean/std of torchvision and most timm models) or 'none'.
+  c.init.pixel_normalization = 'minus_one_to_one'
   c.init.exclude = ()  # regular expressions of parameter names to leave at their init
   for m in ('video', 'audio'):  # a separate checkpoint for one encoder: init.audio.checkpoint=...
     c.init[m] = ml_collections.ConfigDict(dict(checkpoint='', format='auto'))

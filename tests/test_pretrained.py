@@ -306,7 +306,13 @@ def test_every_2d_vit_format_loads_to_identical_parameters_with_a_complete_repor
                                for r in ('video', 'audio', 'shared')}
   assert report['inflated']['tokenizer_video/embedding/kernel'] == {
       'source': 'embedding/kernel', 'from': [8, 8, 3, D], 'to': [2, 8, 8, 3, D],
-      'how': 'central over 2 frames'}
+      'how': 'central over 2 frames, input normalisation minus_one_to_one folded in'}
+  # [0, 1] pixels p into a checkpoint trained on 2p - 1: kernel x 2, bias - kernel sum.
+  kernel = vit_release()['embedding/kernel']
+  np.testing.assert_allclose(reference.values['tokenizer_video/embedding/kernel'][1], 2 * kernel)
+  np.testing.assert_allclose(reference.values['tokenizer_video/embedding/bias'],
+                             vit_release()['embedding/bias'] - kernel.sum((0, 1, 2)), rtol=1e-5)
+  assert not reference.values['tokenizer_video/embedding/kernel'][0].any()
   assert report['transformed']['tokenizer_audio/embedding/kernel']['to'] == [8, 8, 1, D]
   audio_pos = report['resized']['posembed_audio/posembed_input']
   assert (audio_pos['from'], audio_pos['to']) == ([1, 16, D], [1, 8, 4, D])
@@ -344,21 +350,21 @@ def test_static_video_through_the_inflated_encoder_equals_the_2d_vit(files, weig
   rng = np.random.default_rng(1)
   frame = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
   video = np.repeat(frame[:, None], 2, axis=1)  # [B, 2, 32, 32, 3], a static video
-  expected = vit_reference(weights, frame)
-  for dtype, tolerance in (('float32', 2e-5), ('bfloat16', 6e-2)):
-    for kernel in ('central', 'average'):
-      config = single_modality('video', files['vit_npz'], **{'init.video_kernel': kernel,
-                                                              'model.dtype': dtype})
-      model = build_model(config)
-      params = abstract_params(config)
-      prepared = pretrained.prepare(config, params)
-      assert prepared.report['init'] == ['classifier/output_projection/bias',
-                                         'classifier/output_projection/kernel']
-      values = {**dict(_flat(random_params(params))), **prepared.values}
-      forward = _forward(model, 'video')
-      got = np.asarray(forward(_nested(values), video), np.float32)
-      np.testing.assert_allclose(got, expected, atol=tolerance, rtol=tolerance,
-                                 err_msg=f'{dtype} {kernel}')
+  normalized = {'minus_one_to_one': (frame - 0.5) / 0.5, 'none': frame,
+                'imagenet': (frame - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])}
+  for dtype, kernel, normalization, tolerance in (
+      ('float32', 'central', 'minus_one_to_one', 2e-5), ('float32', 'average', 'imagenet', 2e-5),
+      ('float32', 'central', 'none', 2e-5), ('bfloat16', 'average', 'minus_one_to_one', 6e-2)):
+    config = single_modality('video', files['vit_npz'], **{
+        'init.video_kernel': kernel, 'model.dtype': dtype, 'init.pixel_normalization': normalization})
+    params = abstract_params(config)
+    prepared = pretrained.prepare(config, params)
+    assert prepared.report['init'] == ['classifier/output_projection/bias',
+                                       'classifier/output_projection/kernel']
+    values = {**dict(_flat(random_params(params))), **prepared.values}
+    got = np.asarray(_forward(build_model(config), 'video')(_nested(values), video), np.float32)
+    np.testing.assert_allclose(got, vit_reference(weights, normalized[normalization]), atol=tolerance,
+                               rtol=tolerance, err_msg=f'{dtype} {kernel} {normalization}')
 
 
 def test_spectrogram_through_the_audio_encoder_equals_the_2d_vit_on_it_as_an_image(files, weights):
@@ -398,7 +404,7 @@ def test_scenic_mbt_loads_both_streams_bottleneck_and_head(tmp_path, weights):
   folder = tmp_path / 'mbt'
   folder.mkdir()
   (folder / 'checkpoint_100').write_bytes(flax.serialization.msgpack_serialize(state))
-  prepared = mapped(config_for(folder))
+  prepared = mapped(config_for(folder, **{'init.pixel_normalization': 'none'}))
   v, report = prepared.values, prepared.report
   p = state['params']
   assert report['sources']['video']['format'] == 'scenic'
@@ -440,7 +446,7 @@ def test_scenic_vivit_legacy_optimizer_checkpoint_loads_the_video_encoder(tmp_pa
   path = tmp_path / 'checkpoint_7'
   path.write_bytes(flax.serialization.msgpack_serialize(
       {'optimizer': {'target': nested(params), 'state': {'step': 7}}}))
-  config = config_for(path, **{'init.modalities': ('video',)})
+  config = config_for(path, **{'init.modalities': ('video',), 'init.pixel_normalization': 'none'})
   prepared = mapped(config)
   np.testing.assert_array_equal(prepared.values['tokenizer_video/embedding/kernel'],
                                 params['embedding/kernel'])
@@ -611,7 +617,8 @@ def test_shapes_that_cannot_be_mapped_stop_with_name_and_both_shapes(tmp_path):
   patch16 = write_npz(tmp_path / 'p16.npz', vit_release(patch=16))
   with pytest.raises(PretrainedError, match=re.escape(
       "tokenizer_video/embedding/kernel: the checkpoint's embedding/kernel has shape (16, 16, 3, 32) "
-      '(central over 2 frames: (2, 16, 16, 3, 32)), the model needs (2, 8, 8, 3, 32).')):
+      '(central over 2 frames, input normalisation minus_one_to_one folded in: (2, 16, 16, 3, 32)), '
+      'the model needs (2, 8, 8, 3, 32).')):
     mapped(config_for(patch16))
   heads4 = write_npz(tmp_path / 'h4.npz', vit_release(heads=4))
   with pytest.raises(PretrainedError, match=r'4 attention heads, the model 2 \(set model.num_heads=4\)'):
@@ -630,6 +637,7 @@ def test_unsupported_variants_and_bad_config_fields(tmp_path, weights, files):
     mapped(config_for(path))
   for field, value, message in (('format', 'torch', r'config\.init\.format: expected auto'),
                                 ('video_kernel', 'middle', r'config\.init\.video_kernel'),
+                                ('pixel_normalization', 'unit', r'config\.init\.pixel_normalization'),
                                 ('exclude', ('[',), r'config\.init\.exclude: .\[. is not a regular'),
                                 ('modalities', ('text',), r'config\.init\.modalities')):
     config = config_for(files['vit_npz'], **{f'init.{field}': value})

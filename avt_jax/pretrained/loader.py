@@ -51,6 +51,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'expected a subset of {MODALITIES}, got {tuple(init.modalities)}')
   _check(init.video_kernel in mapping.VIDEO_KERNELS, 'video_kernel',
          f'expected one of {tuple(mapping.VIDEO_KERNELS)}, got {init.video_kernel!r}')
+  _check(init.pixel_normalization in mapping.PIXEL_NORMALIZATIONS, 'pixel_normalization',
+         f'expected one of {tuple(mapping.PIXEL_NORMALIZATIONS)}, got {init.pixel_normalization!r}')
   _check(not isinstance(init.exclude, str), 'exclude',
          f'expected a tuple of regular expressions, got the string {init.exclude!r}')
   for pattern in init.exclude:
@@ -174,14 +176,17 @@ def map_params(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, .
     mapping.check_heads(source, shapes, where)
     for role in item['modalities'] + (['shared'] if item['shared'] else []):
       report['sources'][role] = {'checkpoint': str(item['path']), 'format': source.format}
+    new = {}
     if source.kind == 'vit':
       for m in item['modalities']:
-        new = mapping.vit_to_modality(source, m, shapes, config.init.video_kernel, where)
-        entries.update({k: v for k, v in new.items() if k not in entries})  # shared blocks: first wins
+        new.update({k: v for k, v in mapping.vit_to_modality(
+            source, m, shapes, config.init.video_kernel, where).items() if k not in new})
     else:
       new, skipped = mapping.avt_entries(source, item['modalities'], item['shared'])
-      entries.update(new)
       report['unused'] += skipped
+    if source.format != 'avt':  # our own checkpoints already take AVT's [0, 1] pixels
+      mapping.fold_pixel_normalization(new, config.init.pixel_normalization)
+    entries.update({k: v for k, v in new.items() if k not in entries})  # shared blocks: first wins
     report['unused'] += source.unused
   values = mapping.match(entries, shapes, tuple(config.init.exclude), report)
   report['counts'] = {c: len(report[c]) for c in mapping.CATEGORIES}
@@ -284,7 +289,7 @@ def _grouped(names: list[str]) -> str:
   groups: dict[str, int] = {}
   for name in names:
     parts = name.split('/')
-    key = '/'.join(parts[:2] if parts[0] == 'encoder' and len(parts) > 2 else parts[:1])
+    key = '/'.join(parts[:2] if parts[0] == 'encoder' else parts[:1])
     groups[key] = groups.get(key, 0) + 1
   return ', '.join(f'{k} ({n})' if n > 1 else k for k, n in groups.items()) or '-'
 
@@ -295,7 +300,8 @@ def format_report(report: dict) -> str:
   lines += [f'  {role} <- {s["checkpoint"]} ({s["format"]})' for role, s in report['sources'].items()]
   counts = report['counts']
   p = report['parameters']
-  lines.append('  ' + ', '.join(f'{c} {counts[c]}' for c in mapping.CATEGORIES) +
+  labels = {'init': 'left at init'}
+  lines.append('  ' + ', '.join(f'{labels.get(c, c)} {counts[c]}' for c in mapping.CATEGORIES) +
                f' | {p["from_checkpoint"]:,} of {p["total"]:,} parameter values from checkpoints')
   for category in ('inflated', 'transformed', 'resized'):
     for name, d in report[category].items():

@@ -30,6 +30,12 @@ from avt_jax.models.tokenizers import inflate_2d_kernel, resize_posemb
 from avt_jax.pretrained.files import PretrainedError
 from avt_jax.pretrained.layouts import ATTENTION, Source
 
+# Pixel normalisation the checkpoint was trained with (AVT's video pixels are in [0, 1]): per-channel
+# (mean, std). `minus_one_to_one`: the ViT release, big_vision, Scenic (zero_centering), HF google/vit-*,
+# timm augreg ViTs; `imagenet`: torchvision / most other timm models; `none`: trained on [0, 1].
+PIXEL_NORMALIZATIONS = {'minus_one_to_one': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                        'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                        'none': ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 MODALITY_SUFFIXED = ('tokenizer', 'posembed', 'cls', 'decoder', 'contrastive_projection', 'encoder_norm')
 VIDEO_KERNELS = {'central': 'central_frame', 'average': 'average'}
 CATEGORIES = ('loaded', 'inflated', 'transformed', 'resized', 'excluded', 'init', 'unused')
@@ -189,6 +195,28 @@ def vit_to_modality(source: Source, modality: str, targets: dict[str, tuple[int,
     entries[f'encoder/encoder_norm_{modality}/{leaf}'] = Entry(p[f'encoder_norm/{leaf}'],
                                                                source.origin[f'encoder_norm/{leaf}'])
   return entries
+
+
+def fold_pixel_normalization(entries: dict[str, Entry], normalization: str) -> None:
+  """Folds the checkpoint's input normalisation into the video patch embedding (in place).
+
+  With pixels p in [0, 1] and a checkpoint trained on x = (p - mean_c) / std_c, a (VALID, strided)
+  patch embedding gives K . x + b = (K / std_c) . p + (b - sum_{t,h,w,c} K mean_c / std_c), so the
+  folded kernel on AVT's pixels equals the checkpoint on its own input, exactly.
+  """
+  kernel, bias = (entries.get(f'tokenizer_video/embedding/{n}') for n in ('kernel', 'bias'))
+  if normalization == 'none' or kernel is None or bias is None or kernel.value.shape[-2] != 3:
+    return
+  mean, std = (np.asarray(v, np.float32) for v in PIXEL_NORMALIZATIONS[normalization])
+  offset = (kernel.value * (mean / std)[:, None]).sum(axis=tuple(range(kernel.value.ndim - 1)))
+  how = f'input normalisation {normalization} folded in'
+  entries['tokenizer_video/embedding/kernel'] = dataclasses.replace(
+      kernel, value=kernel.value / std[:, None], how=', '.join(filter(None, [kernel.how, how])),
+      category='inflated' if kernel.category == 'inflated' else 'transformed',
+      from_shape=kernel.from_shape or kernel.value.shape)
+  entries['tokenizer_video/embedding/bias'] = dataclasses.replace(
+      bias, value=bias.value - offset, category='transformed', how=how,
+      from_shape=bias.from_shape or bias.value.shape)
 
 
 def avt_entries(source: Source, modalities: Iterable[str], shared: bool) -> tuple[dict[str, Entry],
