@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 from clu import metric_writers
 
-from avt_jax import checkpointing, evaluate, input as input_lib, sharding
+from avt_jax import checkpointing, evaluate, input as input_lib, pretrained, sharding
 from avt_jax.train_step import check_finite, make_train_step, setup
 
 
@@ -70,7 +70,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
                                   save_every=config.train.checkpoint_every) as ckpt, \
        jax.set_mesh(mesh):
     if ckpt.latest_step() is None:
+      init_from = pretrained.prepare(config, abstract.params)  # config.init: read and map, no compile
       state = jax.jit(init, out_shardings=state_shardings)(rng)
+      state = _start_from_pretrained(init_from, state, state_shardings, tx, workdir)
       print(f'Initialised {model.__class__.__name__}: '
             f'{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,} parameters.', flush=True)
     else:
@@ -80,7 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       print(f'Resumed from {workdir} at step {int(state.step)} ({meta}).', flush=True)
 
     start = int(state.step)
-    summary = {'train': {}, 'steps': start, 'train_seconds': 0.0}
+    summary = {'train': {}, 'steps': start, 'train_seconds': 0.0, **pretrained.saved_report(workdir)}
     if not config.train.eval_only and start < total_steps:
       summary['train'] = _train_loop(config, model, tx, schedule, mesh, state_shardings, state,
                                      ckpt, data_dir, workdir, start)
@@ -94,6 +96,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     writer.write_scalars(summary['steps'], {f'eval/{k}': v for k, v in summary['eval'].items()})
     writer.close()
   return summary
+
+
+def _start_from_pretrained(init_from, state, state_shardings, tx, workdir: str):
+  """Puts `config.init`'s mapped checkpoint values into the fresh state; prints and saves the report
+  (listed under 'init' in results.json, also for runs that later resume)."""
+  if init_from is None:
+    return state
+  state = pretrained.apply(init_from, state, state_shardings, tx)
+  if jax.process_index() == 0:
+    print(pretrained.format_report(init_from.report), flush=True)
+  pretrained.save_report(init_from.report, workdir)
+  return state
 
 
 def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt, data_dir, workdir,
