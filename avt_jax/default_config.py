@@ -124,3 +124,31 @@ def get_base_config() -> ml_collections.ConfigDict:
   for m in ('video', 'audio'):  # a separate checkpoint for one encoder: init.audio.checkpoint=...
     c.init[m] = ml_collections.ConfigDict(dict(checkpoint='', format='auto'))
   return c
+
+
+IMAGENET21K_VIT_B16 = 'https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz'
+
+
+def finetune_from_imagenet21k(c: ml_collections.ConfigDict, train_clips: int) -> None:
+  """The fine-tuning recipe of the paper configs, for both encoders started from ImageNet-21k
+  ViT-B/16 (`IMAGENET21K_VIT_B16`, the original ViT release; pass it as --config.init.checkpoint).
+
+  Our choice; the regularisation and warm-up length follow MBT's published Scenic config
+  (`scenic/projects/mbt/configs/audioset/balanced_audioset_base.py`: ImageNet-21k ViT-B/16 for both
+  streams, central-frame kernel init, 2.5 warm-up epochs then cosine decay, gradient clipping 1,
+  stochastic depth 0.3, label smoothing 0.3). MBT trains with SGD (momentum 0.9, learning rate 0.5);
+  AVT also trains randomly initialised decoders, heads and a contrastive temperature, so we keep AdamW
+  at 1e-4 (batch 64) with weight decay 0.05 on kernels. No layer-wise learning-rate decay.
+
+  Args:
+    c: a paper-scale config (batch size already set).
+    train_clips: training clips per epoch, for the warm-up length.
+  """
+  steps_per_epoch = max(1, train_clips // int(c.input.batch_size))
+  c.init.modalities = ('video', 'audio')
+  c.init.video_kernel = 'central'
+  c.init.pixel_normalization = 'minus_one_to_one'
+  c.optim.update(dict(name='adamw', learning_rate=1e-4, weight_decay=0.05, grad_clip_norm=1.0,
+                      warmup_steps=int(2.5 * steps_per_epoch)))
+  c.model.stochastic_depth = 0.3
+  c.loss.label_smoothing = 0.3

@@ -5,6 +5,8 @@ Fixtures are tiny ViTs (width 32, 2 heads, 2 layers, 8x8 patches on 32x32 images
 pre_logits) written from one set of numpy weights in each format's real key layout.
 """
 
+import importlib.util
+import pathlib
 import re
 import zipfile
 
@@ -17,6 +19,7 @@ import pytest
 import safetensors.numpy
 
 from avt_jax import checkpointing, pretrained, sharding
+from avt_jax.default_config import get_base_config
 from avt_jax.models import build_model, scan
 from avt_jax.pretrained import PretrainedError
 from avt_jax.train_step import TrainState, setup
@@ -650,3 +653,19 @@ def test_report_is_saved_for_results(tmp_path, files):
   assert pretrained.saved_report(str(tmp_path)) == {}
   pretrained.save_report(report, str(tmp_path))
   assert pretrained.saved_report(str(tmp_path)) == {'init': report}
+
+
+@pytest.mark.parametrize('name, warmup', [('kinetics_sounds', 897), ('vggsound', 6640),
+                                          ('epic_kitchens_100', 2615)])
+def test_paper_configs_use_the_imagenet21k_finetuning_recipe(name, warmup):
+  spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / 'configs' /
+                                                f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  pretrained.validate(c)
+  assert (c.optim.name, c.optim.learning_rate, c.optim.warmup_steps) == ('adamw', 1e-4, warmup)
+  assert (c.init.video_kernel, tuple(c.init.modalities)) == ('central', ('video', 'audio'))
+  assert 'ViT-B_16.npz' in module.__doc__ and '--config.init.checkpoint=' in module.__doc__
+  smoke = module.get_config('smoke')
+  assert smoke.loss.label_smoothing == get_base_config().loss.label_smoothing  # smoke runs unchanged
