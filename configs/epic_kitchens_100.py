@@ -11,7 +11,7 @@ Pretrained weights: both encoders start from the ImageNet-21k ViT-B/16 of the or
 (21,843-class head and pre_logits are reported unused; `avt_jax.pretrained` inflates the patch kernel
 to 2x16x16 tubelets, sums it over RGB for the spectrogram and resizes the 14x14 position embedding):
 
-    wget https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz  # or gsutil cp gs://vit_models/...
+    wget https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz
 
 Train and evaluate:
 

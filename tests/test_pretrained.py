@@ -20,7 +20,7 @@ import safetensors.numpy
 
 from avt_jax import checkpointing, pretrained, sharding
 from avt_jax.default_config import get_base_config
-from avt_jax.models import build_model, scan
+from avt_jax.models import build_model
 from avt_jax.pretrained import PretrainedError
 from avt_jax.train_step import TrainState, setup
 from tests.conftest import fast_jit, random_params, tiny_config
@@ -169,7 +169,8 @@ def scenic_mbt(w_video: dict, w_audio: dict, n_bottlenecks: int, classes: int) -
             'embedding_spectrogram/bias': w_audio['embedding/bias'],
             'cls': w_video['cls'], 'clsspectrogram': w_audio['cls'],
             'bottleneck': rng.normal(size=(1, n_bottlenecks + 1, D)).astype(np.float32),
-            'Transformer/posembed_input/pos_embedding': rng.normal(size=(1, 1 + 2 * 16, D)).astype(np.float32),
+            'Transformer/posembed_input/pos_embedding':
+                rng.normal(size=(1, 1 + 2 * 16, D)).astype(np.float32),
             'Transformer/posembed_input_spectrogram/pos_embedding':
                 rng.normal(size=(1, 1 + 8 * 4, D)).astype(np.float32),
             'Transformer/encoder_norm/scale': w_video['Transformer/encoder_norm/scale'],
@@ -278,7 +279,8 @@ def files(tmp_path_factory, weights):
   out = {'vit_npz': write_npz(d / 'vit.npz', weights),
          'big_vision': write_npz(d / 'bv.npz', big_vision(weights)),
          'big_vision_scanned': write_npz(d / 'bv_scan.npz', big_vision(weights, scanned=True)),
-         'timm': d / 'timm.safetensors', 'hf_vit': d / 'hf.safetensors', 'hf_vit_base': d / 'hf_base.safetensors'}
+         'timm': d / 'timm.safetensors', 'hf_vit': d / 'hf.safetensors',
+         'hf_vit_base': d / 'hf_base.safetensors'}
   safetensors.numpy.save_file(timm(weights), out['timm'])
   safetensors.numpy.save_file(hf_vit(weights), out['hf_vit'])
   safetensors.numpy.save_file(hf_vit(weights, prefix=''), out['hf_vit_base'])
@@ -427,9 +429,10 @@ def test_scenic_mbt_loads_both_streams_bottleneck_and_head(tmp_path, weights):
   rgb_block, spec_block = 'Transformer/encoderblock_1/', 'Transformer/encoderblock_1_spectrogram/'
   np.testing.assert_array_equal(v[f'encoder/encoderblock_1_video/{ATT}/query/kernel'],
                                 weights[f'{rgb_block}{ATT}/query/kernel'])
-  np.testing.assert_array_equal(v[f'encoder/encoderblock_1_audio/MlpBlock_3/Dense_1/bias'],
+  np.testing.assert_array_equal(v['encoder/encoderblock_1_audio/MlpBlock_3/Dense_1/bias'],
                                 w_audio[f'{rgb_block}MlpBlock_3/Dense_1/bias'])
-  assert report['loaded']['encoder/encoderblock_1_audio/LayerNorm_2/scale'] == f'{spec_block}LayerNorm_1/scale'
+  assert (report['loaded']['encoder/encoderblock_1_audio/LayerNorm_2/scale'] ==
+          f'{spec_block}LayerNorm_1/scale')
   assert report['unused'] == ['global_step/... (1 entries outside the model parameters)',
                               'opt_state/... (1 entries outside the model parameters)',
                               'rng/... (1 entries outside the model parameters)']

@@ -490,14 +490,16 @@ def _timm(flat: Flat, where: str) -> Source:
 
 
 _HF_BLOCK = (  # (ours, theirs, is a Linear weight)
-    ('LayerNorm_0/scale', 'layernorm_before.weight', False), ('LayerNorm_0/bias', 'layernorm_before.bias', False),
+    ('LayerNorm_0/scale', 'layernorm_before.weight', False),
+    ('LayerNorm_0/bias', 'layernorm_before.bias', False),
     *[(f'{ATTENTION}/{proj}/kernel', f'attention.attention.{proj}.weight', True)
       for proj in ('query', 'key', 'value')],
     *[(f'{ATTENTION}/{proj}/bias', f'attention.attention.{proj}.bias', False)
       for proj in ('query', 'key', 'value')],
     (f'{ATTENTION}/out/kernel', 'attention.output.dense.weight', True),
     (f'{ATTENTION}/out/bias', 'attention.output.dense.bias', False),
-    ('LayerNorm_2/scale', 'layernorm_after.weight', False), ('LayerNorm_2/bias', 'layernorm_after.bias', False),
+    ('LayerNorm_2/scale', 'layernorm_after.weight', False),
+    ('LayerNorm_2/bias', 'layernorm_after.bias', False),
     ('MlpBlock_3/Dense_0/kernel', 'intermediate.dense.weight', True),
     ('MlpBlock_3/Dense_0/bias', 'intermediate.dense.bias', False),
     ('MlpBlock_3/Dense_1/kernel', 'output.dense.weight', True),
