@@ -8,6 +8,7 @@ Fields (override any of them on the command line with `--config.<field>=value`):
   optim:  optimizer and learning-rate schedule.
   mesh:   device mesh shape for data / fsdp / model parallelism.
   train:  steps, logging, checkpointing and evaluation cadence.
+  init:   pretrained checkpoints to start from (see `avt_jax.pretrained`); empty = random init.
 """
 
 import ml_collections
@@ -120,4 +121,47 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.best_metric = ''
   c.train.best_mode = ''
   c.train.eval_checkpoint = 'latest'  # what eval_only evaluates: 'latest' or 'best'
+
+  # Pretrained initialisation (avt_jax/pretrained, README "Start from pretrained weights"). Applied
+  # after the random init of a run without checkpoints in its workdir; a resumed run ignores it.
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ''  # file or directory, local or gs://; '' = random init
+  c.init.format = 'auto'  # or vit_npz, big_vision, timm, hf_vit, scenic, avt
+  c.init.modalities = ('video', 'audio')  # encoders that receive init.checkpoint
+  c.init.video_kernel = 'central'  # 2D patch kernel -> tubelet: 'central' frame or 'average'
+  # Pixel normalisation the (external) checkpoint was trained with, folded into the video patch
+  # embedding (AVT feeds [0, 1] pixels): 'minus_one_to_one' (ViT release, big_vision, Scenic, HF
+  # google/vit, timm augreg), 'imagenet' (mean/std of torchvision and most timm models) or 'none'.
+  c.init.pixel_normalization = 'minus_one_to_one'
+  c.init.exclude = ()  # regular expressions of parameter names to leave at their init
+  for m in ('video', 'audio'):  # a separate checkpoint for one encoder: init.audio.checkpoint=...
+    c.init[m] = ml_collections.ConfigDict(dict(checkpoint='', format='auto'))
   return c
+
+
+IMAGENET21K_VIT_B16 = 'https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz'
+
+
+def finetune_from_imagenet21k(c: ml_collections.ConfigDict, train_clips: int) -> None:
+  """The fine-tuning recipe of the paper configs, for both encoders started from ImageNet-21k
+  ViT-B/16 (`IMAGENET21K_VIT_B16`, the original ViT release; pass it as --config.init.checkpoint).
+
+  Our choice; the regularisation and warm-up length follow MBT's published Scenic config
+  (`scenic/projects/mbt/configs/audioset/balanced_audioset_base.py`: ImageNet-21k ViT-B/16 for both
+  streams, central-frame kernel init, 2.5 warm-up epochs then cosine decay, gradient clipping 1,
+  stochastic depth 0.3, label smoothing 0.3). MBT trains with SGD (momentum 0.9, learning rate 0.5);
+  AVT also trains randomly initialised decoders, heads and a contrastive temperature, so we keep AdamW
+  at 1e-4 (batch 64) with weight decay 0.05 on kernels. No layer-wise learning-rate decay.
+
+  Args:
+    c: a paper-scale config (batch size already set).
+    train_clips: training clips per epoch, for the warm-up length.
+  """
+  steps_per_epoch = max(1, train_clips // int(c.input.batch_size))
+  c.init.modalities = ('video', 'audio')
+  c.init.video_kernel = 'central'
+  c.init.pixel_normalization = 'minus_one_to_one'
+  c.optim.update(dict(name='adamw', learning_rate=1e-4, weight_decay=0.05, grad_clip_norm=1.0,
+                      warmup_steps=int(2.5 * steps_per_epoch)))
+  c.model.stochastic_depth = 0.3
+  c.loss.label_smoothing = 0.3

@@ -10,7 +10,7 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from avt_jax import checkpointing, evaluate, input as input_lib, sharding
+from avt_jax import checkpointing, evaluate, input as input_lib, pretrained, sharding
 from avt_jax.models.build import objectives as config_objectives
 from avt_jax.train_step import check_finite, make_train_step, setup
 
@@ -172,7 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
        _open_best(config, workdir, best_metric, best_mode) as best, \
        jax.set_mesh(mesh):
     if ckpt.latest_step() is None:
+      init_from = pretrained.prepare(config, abstract.params)  # config.init: read and map, no compile
       state = jax.jit(init, out_shardings=state_shardings)(rng)
+      state = _start_from_pretrained(init_from, state, state_shardings, tx, workdir)
       print(f'Initialised {model.__class__.__name__}: '
             f'{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,} parameters.', flush=True)
     else:
@@ -182,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       print(f'Resumed from {workdir} at step {int(state.step)} ({meta}).', flush=True)
 
     start = int(state.step)
-    summary = {'train': {}, 'steps': start, 'train_seconds': 0.0, 'eval_seconds': 0.0}
+    summary = {'train': {}, 'steps': start, 'train_seconds': 0.0, 'eval_seconds': 0.0,
+               **pretrained.saved_report(workdir)}
     evaluator = evaluate.make_evaluator(config, model, mesh, data_dir, config.data.eval_split)
     if config.train.eval_only and config.train.eval_checkpoint == 'best':
       state, summary['steps'] = _with_best_params(state, best, abstract, state_shardings)
@@ -213,6 +216,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     writer.write_scalars(summary['steps'], {f'eval/{k}': v for k, v in summary['eval'].items()})
     writer.close()
   return summary
+
+
+def _start_from_pretrained(init_from, state, state_shardings, tx, workdir: str):
+  """Puts `config.init`'s mapped checkpoint values into the fresh state; prints and saves the report
+  (listed under 'init' in results.json, also for runs that later resume)."""
+  if init_from is None:
+    return state
+  state = pretrained.apply(init_from, state, state_shardings, tx)
+  if jax.process_index() == 0:
+    print(pretrained.format_report(init_from.report), flush=True)
+  pretrained.save_report(init_from.report, workdir)
+  return state
 
 
 def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt, data_dir, workdir,

@@ -1,0 +1,674 @@
+"""Tests for avt_jax.pretrained: every checkpoint format, the ViT -> video / audio equivalences, the
+report, errors, scanned layers, bfloat16 and sharded placement.
+
+Fixtures are tiny ViTs (width 32, 2 heads, 2 layers, 8x8 patches on 32x32 images, a 7-class head and
+pre_logits) written from one set of numpy weights in each format's real key layout.
+"""
+
+import importlib.util
+import pathlib
+import re
+import zipfile
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from avt_jax import checkpointing, pretrained, sharding
+from avt_jax.default_config import get_base_config
+from avt_jax.models import build_model
+from avt_jax.pretrained import PretrainedError
+from avt_jax.train_step import TrainState, setup
+from tests.conftest import fast_jit, random_params, tiny_config
+
+D, HEADS, LAYERS, MLP, PATCH, GRID, CLASSES = 32, 2, 2, 64, 8, 4, 7
+DH = D // HEADS
+ATT = 'MultiHeadDotProductAttention_1'
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixture weights in each format's layout
+
+
+def vit_release(seed: int = 0, width: int = D, patch: int = PATCH, heads: int = HEADS) -> dict:
+  """A tiny ViT in the original release's .npz layout (google-research/vision_transformer)."""
+  rng = np.random.default_rng(seed)
+
+  def n(*shape, scale=0.2):
+    return (rng.normal(size=shape) * scale).astype(np.float32)
+
+  grid = 32 // patch
+  w = {'embedding/kernel': n(patch, patch, 3, width, scale=0.05), 'embedding/bias': n(width),
+       'cls': n(1, 1, width), 'Transformer/posembed_input/pos_embedding': n(1, 1 + grid * grid, width),
+       'Transformer/encoder_norm/scale': 1 + n(width), 'Transformer/encoder_norm/bias': n(width),
+       'head/kernel': n(width, CLASSES), 'head/bias': n(CLASSES),
+       'pre_logits/kernel': n(width, width), 'pre_logits/bias': n(width)}
+  for i in range(LAYERS):
+    b = f'Transformer/encoderblock_{i}/'
+    for ln in ('LayerNorm_0', 'LayerNorm_2'):
+      w[f'{b}{ln}/scale'], w[f'{b}{ln}/bias'] = 1 + n(width), n(width)
+    for proj in ('query', 'key', 'value'):
+      w[f'{b}{ATT}/{proj}/kernel'] = n(width, heads, width // heads)
+      w[f'{b}{ATT}/{proj}/bias'] = n(heads, width // heads)
+    w[f'{b}{ATT}/out/kernel'], w[f'{b}{ATT}/out/bias'] = n(heads, width // heads, width), n(width)
+    w[f'{b}MlpBlock_3/Dense_0/kernel'], w[f'{b}MlpBlock_3/Dense_0/bias'] = n(width, MLP), n(MLP)
+    w[f'{b}MlpBlock_3/Dense_1/kernel'], w[f'{b}MlpBlock_3/Dense_1/bias'] = n(MLP, width), n(width)
+  return w
+
+
+LINEN = {'LayerNorm_0': 'LayerNorm_0', 'LayerNorm_2': 'LayerNorm_1', ATT: 'MultiHeadDotProductAttention_0',
+         'MlpBlock_3': 'MlpBlock_0'}
+
+
+def linen_block(w: dict, prefix: str) -> dict:
+  """Block `prefix` renamed to linen's per-type numbering (big_vision, Scenic)."""
+  out = {}
+  for key, value in w.items():
+    if key.startswith(prefix):
+      module, rest = key[len(prefix):].split('/', 1)
+      out[f'{LINEN[module]}/{rest}'] = value
+  return out
+
+
+def big_vision(w: dict, scanned: bool = False) -> dict:
+  """big_vision .npz: `params/`, posemb added before CLS (CLS position folded into `cls`)."""
+  pe = w['Transformer/posembed_input/pos_embedding']
+  out = {'embedding/kernel': w['embedding/kernel'], 'embedding/bias': w['embedding/bias'],
+         'cls': w['cls'] + pe[:, :1], 'pos_embedding': pe[:, 1:],
+         'Transformer/encoder_norm/scale': w['Transformer/encoder_norm/scale'],
+         'Transformer/encoder_norm/bias': w['Transformer/encoder_norm/bias'],
+         'head/kernel': w['head/kernel'], 'head/bias': w['head/bias']}
+  blocks = [linen_block(w, f'Transformer/encoderblock_{i}/') for i in range(LAYERS)]
+  if scanned:
+    out.update({f'Transformer/encoderblock/{k}': np.stack([b[k] for b in blocks]) for k in blocks[0]})
+  else:
+    out.update({f'Transformer/encoderblock_{i}/{k}': v for i, b in enumerate(blocks) for k, v in b.items()})
+  return {f'params/{k}': v for k, v in out.items()}
+
+
+def timm(w: dict) -> dict:
+  """timm VisionTransformer state_dict: PyTorch layouts, fused q/k/v."""
+  t = lambda x: np.ascontiguousarray(x.T)
+  out = {'patch_embed.proj.weight': np.ascontiguousarray(w['embedding/kernel'].transpose(3, 2, 0, 1)),
+         'patch_embed.proj.bias': w['embedding/bias'], 'cls_token': w['cls'],
+         'pos_embed': w['Transformer/posembed_input/pos_embedding'],
+         'norm.weight': w['Transformer/encoder_norm/scale'], 'norm.bias': w['Transformer/encoder_norm/bias'],
+         'head.weight': t(w['head/kernel']), 'head.bias': w['head/bias'],
+         'pre_logits.fc.weight': t(w['pre_logits/kernel']), 'pre_logits.fc.bias': w['pre_logits/bias']}
+  for i in range(LAYERS):
+    b, f = f'blocks.{i}.', f'Transformer/encoderblock_{i}/'
+    out[f'{b}norm1.weight'], out[f'{b}norm1.bias'] = w[f'{f}LayerNorm_0/scale'], w[f'{f}LayerNorm_0/bias']
+    out[f'{b}norm2.weight'], out[f'{b}norm2.bias'] = w[f'{f}LayerNorm_2/scale'], w[f'{f}LayerNorm_2/bias']
+    out[f'{b}attn.qkv.weight'] = np.concatenate(
+        [t(w[f'{f}{ATT}/{p}/kernel'].reshape(D, D)) for p in ('query', 'key', 'value')])
+    out[f'{b}attn.qkv.bias'] = np.concatenate(
+        [w[f'{f}{ATT}/{p}/bias'].reshape(D) for p in ('query', 'key', 'value')])
+    out[f'{b}attn.proj.weight'] = t(w[f'{f}{ATT}/out/kernel'].reshape(D, D))
+    out[f'{b}attn.proj.bias'] = w[f'{f}{ATT}/out/bias']
+    for ours, theirs in (('Dense_0', 'fc1'), ('Dense_1', 'fc2')):
+      out[f'{b}mlp.{theirs}.weight'] = t(w[f'{f}MlpBlock_3/{ours}/kernel'])
+      out[f'{b}mlp.{theirs}.bias'] = w[f'{f}MlpBlock_3/{ours}/bias']
+  return out
+
+
+def hf_vit(w: dict, prefix: str = 'vit.') -> dict:
+  """Hugging Face ViTForImageClassification (prefix 'vit.') or ViTModel (prefix '')."""
+  t = lambda x: np.ascontiguousarray(x.T)
+  e = f'{prefix}embeddings.'
+  out = {f'{e}patch_embeddings.projection.weight':
+         np.ascontiguousarray(w['embedding/kernel'].transpose(3, 2, 0, 1)),
+         f'{e}patch_embeddings.projection.bias': w['embedding/bias'], f'{e}cls_token': w['cls'],
+         f'{e}position_embeddings': w['Transformer/posembed_input/pos_embedding'],
+         f'{prefix}layernorm.weight': w['Transformer/encoder_norm/scale'],
+         f'{prefix}layernorm.bias': w['Transformer/encoder_norm/bias'],
+         f'{prefix}pooler.dense.weight': t(w['pre_logits/kernel']),
+         f'{prefix}pooler.dense.bias': w['pre_logits/bias']}
+  if prefix:
+    out['classifier.weight'], out['classifier.bias'] = t(w['head/kernel']), w['head/bias']
+  for i in range(LAYERS):
+    b, f = f'{prefix}encoder.layer.{i}.', f'Transformer/encoderblock_{i}/'
+    out[f'{b}layernorm_before.weight'] = w[f'{f}LayerNorm_0/scale']
+    out[f'{b}layernorm_before.bias'] = w[f'{f}LayerNorm_0/bias']
+    out[f'{b}layernorm_after.weight'] = w[f'{f}LayerNorm_2/scale']
+    out[f'{b}layernorm_after.bias'] = w[f'{f}LayerNorm_2/bias']
+    for p in ('query', 'key', 'value'):
+      out[f'{b}attention.attention.{p}.weight'] = t(w[f'{f}{ATT}/{p}/kernel'].reshape(D, D))
+      out[f'{b}attention.attention.{p}.bias'] = w[f'{f}{ATT}/{p}/bias'].reshape(D)
+    out[f'{b}attention.output.dense.weight'] = t(w[f'{f}{ATT}/out/kernel'].reshape(D, D))
+    out[f'{b}attention.output.dense.bias'] = w[f'{f}{ATT}/out/bias']
+    out[f'{b}intermediate.dense.weight'] = t(w[f'{f}MlpBlock_3/Dense_0/kernel'])
+    out[f'{b}intermediate.dense.bias'] = w[f'{f}MlpBlock_3/Dense_0/bias']
+    out[f'{b}output.dense.weight'] = t(w[f'{f}MlpBlock_3/Dense_1/kernel'])
+    out[f'{b}output.dense.bias'] = w[f'{f}MlpBlock_3/Dense_1/bias']
+  return out
+
+
+def nested(flat: dict) -> dict:
+  tree = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, leaf = key.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def scenic_mbt(w_video: dict, w_audio: dict, n_bottlenecks: int, classes: int) -> dict:
+  """A Scenic MBT train state (scenic/projects/mbt/model.py names): RGB 3D tubelet kernel, 1-channel
+  spectrogram kernel, CLS classifier (bottleneck holds n + 1 tokens), one shared encoder_norm."""
+  rng = np.random.default_rng(5)
+  k2d = w_video['embedding/kernel']
+  params = {'embedding/kernel': np.stack([np.zeros_like(k2d), k2d]),  # central-frame inflated
+            'embedding/bias': w_video['embedding/bias'],
+            'embedding_spectrogram/kernel': w_audio['embedding/kernel'].sum(2, keepdims=True),
+            'embedding_spectrogram/bias': w_audio['embedding/bias'],
+            'cls': w_video['cls'], 'clsspectrogram': w_audio['cls'],
+            'bottleneck': rng.normal(size=(1, n_bottlenecks + 1, D)).astype(np.float32),
+            'Transformer/posembed_input/pos_embedding':
+                rng.normal(size=(1, 1 + 2 * 16, D)).astype(np.float32),
+            'Transformer/posembed_input_spectrogram/pos_embedding':
+                rng.normal(size=(1, 1 + 8 * 4, D)).astype(np.float32),
+            'Transformer/encoder_norm/scale': w_video['Transformer/encoder_norm/scale'],
+            'Transformer/encoder_norm/bias': w_video['Transformer/encoder_norm/bias'],
+            'output_projection/kernel': rng.normal(size=(D, classes)).astype(np.float32),
+            'output_projection/bias': np.zeros(classes, np.float32)}
+  for i in range(LAYERS):
+    for suffix, w in (('', w_video), ('_spectrogram', w_audio)):
+      block = linen_block(w, f'Transformer/encoderblock_{i}/')
+      params.update({f'Transformer/encoderblock_{i}{suffix}/{k}': v for k, v in block.items()})
+  return {'global_step': 100, 'params': nested(params), 'model_state': {},
+          'opt_state': nested({'0/mu/bottleneck': np.zeros((1, 3, D), np.float32)}),
+          'rng': np.zeros(2, np.uint32)}
+
+
+# ------------------------------------------------------------------------------------------------
+# An independent numpy ViT (the original release's computation) for the equivalence tests
+
+
+def _layer_norm(x, scale, bias):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-6) * scale + bias
+
+
+def _gelu(x):  # flax's nn.gelu (tanh approximation), as in the original ViT
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def vit_reference(w: dict, images: np.ndarray) -> np.ndarray:
+  """Normalised CLS output [B, D] of the 2D ViT `w` (release layout) on images [B, 32, 32, 3]."""
+  w = {k: v.astype(np.float64) for k, v in w.items()}
+  batch, size = images.shape[0], images.shape[1]
+  grid = size // PATCH
+  patches = images.reshape(batch, grid, PATCH, grid, PATCH, 3).transpose(0, 1, 3, 2, 4, 5)
+  x = patches.reshape(batch, grid * grid, -1) @ w['embedding/kernel'].reshape(-1, D) + w['embedding/bias']
+  x = np.concatenate([np.broadcast_to(w['cls'], (batch, 1, D)), x], axis=1)
+  x = x + w['Transformer/posembed_input/pos_embedding']
+  for i in range(LAYERS):
+    b = f'Transformer/encoderblock_{i}/'
+    y = _layer_norm(x, w[f'{b}LayerNorm_0/scale'], w[f'{b}LayerNorm_0/bias'])
+    q, k, v = (np.einsum('bnd,dhk->bnhk', y, w[f'{b}{ATT}/{p}/kernel']) + w[f'{b}{ATT}/{p}/bias']
+               for p in ('query', 'key', 'value'))
+    logits = np.einsum('bqhk,bnhk->bhqn', q, k) / np.sqrt(DH)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = np.einsum('bhqn,bnhk->bqhk', weights, v)
+    x = x + np.einsum('bqhk,hkd->bqd', attended, w[f'{b}{ATT}/out/kernel']) + w[f'{b}{ATT}/out/bias']
+    y = _layer_norm(x, w[f'{b}LayerNorm_2/scale'], w[f'{b}LayerNorm_2/bias'])
+    y = _gelu(y @ w[f'{b}MlpBlock_3/Dense_0/kernel'] + w[f'{b}MlpBlock_3/Dense_0/bias'])
+    x = x + y @ w[f'{b}MlpBlock_3/Dense_1/kernel'] + w[f'{b}MlpBlock_3/Dense_1/bias']
+  x = _layer_norm(x, w['Transformer/encoder_norm/scale'], w['Transformer/encoder_norm/bias'])
+  return x[:, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs and helpers
+
+
+def config_for(checkpoint='', **overrides) -> ml_collections.ConfigDict:
+  """tiny_config with 8x8 patches: video grid (2, 4, 4), audio grid (8, 4) (the ViT's is 4x4)."""
+  c = tiny_config(**{'model.video_patch': (2, PATCH, PATCH), 'model.audio_patch': (PATCH, PATCH),
+                     **overrides})
+  c.init.checkpoint = str(checkpoint)
+  return c
+
+
+def single_modality(modality: str, checkpoint: str, **overrides) -> ml_collections.ConfigDict:
+  """A one-encoder model whose token grid equals the ViT's (4x4; video: one tubelet in time)."""
+  c = config_for(checkpoint, **{'model.modalities': (modality,), 'input.num_frames': 2,
+                                'input.audio_frames': 32, **overrides})
+  c.loss.weights = ml_collections.ConfigDict({'classification': 1.0})
+  return c
+
+
+_ABSTRACT = {}
+
+
+def abstract_params(config):
+  """The model's abstract parameters (traced once per model config)."""
+  key = config.model.to_json() + config.data.to_json() + config.input.to_json() + config.loss.to_json()
+  if key not in _ABSTRACT:
+    *_, init = setup(config)
+    _ABSTRACT[key] = jax.eval_shape(init, jax.random.PRNGKey(0)).params
+  return _ABSTRACT[key]
+
+
+def mapped(config) -> pretrained.Prepared:
+  return pretrained.prepare(config, abstract_params(config))
+
+
+def write_npz(path, flat):
+  np.savez(path, **flat)
+  return path
+
+
+@pytest.fixture(scope='module')
+def weights():
+  return vit_release()
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory, weights):
+  """The same ViT in every format that holds a 2D ViT."""
+  d = tmp_path_factory.mktemp('checkpoints')
+  out = {'vit_npz': write_npz(d / 'vit.npz', weights),
+         'big_vision': write_npz(d / 'bv.npz', big_vision(weights)),
+         'big_vision_scanned': write_npz(d / 'bv_scan.npz', big_vision(weights, scanned=True)),
+         'timm': d / 'timm.safetensors', 'hf_vit': d / 'hf.safetensors',
+         'hf_vit_base': d / 'hf_base.safetensors'}
+  safetensors.numpy.save_file(timm(weights), out['timm'])
+  safetensors.numpy.save_file(hf_vit(weights), out['hf_vit'])
+  safetensors.numpy.save_file(hf_vit(weights, prefix=''), out['hf_vit_base'])
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Formats
+
+
+def test_every_2d_vit_format_loads_to_identical_parameters_with_a_complete_report(files):
+  config = config_for()
+  params = abstract_params(config)
+  results = {}
+  for name, path in files.items():
+    config.init.checkpoint = str(path)
+    results[name] = pretrained.prepare(config, params)
+    assert results[name].report['sources']['video']['format'] == name.split('_scanned')[0].replace(
+        '_base', '')
+  reference = results.pop('vit_npz')
+  for name, result in results.items():
+    assert sorted(result.values) == sorted(reference.values), name
+    for key, value in reference.values.items():
+      np.testing.assert_array_equal(result.values[key], value, err_msg=f'{name}: {key}')
+
+  report = reference.report
+  assert report['sources'] == {r: {'checkpoint': str(files['vit_npz']), 'format': 'vit_npz'}
+                               for r in ('video', 'audio', 'shared')}
+  assert report['inflated']['tokenizer_video/embedding/kernel'] == {
+      'source': 'embedding/kernel', 'from': [8, 8, 3, D], 'to': [2, 8, 8, 3, D],
+      'how': 'central over 2 frames, input normalisation minus_one_to_one folded in'}
+  # [0, 1] pixels p into a checkpoint trained on 2p - 1: kernel x 2, bias - kernel sum.
+  kernel = vit_release()['embedding/kernel']
+  np.testing.assert_allclose(reference.values['tokenizer_video/embedding/kernel'][1], 2 * kernel)
+  np.testing.assert_allclose(reference.values['tokenizer_video/embedding/bias'],
+                             vit_release()['embedding/bias'] - kernel.sum((0, 1, 2)), rtol=1e-5)
+  assert not reference.values['tokenizer_video/embedding/kernel'][0].any()
+  assert report['transformed']['tokenizer_audio/embedding/kernel']['to'] == [8, 8, 1, D]
+  audio_pos = report['resized']['posembed_audio/posembed_input']
+  assert (audio_pos['from'], audio_pos['to']) == ([1, 16, D], [1, 8, 4, D])
+  assert 'bilinear resize (4, 4) -> (8, 4)' in audio_pos['how']
+  video_pos = report['resized']['posembed_video/posembed_input']
+  assert video_pos['to'] == [1, 2, 4, 4, D] and 'repeated over 2 time steps' in video_pos['how']
+  assert report['loaded']['cls_video'] == 'cls + Transformer/posembed_input/pos_embedding[0]'
+  assert report['loaded']['encoder/encoderblock_1_audio/MlpBlock_3/Dense_0/kernel'] == (
+      'Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel')
+  assert set(report['unused']) == {'head/kernel', 'head/bias', 'pre_logits/kernel', 'pre_logits/bias'}
+  assert 'classifier/output_projection/kernel' in report['init']
+  assert 'encoder/bottleneck' in report['init'] and report['excluded'] == []
+  # Every parameter is in exactly one category.
+  shapes, _ = pretrained.target_layout(params)
+  listed = [n for c in ('loaded', 'inflated', 'transformed', 'resized', 'excluded', 'init')
+            for n in report[c]]
+  assert sorted(listed) == sorted(shapes)
+  text = pretrained.format_report(report)
+  assert 'inflated: tokenizer_video/embedding/kernel (8, 8, 3, 32) -> (2, 8, 8, 3, 32)' in text
+  assert 'unused checkpoint entries: head/bias, head/kernel, pre_logits/bias, pre_logits/kernel' in text
+  # The posemb values: the ViT grid (4x4) repeated over the two time steps.
+  pe = vit_release()['Transformer/posembed_input/pos_embedding'][:, 1:].reshape(1, 4, 4, D)
+  np.testing.assert_array_equal(reference.values['posembed_video/posembed_input'][:, 1], pe)
+
+
+def test_hf_base_model_report_lists_its_pooler_as_unused(files):
+  config = config_for(files['hf_vit_base'])
+  report = mapped(config).report
+  assert report['unused'] == ['pooler.dense.bias', 'pooler.dense.weight']
+
+
+def test_static_video_through_the_inflated_encoder_equals_the_2d_vit(files, weights):
+  """One tubelet in time (2 frames), so the token set is the image's; central and average
+  inflation, float32 and bfloat16 compute."""
+  rng = np.random.default_rng(1)
+  frame = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  video = np.repeat(frame[:, None], 2, axis=1)  # [B, 2, 32, 32, 3], a static video
+  normalized = {'minus_one_to_one': (frame - 0.5) / 0.5, 'none': frame,
+                'imagenet': (frame - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])}
+  for dtype, kernel, normalization, tolerance in (
+      ('float32', 'central', 'minus_one_to_one', 2e-5), ('float32', 'average', 'imagenet', 2e-5),
+      ('float32', 'central', 'none', 2e-5), ('bfloat16', 'average', 'minus_one_to_one', 6e-2)):
+    config = single_modality('video', files['vit_npz'], **{
+        'init.video_kernel': kernel, 'model.dtype': dtype, 'init.pixel_normalization': normalization})
+    params = abstract_params(config)
+    prepared = pretrained.prepare(config, params)
+    assert prepared.report['init'] == ['classifier/output_projection/bias',
+                                       'classifier/output_projection/kernel']
+    values = {**dict(_flat(random_params(params))), **prepared.values}
+    got = np.asarray(_forward(build_model(config), 'video')(_nested(values), video), np.float32)
+    np.testing.assert_allclose(got, vit_reference(weights, normalized[normalization]), atol=tolerance,
+                               rtol=tolerance, err_msg=f'{dtype} {kernel} {normalization}')
+
+
+def test_spectrogram_through_the_audio_encoder_equals_the_2d_vit_on_it_as_an_image(files, weights):
+  rng = np.random.default_rng(2)
+  spectrogram = rng.normal(size=(2, 32, 32)).astype(np.float32)  # [B, time, mels]
+  expected = vit_reference(weights, np.repeat(spectrogram[..., None], 3, axis=-1))
+  config = single_modality('audio', files['timm'])
+  prepared = mapped(config)
+  assert prepared.report['transformed']['tokenizer_audio/embedding/kernel']['how'] == (
+      'summed over input channels (AST)')
+  values = {**dict(_flat(random_params(abstract_params(config)))), **prepared.values}
+  got = np.asarray(_forward(build_model(config), 'audio')(_nested(values), spectrogram))
+  np.testing.assert_allclose(got, expected, atol=2e-5, rtol=2e-5)
+
+
+def _forward(model, modality):
+  def run(params, x):
+    return model.apply({'params': params}, {modality: x})['features']['final'][modality]
+  return fast_jit(run)
+
+
+def _flat(tree, prefix=''):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, f'{prefix}{key}/')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def _nested(flat):
+  return jax.tree_util.tree_map(jnp.asarray, nested(flat))
+
+
+def test_scenic_mbt_loads_both_streams_bottleneck_and_head(tmp_path, weights):
+  w_audio = vit_release(seed=3)
+  state = scenic_mbt(weights, w_audio, n_bottlenecks=2, classes=5)
+  folder = tmp_path / 'mbt'
+  folder.mkdir()
+  (folder / 'checkpoint_100').write_bytes(flax.serialization.msgpack_serialize(state))
+  prepared = mapped(config_for(folder, **{'init.pixel_normalization': 'none'}))
+  v, report = prepared.values, prepared.report
+  p = state['params']
+  assert report['sources']['video']['format'] == 'scenic'
+  np.testing.assert_array_equal(v['tokenizer_video/embedding/kernel'], p['embedding']['kernel'])
+  np.testing.assert_array_equal(v['tokenizer_audio/embedding/kernel'],
+                                p['embedding_spectrogram']['kernel'])
+  np.testing.assert_array_equal(v['encoder/bottleneck'], p['bottleneck'][:, :2])
+  assert report['resized']['encoder/bottleneck']['how'] == 'first 2 tokens'
+  np.testing.assert_array_equal(v['classifier/output_projection/kernel'],
+                                p['output_projection']['kernel'])
+  pe = p['Transformer']['posembed_input_spectrogram']['pos_embedding']
+  np.testing.assert_array_equal(v['posembed_audio/posembed_input'], pe[:, 1:].reshape(1, 8, 4, D))
+  np.testing.assert_array_equal(v['cls_audio'], p['clsspectrogram'] + pe[:, :1])
+  for m in ('video', 'audio'):
+    np.testing.assert_array_equal(v[f'encoder/encoder_norm_{m}/scale'],
+                                  weights['Transformer/encoder_norm/scale'])
+  rgb_block, spec_block = 'Transformer/encoderblock_1/', 'Transformer/encoderblock_1_spectrogram/'
+  np.testing.assert_array_equal(v[f'encoder/encoderblock_1_video/{ATT}/query/kernel'],
+                                weights[f'{rgb_block}{ATT}/query/kernel'])
+  np.testing.assert_array_equal(v['encoder/encoderblock_1_audio/MlpBlock_3/Dense_1/bias'],
+                                w_audio[f'{rgb_block}MlpBlock_3/Dense_1/bias'])
+  assert (report['loaded']['encoder/encoderblock_1_audio/LayerNorm_2/scale'] ==
+          f'{spec_block}LayerNorm_1/scale')
+  assert report['unused'] == ['global_step/... (1 entries outside the model parameters)',
+                              'opt_state/... (1 entries outside the model parameters)',
+                              'rng/... (1 entries outside the model parameters)']
+  assert not any(n.startswith(('encoder/', 'tokenizer', 'posembed', 'cls', 'classifier'))
+                 for n in report['init'])
+
+
+def test_scenic_vivit_legacy_optimizer_checkpoint_loads_the_video_encoder(tmp_path, weights):
+  """ViViT spatio-temporal (3D kernel, flat spatio-temporal posemb) in a flax.optim train state."""
+  params = {k: v for k, v in weights.items() if not k.startswith('pre_logits')}
+  params = {**{k: v for k, v in params.items() if 'encoderblock' not in k},
+            **{f'Transformer/encoderblock_{i}/{k}': v for i in range(LAYERS)
+               for k, v in linen_block(weights, f'Transformer/encoderblock_{i}/').items()}}
+  params['embedding/kernel'] = np.stack([weights['embedding/kernel']] * 2) / 2
+  params['Transformer/posembed_input/pos_embedding'] = np.random.default_rng(0).normal(
+      size=(1, 1 + 2 * 16, D)).astype(np.float32)
+  path = tmp_path / 'checkpoint_7'
+  path.write_bytes(flax.serialization.msgpack_serialize(
+      {'optimizer': {'target': nested(params), 'state': {'step': 7}}}))
+  config = config_for(path, **{'init.modalities': ('video',), 'init.pixel_normalization': 'none'})
+  prepared = mapped(config)
+  np.testing.assert_array_equal(prepared.values['tokenizer_video/embedding/kernel'],
+                                params['embedding/kernel'])
+  pe = params['Transformer/posembed_input/pos_embedding']
+  np.testing.assert_array_equal(prepared.values['posembed_video/posembed_input'],
+                                pe[:, 1:].reshape(1, 2, 4, 4, D))
+  assert prepared.report['sources'] == {'video': {'checkpoint': str(path), 'format': 'scenic'},
+                                        'shared': {'checkpoint': str(path), 'format': 'scenic'}}
+  assert not any(n.startswith(('tokenizer_audio', 'encoder/encoderblock_0_audio'))
+                 for n in prepared.values)
+
+
+def _save_own_checkpoint(workdir, config):
+  model, tx, _, _ = setup(config)
+  params = jax.tree_util.tree_map(jnp.asarray, random_params(abstract_params(config), seed=4))
+  state = TrainState(step=jnp.asarray(3, jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(1))
+  with checkpointing.Checkpointer(workdir) as ckpt:
+    ckpt.save(3, state, {'step': 3}, force=True)
+  return params
+
+
+def test_own_checkpoint_finetunes_with_exclude_for_the_heads(tmp_path):
+  pretraining = tiny_config(**{'data.num_classes': {'class': 3}})
+  saved = dict(_flat(jax.tree_util.tree_map(np.asarray, _save_own_checkpoint(tmp_path, pretraining))))
+  config = tiny_config()
+  config.init.checkpoint = str(tmp_path)
+  with pytest.raises(PretrainedError, match=r"classifier/output_projection/kernel: the checkpoint's "
+                     r'classifier/output_projection/kernel has shape \(32, 3\), the model needs '
+                     r'\(32, 5\)[\s\S]*init.exclude'):
+    mapped(config)
+  config.init.exclude = ('^classifier/',)
+  prepared = mapped(config)
+  assert prepared.report['sources']['shared']['format'] == 'avt'
+  assert prepared.report['excluded'] == ['classifier/output_projection/bias',
+                                         'classifier/output_projection/kernel']
+  assert prepared.report['init'] == [] and prepared.report['unused'] == []
+  for name, value in saved.items():
+    if not name.startswith('classifier/'):
+      np.testing.assert_array_equal(prepared.values[name], value, err_msg=name)
+  # The same checkpoint into the scanned layout: stacked layer by layer.
+  config.model.scan_layers = True
+  scanned = mapped(config).values
+  np.testing.assert_array_equal(scanned['encoder/encoderblocks_fused/audio/LayerNorm_0/scale'][0],
+                                saved['encoder/encoderblock_1_audio/LayerNorm_0/scale'])
+
+
+def test_separate_checkpoint_per_modality(files, weights, tmp_path):
+  other = vit_release(seed=9)
+  config = config_for(files['vit_npz'])
+  config.init.audio.checkpoint = str(write_npz(tmp_path / 'audio.npz', other))
+  report = mapped(config)
+  assert report.report['sources']['audio']['checkpoint'].endswith('audio.npz')
+  assert report.report['sources']['video']['checkpoint'] == str(files['vit_npz'])
+  np.testing.assert_array_equal(report.values['encoder/encoder_norm_audio/bias'],
+                                other['Transformer/encoder_norm/bias'])
+  np.testing.assert_array_equal(report.values['encoder/encoder_norm_video/bias'],
+                                weights['Transformer/encoder_norm/bias'])
+  video_only = config_for(files['vit_npz'], **{'init.modalities': ('video',)})
+  assert not any('audio' in n for n in mapped(video_only).values)
+
+
+def test_scanned_bfloat16_model_on_a_sharded_mesh_gets_its_shards(files):
+  """The train loop's sequence on a data=2 x fsdp=2 x model=2 mesh of 8 CPU devices; a 3-layer model
+  (2 unimodal layers stacked) with layer 1 of video excluded and layer 2 absent from the 2-layer ViT."""
+  config = config_for(files['big_vision'], **{
+      'model.scan_layers': True, 'model.dtype': 'bfloat16', 'model.num_layers': 3,
+      'model.fusion_layer': 2, 'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.model': 2,
+      'init.exclude': ('encoderblock_1_video/',)})
+  config.loss.weights = ml_collections.ConfigDict({'classification': 1.0})  # a smaller init to compile
+  _, tx, _, init = setup(config)
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding.tree_shardings(abstract, mesh)
+  prepared = pretrained.prepare(config, abstract.params)
+  assert set(prepared.layer_masks) == {f'encoder/encoderblocks_video/{k}' for k in
+                                       pretrained.layouts.BLOCK_KEYS}
+  with jax.set_mesh(mesh):
+    initial = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+    before = jax.tree_util.tree_map(np.asarray, initial.params)
+    state = pretrained.apply(prepared, initial, shardings, tx)
+  params = dict(_flat(state.params))
+  targets = dict(_flat(shardings.params))
+  split = 0
+  for name, leaf in params.items():
+    assert leaf.sharding.is_equivalent_to(targets[name], leaf.ndim), name
+    if not leaf.sharding.is_fully_replicated:
+      split += 1
+      assert all(s.data.size < leaf.size for s in leaf.addressable_shards), name
+  assert split > 0
+  unscanned = mapped(config_for(files['big_vision'], **{'model.num_layers': 3,
+                                                       'model.fusion_layer': 2})).values
+  stacked = 'encoder/encoderblocks_video/MlpBlock_3/Dense_0/kernel'
+  got = np.asarray(params[stacked])
+  np.testing.assert_array_equal(got[0], unscanned['encoder/encoderblock_0_video/MlpBlock_3/Dense_0/kernel'])
+  np.testing.assert_array_equal(got[1], dict(_flat(before))[stacked][1])  # excluded: kept its init
+  np.testing.assert_array_equal(
+      np.asarray(params['encoder/encoderblocks_audio/LayerNorm_2/bias'])[1],
+      unscanned['encoder/encoderblock_1_audio/LayerNorm_2/bias'])
+  fused = 'encoder/encoderblocks_fused/video/LayerNorm_0/scale'
+  np.testing.assert_array_equal(np.asarray(params[fused]), dict(_flat(before))[fused])
+  assert 'encoder/encoderblock_2_video/LayerNorm_0/scale' in prepared.report['init']
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      lambda x: not np.any(np.asarray(x, np.float32)), state.opt_state[1][0].mu))
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_pickles_are_refused_with_conversion_instructions(tmp_path, weights):
+  pth = tmp_path / 'model.pth'
+  pth.write_bytes(b'\x80\x02}q\x00.')
+  with pytest.raises(PretrainedError, match=r'model\.pth: PyTorch pickle .* safetensors'):
+    pretrained.read(pth)
+  torch_zip = tmp_path / 'looks_like.npz'
+  with zipfile.ZipFile(torch_zip, 'w') as archive:
+    archive.writestr('archive/data.pkl', b'\x80\x02.')
+  with pytest.raises(PretrainedError, match='pickle'):
+    pretrained.read(torch_zip)
+  with pytest.raises(PretrainedError, match='pickle'):
+    pretrained.read(write_npz(tmp_path / 'objects.npz', {'a': np.array([{'x': 1}], dtype=object)}))
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'not a checkpoint at all', r'junk\.npz: not a readable \.npz'),
+    (None, r'no such file or directory'),
+])
+def test_unreadable_files_name_the_file(tmp_path, content, message):
+  path = tmp_path / 'junk.npz'
+  if content is not None:
+    path.write_bytes(content)
+  with pytest.raises(PretrainedError, match=message):
+    pretrained.read(path)
+
+
+def test_truncated_and_unknown_files(tmp_path, files):
+  data = files['vit_npz'].read_bytes()
+  cut = tmp_path / 'cut.npz'
+  cut.write_bytes(data[:len(data) // 2])
+  with pytest.raises(PretrainedError, match=r'cut\.npz: not a readable \.npz'):
+    pretrained.read(cut)
+  other = tmp_path / 'weights.dat'
+  other.write_bytes(bytes(range(7, 200)))
+  with pytest.raises(PretrainedError, match=r'weights\.dat: not a checkpoint this project reads'):
+    pretrained.read(other)
+  with pytest.raises(PretrainedError, match='Cannot tell the checkpoint format'):
+    pretrained.detect('npz', {'some/array': np.zeros(3)})
+
+
+def test_missing_entries_are_named(tmp_path, weights):
+  missing = dict(weights)
+  del missing['Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel']
+  config = config_for(write_npz(tmp_path / 'missing.npz', missing))
+  with pytest.raises(PretrainedError, match=r"missing\.npz.*lacks \['encoderblock_1/MlpBlock_3/Dense_0/"
+                     r"kernel'\]"):
+    mapped(config)
+  flat = timm(weights)
+  del flat['norm.weight']
+  path = tmp_path / 'timm_missing.safetensors'
+  safetensors.numpy.save_file(flat, path)
+  with pytest.raises(PretrainedError, match=r"timm_missing\.safetensors: missing checkpoint entry "
+                     r"'norm\.weight'"):
+    mapped(config_for(path))
+
+
+def test_shapes_that_cannot_be_mapped_stop_with_name_and_both_shapes(tmp_path):
+  patch16 = write_npz(tmp_path / 'p16.npz', vit_release(patch=16))
+  with pytest.raises(PretrainedError, match=re.escape(
+      "tokenizer_video/embedding/kernel: the checkpoint's embedding/kernel has shape (16, 16, 3, 32) "
+      '(central over 2 frames, input normalisation minus_one_to_one folded in: (2, 16, 16, 3, 32)), '
+      'the model needs (2, 8, 8, 3, 32).')):
+    mapped(config_for(patch16))
+  heads4 = write_npz(tmp_path / 'h4.npz', vit_release(heads=4))
+  with pytest.raises(PretrainedError, match=r'4 attention heads, the model 2 \(set model.num_heads=4\)'):
+    mapped(config_for(heads4))
+  wide = write_npz(tmp_path / 'wide.npz', vit_release(width=48))
+  with pytest.raises(PretrainedError, match=r'shape \(1, 17, 48\)|has width 48'):
+    mapped(config_for(wide))
+
+
+def test_unsupported_variants_and_bad_config_fields(tmp_path, weights, files):
+  flat = timm(weights)
+  flat['blocks.0.ls1.gamma'] = np.ones(D, np.float32)
+  path = tmp_path / 'deit3.safetensors'
+  safetensors.numpy.save_file(flat, path)
+  with pytest.raises(PretrainedError, match=r"'blocks\.0\.ls1\.gamma'.*layer scale"):
+    mapped(config_for(path))
+  for field, value, message in (('format', 'torch', r'config\.init\.format: expected auto'),
+                                ('video_kernel', 'middle', r'config\.init\.video_kernel'),
+                                ('pixel_normalization', 'unit', r'config\.init\.pixel_normalization'),
+                                ('exclude', ('[',), r'config\.init\.exclude: .\[. is not a regular'),
+                                ('modalities', ('text',), r'config\.init\.modalities')):
+    config = config_for(files['vit_npz'], **{f'init.{field}': value})
+    with pytest.raises(PretrainedError, match=message):
+      pretrained.validate(config)
+
+
+def test_report_is_saved_for_results(tmp_path, files):
+  report = mapped(config_for(files['vit_npz'])).report
+  assert pretrained.saved_report(str(tmp_path)) == {}
+  pretrained.save_report(report, str(tmp_path))
+  assert pretrained.saved_report(str(tmp_path)) == {'init': report}
+
+
+@pytest.mark.parametrize('name, warmup', [('kinetics_sounds', 897), ('vggsound', 6640),
+                                          ('epic_kitchens_100', 2615)])
+def test_paper_configs_use_the_imagenet21k_finetuning_recipe(name, warmup):
+  spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / 'configs' /
+                                                f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  pretrained.validate(c)
+  assert (c.optim.name, c.optim.learning_rate, c.optim.warmup_steps) == ('adamw', 1e-4, warmup)
+  assert (c.init.video_kernel, tuple(c.init.modalities)) == ('central', ('video', 'audio'))
+  assert 'ViT-B_16.npz' in module.__doc__ and '--config.init.checkpoint=' in module.__doc__
+  smoke = module.get_config('smoke')
+  assert smoke.loss.label_smoothing == get_base_config().loss.label_smoothing  # smoke runs unchanged
