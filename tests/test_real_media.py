@@ -617,3 +617,31 @@ def test_a_few_damaged_audio_packets_leave_gaps(tmp_path):
   intact = media.decode_clip(os.path.join(os.path.dirname(__file__), 'data', 'theora_vorbis.ogg'),
                              0.0, 1.0, fps=5, short_side=24).waveform
   assert _amplitude(clip.waveform[2000:14000], 440.0) > 0.6 * _amplitude(intact[2000:14000], 440.0)
+
+
+@pytest.mark.parametrize('missing_audio', ['silence', 'skip'])
+def test_undecodable_audio_follows_the_missing_audio_policy(tmp_path, missing_audio):
+  videos = tmp_path / 'videos'
+  videos.mkdir()
+  (videos / 'bad_vorbis.ogg').write_bytes(_damage_vorbis(_theora_vorbis(), _bad_sample_rate))
+  (videos / 'good.ogg').write_bytes(_theora_vorbis())
+  specs = [annotations.ClipSpec(name, f'{name}.ogg', {'class': [0]}) for name in ('bad_vorbis', 'good')]
+  out = tmp_path / 'out'
+  stats = shards.prepare_dataset(specs, str(videos), str(out), fps=5, short_side=16, n_mels=16,
+                                 clip_seconds=1.0, label_names={'class': ['a']}, num_workers=0,
+                                 missing_audio=missing_audio, progress=False)
+  with open(out / 'report.jsonl', encoding='utf-8') as f:
+    report = [json.loads(line) for line in f]
+  assert [entry['clip_id'] for entry in report] == ['bad_vorbis']
+  reason = report[0]['reason']
+  assert reason.startswith('audio stream #1 (vorbis) cannot be decoded: ')
+  if missing_audio == 'skip':
+    assert report[0]['status'] == 'skipped' and stats['num_clips'] == {'train': 1}
+    return
+  assert report[0]['status'] == 'degraded' and reason.endswith('; silence substituted')
+  clips = {}
+  for serialized in tf.data.TFRecordDataset(glob.glob(str(out / '*.tfrecord'))):
+    clip = records.parse_clip(serialized)
+    clips[clip['id'].numpy().decode()] = clip
+  assert clips['bad_vorbis']['jpeg'].shape == (5,) and clips['bad_vorbis']['audio_missing'].numpy() == 1
+  assert clips['good']['audio_missing'].numpy() == 0
