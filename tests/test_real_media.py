@@ -238,13 +238,14 @@ def prepared(tmp_path_factory):
   stats = shards.prepare_dataset(specs, os.path.join(folder, 'videos'), out, fps=5, short_side=16,
                                  n_mels=16, clip_seconds=2.0, label_names=label_names, num_workers=0,
                                  progress=False)
+  # The default clip ids are the file paths; keyed here by the path without its extension.
   clips = {}
   for path in glob.glob(os.path.join(out, '*.tfrecord')):
     for serialized in tf.data.TFRecordDataset(path):
       clip = records.parse_clip(serialized)
-      clips[clip['id'].numpy().decode()] = clip
+      clips[os.path.splitext(clip['id'].numpy().decode())[0]] = clip
   with open(os.path.join(out, 'report.jsonl'), encoding='utf-8') as f:
-    report = {entry['clip_id']: entry for entry in map(json.loads, f)}
+    report = {os.path.splitext(entry['clip_id'])[0]: entry for entry in map(json.loads, f)}
   return clips, report, stats
 
 
