@@ -382,7 +382,7 @@ def _write_channels(path, audio_codec, layout, tone_channel, hz=500.0, rate=1600
     ('aac', 'hexadecagonal', 'fltp'),     # planar, 16 channels (more than FFmpeg's 8 data pointers)
     ('libopus', '7.1', 'fltp'),
     ('flac', '7.1', 's16'),               # packed integer
-    ('pcm_s16le', '12c', 's16'),          # 12 channels in no named order
+    ('pcm_s16le', '24c', 's16'),          # 24 channels in no named order
     ('pcm_f32le', '3c', 'flt'),
 ])
 def test_any_channel_count_and_layout_is_the_plain_channel_mean(tmp_path, audio_codec, layout,
