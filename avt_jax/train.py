@@ -69,6 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                   save_every=config.train.checkpoint_every) as ckpt, \
        jax.set_mesh(mesh):
+    meta = {}
     if ckpt.latest_step() is None:
       state = jax.jit(init, out_shardings=state_shardings)(rng)
       print(f'Initialised {model.__class__.__name__}: '
@@ -77,13 +78,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       target = jax.tree_util.tree_map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
       state, meta = ckpt.restore(target)
-      print(f'Resumed from {workdir} at step {int(state.step)} ({meta}).', flush=True)
+      position = {k: v for k, v in meta.items() if k in ('step', 'examples_seen')}
+      print(f'Resumed from {workdir} at step {int(state.step)} ({position}).', flush=True)
 
     start = int(state.step)
     summary = {'train': {}, 'steps': start, 'train_seconds': 0.0}
     if not config.train.eval_only and start < total_steps:
       summary['train'] = _train_loop(config, model, tx, schedule, mesh, state_shardings, state,
-                                     ckpt, data_dir, workdir, start)
+                                     ckpt, data_dir, workdir, start, meta)
       state = summary['train'].pop('state')
       summary['train_seconds'] = summary['train'].pop('seconds')
       summary['steps'] = int(state.step)
@@ -97,14 +99,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
 
 def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt, data_dir, workdir,
-                start: int) -> dict[str, Any]:
+                start: int, resumed_meta: dict) -> dict[str, Any]:
   total_steps = int(config.train.steps)
+  batch_size = int(config.input.batch_size)
   step_fn = jax.jit(make_train_step(config, model, tx, schedule),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=(0,))
+  # The input resumes after the examples consumed (also when the batch size changed); a change that
+  # reorders the examples is refused.
+  stream = input_lib.stream_identity(config, data_dir, seed=config.seed)
+  try:
+    input_lib.check_same_stream(resumed_meta.get('input_stream'), stream)
+  except ValueError as e:
+    raise ValueError(f'{workdir}: {e}') from None
+  examples_seen = int(resumed_meta.get('examples_seen', start * batch_size))
   batches: Iterator[dict] = input_lib.make_train_iterator(config, data_dir, seed=config.seed,
-                                                          start_step=start)
+                                                          start_example=examples_seen)
   writer = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else \
       metric_writers.MultiWriter([])
   progress = ProgressLog(writer, total_steps, start)
@@ -126,8 +137,9 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
       pending = []
       means = progress.report(step, history)
     if save_due:
-      ckpt.save(step, state, {'step': step, 'examples_seen': step * config.input.batch_size},
-                force=True)
+      ckpt.save(step, state, {'step': step,
+                              'examples_seen': examples_seen + (step - start) * batch_size,
+                              'input_stream': stream}, force=True)
     if preempted:
       ckpt.wait()
       print(f'Preemption requested: saved step {step}, exiting.', flush=True)

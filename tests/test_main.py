@@ -4,6 +4,7 @@ import importlib.util
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from avt_jax import checkpointing
 from avt_jax import train
 from avt_jax.prep import demo_data
 
@@ -144,6 +146,31 @@ def test_eval_only_restores_onto_another_mesh(data_dir, straight_run):
   assert results['eval']['num_videos'] == first['eval']['num_videos'] == 9
   assert results['eval']['top1'] == pytest.approx(first['eval']['top1'])
   assert 'eval top1' in again.stdout
+
+
+def _copy_of(workdir, tmp_path):
+  copy = tmp_path / 'workdir'
+  shutil.copytree(workdir, copy)
+  return copy
+
+
+def test_resume_with_another_batch_size_starts_after_the_examples_seen(data_dir, straight_run, tmp_path):
+  """8 steps at batch 8 consumed examples 0..63; 2 more steps at batch 4 take examples 64..71."""
+  workdir = _copy_of(straight_run, tmp_path)
+  result = run(command(workdir, data_dir, '--config.train.steps=10', '--config.input.batch_size=4'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from" in result.stdout and "'examples_seen': 64" in result.stdout
+  with checkpointing.Checkpointer(workdir) as ckpt:
+    assert ckpt.restore_meta(10)['examples_seen'] == 72
+
+
+def test_resume_refuses_an_input_change_that_reorders_the_examples(data_dir, straight_run, tmp_path):
+  workdir = _copy_of(straight_run, tmp_path)
+  result = run(command(workdir, data_dir, '--config.train.steps=10', '--config.input.shuffle_buffer=64'))
+  assert result.returncode == 1
+  assert re.search(r'ValueError: .*Cannot resume: config.input.shuffle_buffer is 512 in the checkpoint and 64 '
+                   'now, which changes the order of the training examples', result.stderr)
+  assert not (workdir / 'checkpoints' / '10').exists()  # nothing trained or written
 
 
 @pytest.mark.parametrize('flag, field', [
