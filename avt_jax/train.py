@@ -42,11 +42,14 @@ class ProgressLog:
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-  """Parameters of a workdir's latest (or given) checkpoint, e.g. for analysis or export."""
+  """Parameters of a workdir's latest (or given) checkpoint, e.g. for analysis or export (adapted
+  to `config` where it differs from the checkpoint's, see `checkpointing.restore_adapted`)."""
   *_, init = setup(config)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  state, _ = ckpt.restore(abstract, step)
+  state, _, _ = checkpointing.restore_adapted(ckpt, abstract, init=lambda: jax.jit(init)(rng),
+                                              config=config, step=step, fresh_ok=('opt_state',))
   ckpt.close()
   return state.params
 
@@ -77,9 +80,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     else:
       target = jax.tree_util.tree_map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-      state, meta = ckpt.restore(target)
+      # A config that differs from the checkpoint's is adapted to, or refused naming the field.
+      state, meta, notes = checkpointing.restore_adapted(
+          ckpt, target, init=lambda: jax.jit(init, out_shardings=state_shardings)(rng), config=config,
+          fresh_ok=('opt_state',) if config.train.eval_only else ())
       position = {k: v for k, v in meta.items() if k in ('step', 'examples_seen')}
       print(f'Resumed from {workdir} at step {int(state.step)} ({position}).', flush=True)
+      for note in notes:
+        print(f'  restore: {note}', flush=True)
 
     start = int(state.step)
     summary = {'train': {}, 'steps': start, 'train_seconds': 0.0}
@@ -112,7 +120,7 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
   try:
     input_lib.check_same_stream(resumed_meta.get('input_stream'), stream)
   except ValueError as e:
-    raise ValueError(f'{workdir}: {e}') from None
+    raise checkpointing.IncompatibleCheckpointError(f'{workdir}: {e}') from None
   examples_seen = int(resumed_meta.get('examples_seen', start * batch_size))
   batches: Iterator[dict] = input_lib.make_train_iterator(config, data_dir, seed=config.seed,
                                                           start_example=examples_seen)
@@ -139,7 +147,8 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
     if save_due:
       ckpt.save(step, state, {'step': step,
                               'examples_seen': examples_seen + (step - start) * batch_size,
-                              'input_stream': stream}, force=True)
+                              'input_stream': stream,
+                              'config': checkpointing.config_snapshot(config)}, force=True)
     if preempted:
       ckpt.wait()
       print(f'Preemption requested: saved step {step}, exiting.', flush=True)
