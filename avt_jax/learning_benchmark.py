@@ -28,6 +28,10 @@ FLOOR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 VIDEO_FEATURE_SIZE = 16
 AUDIO_FEATURE_CELLS = (20, 16)
 RUNS = {'av': '', 'video': ':video', 'audio': ':audio'}
+SELF_SUPERVISED = {'classification': 0.0, 'contrastive': 1.0, 'matching': 1.0, 'masked_video': 1.0,
+                   'masked_audio': 1.0, 'masked_audio_segment': 1.0}
+PRETRAIN_OVERRIDES = ['--config.model.fusion=bottleneck', '--config.train.epochs=60'] + [
+    f'--config.loss.weights.{k}={v}' for k, v in SELF_SUPERVISED.items()]
 
 
 def clip_features(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,6 +88,49 @@ def linear_floors(data_dir: str, train_split: str = 'train', test_split: str = '
   return floors
 
 
+def encoder_features(config, params, data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """([N, modalities * D] final pooled features, [N] labels) of every clip of `split` (centre view).
+
+  `params` may lack the classifier (a self-supervised run): a zero one is added, it does not change
+  the features.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from avt_jax import input as input_lib  # pylint: disable=g-import-not-at-top
+  from avt_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from avt_jax.models.build import encoder_size  # pylint: disable=g-import-not-at-top
+
+  model = build_model(config)
+  if 'classifier' not in params:
+    width, classes = encoder_size(config.model)['hidden_size'], config.data.num_classes['class']
+    params = dict(params, classifier={'output_projection': {
+        'kernel': np.zeros((width, classes), np.float32),
+        'bias': np.zeros((classes,), np.float32)}})
+  modalities = tuple(config.model.modalities)
+  apply = jax.jit(lambda p, b: model.apply({'params': p}, b, objectives=('classification',))[
+      'features']['final'])
+  features, labels = [], []
+  for batch in input_lib.make_eval_iterator(config, data_dir, split):
+    final = apply(params, {k: batch[k] for k in (*modalities, 'mask')})
+    keep = batch['mask'] > 0
+    features.append(np.concatenate([np.asarray(final[m]) for m in modalities], -1)[keep])
+    labels.append(batch['labels/class'].argmax(-1)[keep])
+  return np.concatenate(features), np.concatenate(labels)
+
+
+def linear_probe(config, params, train_dir: str, test_dir: str) -> float:
+  """Test top-1 of logistic regression on frozen `encoder_features` (C by 5-fold CV on train)."""
+  from sklearn import linear_model, model_selection, pipeline as skpipe, preprocessing  # pylint: disable=g-import-not-at-top
+
+  x_train, y_train = encoder_features(config, params, train_dir, config.data.train_split)
+  x_test, y_test = encoder_features(config, params, test_dir, config.data.eval_split)
+  probe = model_selection.GridSearchCV(
+      skpipe.make_pipeline(preprocessing.StandardScaler(),
+                           linear_model.LogisticRegression(max_iter=2000)),
+      {'logisticregression__C': FLOOR_C_GRID}, cv=min(5, int(np.bincount(y_train).min())))
+  probe.fit(x_train, y_train)
+  return float(probe.score(x_test, y_test))
+
+
 def train_run(config: str, data_dir: str, workdir: str, overrides: Sequence[str] = ()) -> dict:
   """Runs `python -m avt_jax.main` and returns its results.json (plus `wall_seconds`)."""
   results = os.path.join(workdir, 'results.json')
@@ -101,6 +148,48 @@ def train_run(config: str, data_dir: str, workdir: str, overrides: Sequence[str]
     return json.load(f)
 
 
+def load_config(config_path: str, data_dir: str, overrides: Sequence[str] = ()):
+  """The config of a run, as `python -m avt_jax.main` would build it (stats.json applied)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from avt_jax import dataset_stats  # pylint: disable=g-import-not-at-top
+
+  holder = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=holder)
+  holder([sys.argv[0], f'--config={config_path}', f'--config.data.data_dir={data_dir}', *overrides])
+  config = holder.config
+  dataset_stats.apply_stats(config, data_dir)
+  return config
+
+
+def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: str
+                     ) -> dict[str, float]:
+  """Self-supervised pretraining on every training clip vs supervised training, with `fraction` of
+  the labels: test top-1 of fine-tuning, supervised-only training, and linear probes on frozen
+  features of the pretrained and of a randomly initialised encoder."""
+  from avt_jax import train  # pylint: disable=g-import-not-at-top
+  from avt_jax.prep import voice_digits  # pylint: disable=g-import-not-at-top
+
+  labelled = voice_digits.labelled_subset(data_dir, fraction)
+  pretrain_dir = os.path.join(workdir, 'pretrain')
+  train_run(config_path, data_dir, pretrain_dir, PRETRAIN_OVERRIDES)
+  init = [f'--config.init.checkpoint={pretrain_dir}', '--config.init.format=avt',
+          "--config.init.exclude=('^classifier/',)"]
+  out = {
+      'fine-tuned': train_run(config_path, labelled, os.path.join(workdir, 'finetune'), init),
+      'supervised only': train_run(config_path, labelled, os.path.join(workdir, 'supervised')),
+  }
+  out = {k: float(v['eval']['top1']) for k, v in out.items()}
+  config = load_config(config_path, data_dir, PRETRAIN_OVERRIDES)
+  pretrained = train.restore_params(config, pretrain_dir)
+  import jax  # pylint: disable=g-import-not-at-top
+  *_, init_fn = train.setup(config)
+  random = jax.device_get(jax.jit(init_fn)(jax.random.PRNGKey(config.seed)).params)
+  out['linear probe, pretrained'] = linear_probe(config, pretrained, labelled, labelled)
+  out['linear probe, random init'] = linear_probe(config, random, labelled, labelled)
+  return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--config', default='configs/manifest.py')
   parser.add_argument('--override', action='append', default=[],
                       help='extra --config.x=y flags for every run (repeatable).')
+  parser.add_argument('--label_fraction', type=float, default=0.0,
+                      help='> 0: also the self-supervised label-efficiency study on the clean variant.')
   args = parser.parse_args(argv)
   from avt_jax.prep import voice_digits  # pylint: disable=g-import-not-at-top
 
@@ -126,6 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       table[variant]['runs'][run] = {'top1': top1, 'train_seconds': summary['train_seconds']}
       rows.append(f'| {variant} | {run} | {top1:.3f} | {floors[run]:.3f} | '
                   f'{summary["train_seconds"]:.0f} |')
+  if args.label_fraction:
+    data_dir = voice_digits.ensure_voice_digits('clean', args.cache_dir)
+    table['label_efficiency'] = label_efficiency(
+        data_dir, args.label_fraction, os.path.join(args.workdir, 'labels'), args.config)
+    rows += [f'| clean, {args.label_fraction:.0%} labels | {k} | {v:.3f} | | |'
+             for k, v in table['label_efficiency'].items()]
   os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.workdir, 'learning_benchmark.json'), 'w') as f:
     json.dump(table, f, indent=2)

@@ -74,7 +74,7 @@ def main(argv):
   validate(config)  # fail on impossible settings before heavy imports, data work or compilation
   import jax  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
-  from avt_jax import train  # pylint: disable=g-import-not-at-top
+  from avt_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; progress is printed
   if FLAGS.multihost:
@@ -90,7 +90,10 @@ def main(argv):
           ', '.join(f'{k}={v}' for k, v in fields.items()), flush=True)
   workdir = epath.Path(FLAGS.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  summary = train.train_and_evaluate(config, str(workdir), data_dir)
+  try:
+    summary = train.train_and_evaluate(config, str(workdir), data_dir)
+  except checkpointing.IncompatibleCheckpointError as e:  # one line naming the config field
+    raise SystemExit(f'Error: {e}') from None
   summary['total_seconds'] = time.time() - start
   if jax.process_index() == 0:
     (workdir / 'results.json').write_text(json.dumps(summary, indent=2, default=float))

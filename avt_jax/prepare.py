@@ -15,10 +15,11 @@ Annotation formats and video file naming: see `avt_jax.prep.annotations` (`read_
 of JPEG frames and log-mel spectrograms (`avt_jax.records`), `stats.json` and `report.jsonl` (see
 `avt_jax.prep.shards.prepare_dataset`); training reads them with `--config.data.data_dir=<output>`.
 
-Per-clip problems never stop the run: a missing, unreadable or corrupt file is skipped; a clip shorter
-than `--clip_seconds` is padded (last frame repeated, silence), damaged packets are skipped, and a file
-without audio gets silence and the `audio/missing` flag (or is skipped with `--missing_audio=skip`); each
-case is written to `report.jsonl` and counted in the final summary. Bad annotation files, and ids or
+Per-clip problems never stop the run: a missing, unreadable or corrupt file, or one whose decoder crashes
+its worker process (`decoder crashed`), is skipped; a clip shorter than `--clip_seconds` is padded (last
+frame repeated, silence), damaged packets are skipped, and a file without audio, or whose audio stream
+cannot be decoded, keeps its video and gets silence and the `audio/missing` flag (or is skipped with
+`--missing_audio=skip`); each case is written to `report.jsonl` and counted in the final summary. Bad annotation files, and ids or
 paths that would lead outside `--videos`, stop the run before any work with an error naming the file
 and line. An interrupted run resumes where it stopped when started again with the same arguments.
 
@@ -107,7 +108,8 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
     n_mels: mel bins; None for the dataset default.
     clip_seconds: fixed clip duration in seconds, None to keep the annotated segments, or a negative
       value for the dataset default.
-    missing_audio: 'silence' or 'skip' for files without an audio stream.
+    missing_audio: 'silence' or 'skip' for files without an audio stream or whose audio stream cannot
+      be decoded.
     workers: decoding processes (None: all cores; 0: this process).
     jpeg_quality: JPEG quality of the stored frames.
     progress: print progress and a summary on stderr.
@@ -188,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help='Fixed clip duration (window centred on the annotated segment); 0 keeps '
                       'the annotated segments (default: the dataset default).')
   parser.add_argument('--missing_audio', choices=('silence', 'skip'), default='silence',
-                      help='Files without an audio stream: keep with silence and the audio/missing '
-                      'flag, or skip (default: silence).')
+                      help='Files without an audio stream, or whose audio stream cannot be decoded: '
+                      'keep the video with silence and the audio/missing flag, or skip (default: '
+                      'silence).')
   parser.add_argument('--workers', type=int, default=os.cpu_count(),
                       help='Decoding processes; 0 decodes in this process (default: all cores).')
   parser.add_argument('--jpeg_quality', type=int, default=90,

@@ -51,14 +51,17 @@ class ProgressLog:
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
                    checkpoint: str = 'latest'):
   """Parameters of a workdir's latest (or given) checkpoint, or with checkpoint='best' of its best
-  checkpoint (`<workdir>/best`), e.g. for analysis or export."""
+  checkpoint (`<workdir>/best`), e.g. for analysis or export (adapted to `config` where it differs
+  from the checkpoint's, see `checkpointing.restore_adapted`)."""
   *_, init = setup(config)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
   if checkpoint == 'best':
     with checkpointing.BestCheckpointer(workdir, *check_eval_config(config)) as best:
       return best.restore(abstract.params)[0]
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  state, _ = ckpt.restore(abstract, step)
+  state, _, _ = checkpointing.restore_adapted(ckpt, abstract, init=lambda: jax.jit(init)(rng),
+                                              config=config, step=step, fresh_ok=('opt_state',))
   ckpt.close()
   return state.params
 
@@ -171,6 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
                                   save_every=config.train.checkpoint_every) as ckpt, \
        _open_best(config, workdir, best_metric, best_mode) as best, \
        jax.set_mesh(mesh):
+    meta = {}
     if ckpt.latest_step() is None:
       init_from = pretrained.prepare(config, abstract.params)  # config.init: read and map, no compile
       state = jax.jit(init, out_shardings=state_shardings)(rng)
@@ -180,8 +184,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     else:
       target = jax.tree_util.tree_map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-      state, meta = ckpt.restore(target)
-      print(f'Resumed from {workdir} at step {int(state.step)} ({meta}).', flush=True)
+      # A config that differs from the checkpoint's is adapted to, or refused naming the field.
+      state, meta, notes = checkpointing.restore_adapted(
+          ckpt, target, init=lambda: jax.jit(init, out_shardings=state_shardings)(rng), config=config,
+          fresh_ok=('opt_state',) if config.train.eval_only else ())
+      position = {k: v for k, v in meta.items() if k in ('step', 'examples_seen')}
+      print(f'Resumed from {workdir} at step {int(state.step)} ({position}).', flush=True)
+      for note in notes:
+        print(f'  restore: {note}', flush=True)
 
     start = int(state.step)
     summary = {'train': {}, 'steps': start, 'train_seconds': 0.0, 'eval_seconds': 0.0,
@@ -192,7 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     last_eval = None
     if not config.train.eval_only and start < total_steps:
       summary['train'] = _train_loop(config, model, tx, schedule, mesh, state_shardings, state,
-                                     ckpt, data_dir, workdir, start, evaluator=evaluator, best=best)
+                                     ckpt, data_dir, workdir, start, meta, evaluator=evaluator,
+                                     best=best)
       state = summary['train'].pop('state')
       summary['train_seconds'] = summary['train'].pop('seconds')
       summary['eval_seconds'] = summary['train'].pop('eval_seconds')
@@ -231,7 +242,8 @@ def _start_from_pretrained(init_from, state, state_shardings, tx, workdir: str):
 
 
 def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt, data_dir, workdir,
-                start: int, *, evaluator: Callable[[Any], dict[str, float]] | None = None,
+                start: int, resumed_meta: dict, *,
+                evaluator: Callable[[Any], dict[str, float]] | None = None,
                 best: checkpointing.BestCheckpointer | None = None) -> dict[str, Any]:
   """Trains from step `start` to `train.steps`; with `train.eval_every` > 0 evaluates every that
   many steps and at the last one (`evaluator`), and saves improvements to `best`.
@@ -241,14 +253,23 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
   process exits quickly); the resumed run evaluates at its next evaluation step.
   """
   total_steps = int(config.train.steps)
+  batch_size = int(config.input.batch_size)
   eval_every = int(config.train.eval_every)
   last_eval, eval_seconds = None, 0.0
   step_fn = jax.jit(make_train_step(config, model, tx, schedule),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=(0,))
+  # The input resumes after the examples consumed (also when the batch size changed); a change that
+  # reorders the examples is refused.
+  stream = input_lib.stream_identity(config, data_dir, seed=config.seed)
+  try:
+    input_lib.check_same_stream(resumed_meta.get('input_stream'), stream)
+  except ValueError as e:
+    raise checkpointing.IncompatibleCheckpointError(f'{workdir}: {e}') from None
+  examples_seen = int(resumed_meta.get('examples_seen', start * batch_size))
   batches: Iterator[dict] = input_lib.make_train_iterator(config, data_dir, seed=config.seed,
-                                                          start_step=start)
+                                                          start_example=examples_seen)
   writer = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else \
       metric_writers.MultiWriter([])
   progress = ProgressLog(writer, total_steps, start)
@@ -271,8 +292,10 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
       pending = []
       means = progress.report(step, history)
     if save_due:
-      ckpt.save(step, state, {'step': step, 'examples_seen': step * config.input.batch_size},
-                force=True)
+      ckpt.save(step, state, {'step': step,
+                              'examples_seen': examples_seen + (step - start) * batch_size,
+                              'input_stream': stream,
+                              'config': checkpointing.config_snapshot(config)}, force=True)
     if eval_due:
       results, seconds = _evaluate_during_training(step, state.params, evaluator, best, writer,
                                                    progress)

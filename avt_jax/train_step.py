@@ -21,7 +21,8 @@ from avt_jax.models.build import example_inputs, objectives as config_objectives
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a resumed run needs besides the input position (which is `step` batches)."""
+  """Everything a resumed run needs besides the input position (`examples_seen` in the checkpoint's
+  meta, see `avt_jax.train`)."""
   step: jax.Array  # [] int32, optimizer updates done
   params: Any
   opt_state: Any

@@ -21,10 +21,10 @@ def test_csv_with_names_segments_splits_and_multi_label(tmp_path):
                 'c.mp4,,0,2,\n')
   specs, names = annotations.read_manifest(path)
   assert names == {'class': ['cat', 'dog']}  # sorted unique names
-  assert specs[0] == annotations.ClipSpec(clip_id='a/x#1.5-3', path='a/x.mp4', labels={'class': [1]},
+  assert specs[0] == annotations.ClipSpec(clip_id='a/x.mp4#1.5-3', path='a/x.mp4', labels={'class': [1]},
                                           start=1.5, end=3.0, split='train')
   assert specs[1].labels == {'class': [0, 1]}
-  assert (specs[1].start, specs[1].end, specs[1].split, specs[1].clip_id) == (None, None, 'test', 'b/y')
+  assert (specs[1].start, specs[1].end, specs[1].split, specs[1].clip_id) == (None, None, 'test', 'b/y.mp4')
   assert specs[2].labels == {'class': []}  # unlabelled
   assert specs[2].split == 'train'  # default split
 
@@ -50,10 +50,37 @@ def test_jsonl_lists_ids_and_integers(tmp_path):
   specs, names = annotations.read_manifest(path)
   assert names == {'class': ['a', 'b']}
   assert specs[0] == annotations.ClipSpec('clip-1', 'x.mp4', {'class': [1, 0]}, None, None, 'val')
-  assert (specs[1].clip_id, specs[1].start, specs[1].end) == ('y#2-4.5', 2.0, 4.5)
+  assert (specs[1].clip_id, specs[1].start, specs[1].end) == ('y.mp4#2-4.5', 2.0, 4.5)
   int_path = _write(tmp_path, 'i.jsonl', json.dumps({'path': 'x.mp4', 'label': [2, 0]}))
   specs, names = annotations.read_manifest(int_path, class_names=['p', 'q', 'r'])
   assert specs[0].labels == {'class': [2, 0]}
+
+
+def test_default_ids_are_unique_for_every_distinct_file_and_segment(tmp_path):
+  """Files that differ only by extension, segments that differ past 6 significant digits, and the
+  same file with and without a segment each get their own id; spelling the path differently does not
+  make another clip."""
+  path = _write(tmp_path, 'm.csv', 'path,label,start,end\n'
+                'clip.mp4,a,,\n'
+                'clip.avi,a,,\n'
+                'clip.mp4,a,1234.5678,1240\n'
+                'clip.mp4,a,1234.5679,1240\n'
+                'clip.mp4,a,0.1,\n'
+                'clip.mp4,a,,2.5\n'
+                './sub//clip.mp4,a,,\n')
+  specs, _ = annotations.read_manifest(path)
+  ids = [spec.clip_id for spec in specs]
+  assert ids == ['clip.mp4', 'clip.avi', 'clip.mp4#1234.5678-1240', 'clip.mp4#1234.5679-1240',
+                 'clip.mp4#0.1-', 'clip.mp4#-2.5', 'sub/clip.mp4']
+  assert annotations.default_clip_id('a.mp4', 0.1 + 0.2, None) == 'a.mp4#0.30000000000000004-'
+
+
+def test_default_ids_that_would_coincide_are_refused(tmp_path):
+  path = _write(tmp_path, 'm.csv', 'path,label,start,end\n'
+                'a.mp4,x,1,2\n'
+                'a.mp4#1-2,x,,\n')  # a file literally named like the segment id above
+  with pytest.raises(ValueError, match=r"m\.csv:3: the default id 'a\.mp4#1-2' .* line 2 .* give the rows an `id`"):
+    annotations.read_manifest(path)
 
 
 @pytest.mark.parametrize('name, text, message', [

@@ -119,7 +119,7 @@ def test_square_jumps_and_beeps_happen_at_the_same_times(demo):
 
 def test_prepared_clips_keep_the_synchronisation(demo):
   _, _, prepared, scenes = demo
-  by_path = {f"videos/{clip['id'].numpy().decode().split('/')[-1]}.mp4": clip for clip in _records(prepared)}
+  by_path = {clip['id'].numpy().decode(): clip for clip in _records(prepared)}  # id: the manifest path
   for relative, scene in scenes.items():
     clip = by_path[relative]
     frames = np.stack([tf.io.decode_jpeg(f).numpy() for f in clip['jpeg']])

@@ -174,8 +174,8 @@ def test_train_is_deterministic_and_resumes_exactly(data_dir):
   tf.random.set_seed(1234)  # TF's global seed must not matter
   try:
     for start_step in (0, 2, 5):
-      resumed = _take(
-          pipeline.make_train_iterator(config, data_dir, seed=5, start_step=start_step), 2)
+      resumed = _take(pipeline.make_train_iterator(config, data_dir, seed=5,
+                                                   start_example=start_step * 4), 2)
       for expected, actual in zip(uninterrupted[start_step:], resumed):
         assert sorted(expected) == sorted(actual)
         for key in expected:
@@ -184,6 +184,47 @@ def test_train_is_deterministic_and_resumes_exactly(data_dir):
     tf.random.set_seed(None)
   other_seed = next(pipeline.make_train_iterator(config, data_dir, seed=6))
   assert not np.array_equal(uninterrupted[0]['video'], other_seed['video'])
+
+
+@pytest.mark.parametrize('before, after', [(4, 8), (8, 4), (4, 6)])
+def test_resume_after_a_batch_size_change_continues_with_the_next_example(data_dir, before, after):
+  """Two steps at batch `before` consumed examples 0 .. 2 * before - 1 (the checkpoint's
+  `examples_seen`); the resumed run at batch `after` starts with example 2 * before, none skipped or
+  repeated, whatever the batch sizes (the stream is a function of the example counter)."""
+  config = _augmented_config(mixup_alpha=0.0)
+  config.input.batch_size = 2
+  batches = _take(pipeline.make_train_iterator(config, data_dir, seed=5), 16)
+  reference = {key: np.concatenate([b[key] for b in batches]) for key in ('video', 'audio')}  # 0..31
+  config.input.batch_size = after
+  resumed = next(pipeline.make_train_iterator(config, data_dir, seed=5, start_example=2 * before))
+  for key in ('video', 'audio'):
+    np.testing.assert_array_equal(resumed[key], reference[key][2 * before:2 * before + after])
+  # Resuming at the step (2) under the new batch size would start at example 2 * after instead.
+  assert not np.array_equal(resumed['video'][:2], reference['video'][2 * after:2 * after + 2])
+
+
+def test_start_example_must_split_over_the_processes(data_dir):
+  with pytest.raises(ValueError, match='start_example must be a non-negative multiple of the process '
+                                       'count 2, got 3'):
+    pipeline.make_train_iterator(_config(batch_size=2), data_dir, seed=0, start_example=3,
+                                 process_index=0, process_count=2)
+
+
+def test_stream_identity_refuses_changes_that_reorder_examples(data_dir):
+  identity = lambda config, seed=5, count=1: pipeline.stream_identity(config, data_dir, seed=seed,
+                                                                      process_count=count)
+  saved = json.loads(json.dumps(identity(_config())))  # as stored in a checkpoint's meta
+  pipeline.check_same_stream(saved, identity(_config(batch_size=8)))  # the batch size may change
+  pipeline.check_same_stream(None, identity(_config(shuffle_buffer=3)))  # older checkpoints
+  cases = [(identity(_config(shuffle_buffer=3)), "config.input.shuffle_buffer is 6 in the checkpoint "
+            "and 3 now"),
+           (identity(_config(), seed=6), 'config.seed is 5 in the checkpoint and 6 now'),
+           (identity(_config(), count=2), r'the number of processes \(jax.process_count\(\)\) is 1 '),
+           (dict(identity(_config()), train_files=['train-00000-of-00001.tfrecord']),
+            'the training record files in config.data.data_dir is .3 files')]
+  for current, message in cases:
+    with pytest.raises(ValueError, match=message):
+      pipeline.check_same_stream(saved, current)
 
 
 def test_mixup_uses_one_lambda_for_video_audio_and_labels(data_dir):

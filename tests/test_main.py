@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from avt_jax import checkpointing
 from avt_jax import train
 from avt_jax.prep import demo_data
 
@@ -146,6 +147,57 @@ def test_eval_only_restores_onto_another_mesh(data_dir, straight_run):
   assert results['eval']['num_videos'] == first['eval']['num_videos'] == 9
   assert results['eval']['top1'] == pytest.approx(first['eval']['top1'])
   assert 'eval top1' in again.stdout
+
+
+def _copy_of(workdir, tmp_path):
+  copy = tmp_path / 'workdir'
+  shutil.copytree(workdir, copy)
+  return copy
+
+
+def test_resume_with_another_batch_size_starts_after_the_examples_seen(data_dir, straight_run, tmp_path):
+  """8 steps at batch 8 consumed examples 0..63; 2 more steps at batch 4 take examples 64..71."""
+  workdir = _copy_of(straight_run, tmp_path)
+  result = run(command(workdir, data_dir, '--config.train.steps=10', '--config.input.batch_size=4'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from" in result.stdout and "'examples_seen': 64" in result.stdout
+  with checkpointing.Checkpointer(workdir) as ckpt:
+    assert ckpt.restore_meta(10)['examples_seen'] == 72
+
+
+def test_resume_refuses_an_input_change_that_reorders_the_examples(data_dir, straight_run, tmp_path):
+  workdir = _copy_of(straight_run, tmp_path)
+  result = run(command(workdir, data_dir, '--config.train.steps=10', '--config.input.shuffle_buffer=64'))
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert re.search(r'Error: .*Cannot resume: config.input.shuffle_buffer is 512 in the checkpoint and 64 '
+                   'now, which changes the order of the training examples', result.stderr)
+  assert not (workdir / 'checkpoints' / '10').exists()  # nothing trained or written
+
+
+def test_eval_only_adapts_the_checkpoint_to_config_changes(data_dir, straight_run, tmp_path):
+  """Longer audio (position embeddings resized), one objective switched off (its decoder dropped)
+  and scanned layers (converted): the workdir still evaluates."""
+  workdir = _copy_of(straight_run, tmp_path)
+  result = run(command(workdir, data_dir, '--config.train.steps=8', '--config.train.eval_only=True',
+                       '--config.input.audio_frames=128', '--config.loss.weights.masked_video=0',
+                       '--config.model.scan_layers=True'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  notes = [line.strip() for line in result.stdout.splitlines() if line.startswith('  restore: ')]
+  assert notes[0] == 'restore: converted the encoder layers from the unrolled layout'
+  assert any('posembed_audio/posembed_input from a (12, 4) to a (8, 4) token grid' in n for n in notes)
+  assert 'restore: dropped the parameters not in the config: decoder_video' in notes
+  assert json.loads((workdir / 'results.json').read_text())['eval']['num_videos'] == 9
+
+
+def test_restore_that_cannot_adapt_stops_with_one_line_naming_the_field(data_dir, straight_run,
+                                                                        tmp_path):
+  result = run(command(straight_run, data_dir, '--config.train.eval_only=True',
+                       '--config.model.hidden_size=48'))
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('Error: ')]
+  assert len(errors) == 1 and len(errors[0]) < 400, result.stderr[-3000:]
+  assert 'config.model.hidden_size is 32 in the checkpoint and 48 now' in errors[0]
 
 
 @pytest.mark.parametrize('flag, field', [

@@ -238,13 +238,14 @@ def prepared(tmp_path_factory):
   stats = shards.prepare_dataset(specs, os.path.join(folder, 'videos'), out, fps=5, short_side=16,
                                  n_mels=16, clip_seconds=2.0, label_names=label_names, num_workers=0,
                                  progress=False)
+  # The default clip ids are the file paths; keyed here by the path without its extension.
   clips = {}
   for path in glob.glob(os.path.join(out, '*.tfrecord')):
     for serialized in tf.data.TFRecordDataset(path):
       clip = records.parse_clip(serialized)
-      clips[clip['id'].numpy().decode()] = clip
+      clips[os.path.splitext(clip['id'].numpy().decode())[0]] = clip
   with open(os.path.join(out, 'report.jsonl'), encoding='utf-8') as f:
-    report = {entry['clip_id']: entry for entry in map(json.loads, f)}
+    report = {os.path.splitext(entry['clip_id'])[0]: entry for entry in map(json.loads, f)}
   return clips, report, stats
 
 
@@ -344,3 +345,304 @@ def test_ogg_theora_vorbis_shipped_file():
   assert clip.waveform.shape == (16000,)
   middle = clip.waveform[2000:14000]
   assert _amplitude(middle, 440.0) > 10 * _amplitude(middle, 700.0)
+
+
+# --- Any channel count and layout (issue 12, item 1) ------------------------------------------------
+
+def _write_channels(path, audio_codec, layout, tone_channel, hz=500.0, rate=16000, seconds=1.0):
+  """1 s of 16x16 video with `layout` audio that is silent except a 0.3-amplitude tone in one channel.
+
+  The audio is given to the encoder as packed float32 frames (PyAV's planar `from_ndarray` cannot make
+  8-channel frames); the encoder converts them to its own sample format.
+  """
+  with av.open(str(path), 'w') as container:
+    video = container.add_stream('libx264', rate=10)
+    video.width, video.height, video.pix_fmt = 16, 16, 'yuv420p'
+    audio = container.add_stream(audio_codec, rate=rate, layout=layout)
+    for i in range(round(10 * seconds)):
+      frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), i * STEP, np.uint8), format='rgb24')
+      frame.pts = i
+      container.mux(video.encode(frame))
+    container.mux(video.encode())
+    channels = audio.codec_context.layout.nb_channels
+    samples = np.zeros((round(rate * seconds), channels), np.float32)
+    samples[:, tone_channel] = 0.3 * np.sin(2 * np.pi * hz * np.arange(len(samples)) / rate)
+    chunk = audio.codec_context.frame_size or 1024
+    for offset in range(0, len(samples), chunk):
+      frame = av.AudioFrame.from_ndarray(samples[offset:offset + chunk].reshape(1, -1), format='flt',
+                                         layout=audio.codec_context.layout)
+      frame.sample_rate, frame.pts = rate, offset
+      container.mux(audio.encode(frame))
+    container.mux(audio.encode())
+  return channels
+
+
+@pytest.mark.parametrize('audio_codec, layout, decoded_format', [
+    ('aac', '7.1', 'fltp'),               # the report's file: planar float, 8 channels
+    ('aac', 'hexadecagonal', 'fltp'),     # planar, 16 channels (more than FFmpeg's 8 data pointers)
+    ('libopus', '7.1', 'fltp'),
+    ('flac', '7.1', 's16'),               # packed integer
+    ('pcm_s16le', '24c', 's16'),          # 24 channels in no named order
+    ('pcm_f32le', '3c', 'flt'),
+])
+def test_any_channel_count_and_layout_is_the_plain_channel_mean(tmp_path, audio_codec, layout,
+                                                               decoded_format):
+  path = tmp_path / 'channels.mkv'
+  channels = _write_channels(path, audio_codec, layout, tone_channel=2)
+  with av.open(str(path)) as container:
+    stream = container.streams.audio[0]
+    assert (stream.codec_context.layout.nb_channels, stream.codec_context.format.name) == (
+        channels, decoded_format)
+  clip = media.decode_clip(str(path), 0.0, 1.0, fps=5, short_side=16)
+  assert clip.degraded == [] and len(clip.jpeg_frames) == 5
+  middle = clip.waveform[2000:14000]
+  # The mean of the channels, one of which holds the tone: amplitude 0.3 / channels (7.1: RMS 0.0265).
+  assert _amplitude(middle, 500.0) == pytest.approx(0.3 / channels, rel=0.05)
+  if layout == '7.1':
+    assert np.sqrt(np.mean(np.square(middle))) == pytest.approx(0.3 / 8 / np.sqrt(2), rel=0.05)
+
+
+# --- Audio format changing between frames (issue 12, item 2) --------------------------------------
+
+def _mp3(hz, rate, layout, seconds=1.0):
+  """The bytes of a raw MP3 file holding a 0.4-amplitude tone."""
+  buffer = io.BytesIO()
+  with av.open(buffer, 'w', format='mp3') as container:
+    stream = container.add_stream('mp3', rate=rate)
+    stream.layout = layout
+    channels = stream.codec_context.layout.nb_channels
+    tone = np.tile(_tones([hz], seconds, rate), (channels, 1))
+    for offset in range(0, tone.shape[1], 1152):
+      frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, offset:offset + 1152]),
+                                         format='fltp', layout=layout)
+      frame.sample_rate, frame.pts = rate, offset
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+  return buffer.getvalue()
+
+
+def _mux_with_video(path, mp3_bytes, seconds=2, fps=10):
+  """Copies the MP3 packets, as they are, next to `seconds` of numbered H.264 frames in Matroska."""
+  with av.open(io.BytesIO(mp3_bytes), format='mp3') as source, \
+       av.open(str(path), 'w', format='matroska') as container:
+    video = container.add_stream('libx264', rate=fps)
+    video.width, video.height, video.pix_fmt = 16, 16, 'yuv420p'
+    audio = container.add_stream_from_template(source.streams.audio[0])
+    for i, image in enumerate(_numbered(seconds * fps)):
+      frame = av.VideoFrame.from_ndarray(image, format='rgb24')
+      frame.pts = i
+      container.mux(video.encode(frame))
+    container.mux(video.encode())
+    for packet in source.demux(source.streams.audio[0]):
+      if packet.size:
+        packet.stream = audio
+        container.mux(packet)
+
+
+def _peak_hz(waveform, rate=16000):
+  return float(np.fft.rfftfreq(len(waveform), 1 / rate)[np.argmax(np.abs(np.fft.rfft(waveform)))])
+
+
+@pytest.mark.parametrize('second_half, hz, changes', [
+    (('880', 48000, 'mono'), 880.0, 'sample rate 44.1 -> 48 kHz'),
+    (('440', 44100, 'stereo'), 440.0, 'mono -> stereo'),
+    (('880', 22050, 'stereo'), 880.0, 'rate and layout'),
+])
+def test_audio_format_changing_mid_stream(tmp_path, second_half, hz, changes):
+  """Two MP3 files concatenated byte-wise (how such streams arise): the second's frames keep their
+  own rate and layout. ffmpeg's CLI gives the second tone at its true pitch; so must we."""
+  del changes
+  path = tmp_path / 'concatenated.mkv'
+  _mux_with_video(path, _mp3(440.0, 44100, 'mono') + _mp3(float(second_half[0]), *second_half[1:]))
+  clip = media.decode_clip(str(path), 0.0, 2.0, fps=5, short_side=16)
+  first, second = clip.waveform[1600:14400], clip.waveform[17600:30400]
+  assert _peak_hz(first) == pytest.approx(440.0, abs=2) and _peak_hz(second) == pytest.approx(hz, abs=2)
+  assert _amplitude(first, 440.0) == pytest.approx(0.4, rel=0.1)
+  assert _amplitude(second, hz) == pytest.approx(0.4, rel=0.1)  # the whole file, at full level
+  # The second file's header frame is the one packet the MP3 decoder rejects (ffmpeg: 'Header
+  # missing'); nothing is padded.
+  assert len(clip.jpeg_frames) == 10
+  assert [note for note in clip.degraded if 'corrupt audio' not in note] == []
+
+
+# --- Seeking in containers without an index (issue 12, item 3) ------------------------------------
+
+def _write_one_gop(path, fmt, video_codec, audio_codec, seconds=4, fps=25, rate=44100, gop=250):
+  """`seconds` of numbered frames with one keyframe every `gop` frames, plus a 600 Hz stereo tone."""
+  with av.open(str(path), 'w', format=fmt) as container:
+    video = container.add_stream(video_codec, rate=fps)
+    video.width, video.height, video.pix_fmt = 16, 16, 'yuv420p'
+    video.gop_size = gop
+    if video_codec == 'libx264':
+      video.codec_context.options = {'keyint_min': str(gop), 'sc_threshold': '0'}
+    else:
+      video.bit_rate = 2_000_000
+    audio = container.add_stream(audio_codec, rate=rate)
+    audio.layout = 'stereo'
+    for i, image in enumerate(_numbered(seconds * fps, step=2)):
+      frame = av.VideoFrame.from_ndarray(image, format='rgb24')
+      frame.pts = i
+      container.mux(video.encode(frame))
+    container.mux(video.encode())
+    tone = _tones([600.0, 600.0], seconds, rate, amplitude=0.3)
+    chunk = audio.codec_context.frame_size or 1152
+    for offset in range(0, tone.shape[1] - chunk + 1, chunk):
+      frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, offset:offset + chunk]),
+                                         format='fltp', layout='stereo')
+      frame.sample_rate, frame.pts = rate, offset
+      container.mux(audio.encode(frame))
+    container.mux(audio.encode())
+
+
+def _frames_from_the_start(path):
+  """(time from the container start, frame number) of every frame, decoding from the first packet."""
+  with av.open(str(path)) as container:
+    origin = container.start_time / av.time_base
+    return [(frame.time - origin, round(frame.to_ndarray(format='rgb24').mean() / 2))
+            for frame in container.decode(video=0)]
+
+
+@pytest.mark.parametrize('fmt, extension, video_codec, audio_codec, gop', [
+    ('mpegts', 'ts', 'libx264', 'aac', 250),       # one keyframe; start time > 0
+    ('mpeg', 'mpg', 'mpeg2video', 'mp2', 250),     # MPEG-PS, one keyframe; start time ~0.5 s
+    ('mpegts', 'ts', 'libx264', 'aac', 30),        # a keyframe every 1.2 s
+])
+def test_windows_in_containers_without_an_index(tmp_path, fmt, extension, video_codec, audio_codec, gop):
+  path = tmp_path / f'long_gop.{extension}'
+  _write_one_gop(path, fmt, video_codec, audio_codec, gop=gop)
+  reference = _frames_from_the_start(path)
+  assert len(reference) == 100  # every frame decodes when read from the start
+  times = np.array([t for t, _ in reference])
+  for start, end in ((0.0, 2.0), (1.0, 3.0), (1.9, 3.9), (None, None)):
+    clip = media.decode_clip(str(path), start, end, fps=5, short_side=16)
+    first = start or 0.0
+    expected = [reference[int(np.argmin(np.abs(times - (first + k / 5))))][1]
+                for k in range(len(clip.jpeg_frames))]
+    assert len(clip.jpeg_frames) == (20 if start is None else 10), (start, end)
+    assert [round(_brightness(jpeg) / 2) for jpeg in clip.jpeg_frames] == expected, (start, end)
+    assert clip.degraded == [], (start, end)
+    waveform = clip.waveform[800:-800]  # the tone through the whole window, no gap
+    assert _amplitude(waveform, 600.0) == pytest.approx(0.3, rel=0.1), (start, end)
+    peaks = np.abs(waveform[:len(waveform) // 160 * 160]).reshape(-1, 160).max(axis=1)  # per 10 ms
+    assert peaks.min() > 0.2, (start, end)
+
+
+# --- A damaged audio stream in an otherwise readable file (issue 12, item 5) ----------------------
+
+_OGG_CRC_TABLE = []
+for _byte in range(256):
+  _crc = _byte << 24
+  for _ in range(8):
+    _crc = ((_crc << 1) ^ 0x04C11DB7) if _crc & 0x80000000 else _crc << 1
+  _OGG_CRC_TABLE.append(_crc & 0xFFFFFFFF)
+
+
+def _ogg_crc(page: bytes) -> int:
+  crc = 0
+  for byte in page:
+    crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC_TABLE[((crc >> 24) & 0xFF) ^ byte]
+  return crc
+
+
+def _damage_vorbis(data: bytes, damage) -> bytes:
+  """Applies `damage(buffer, packet_start, packet_length, packet_index)` to every packet of the Vorbis
+  stream of an Ogg file and recomputes the page checksums (so the demuxer keeps the pages and the
+  decoder sees the damaged packets). Packet 0 is the identification header."""
+  data = bytearray(data)
+  codec_of = {}  # page serial number -> codec magic of its first packet
+  index, position = 0, 0
+  while position < len(data):
+    assert data[position:position + 4] == b'OggS'
+    lacing = data[position + 27:position + 27 + data[position + 26]]
+    body = position + 27 + len(lacing)
+    serial = bytes(data[position + 14:position + 18])
+    codec_of.setdefault(serial, bytes(data[body + 1:body + 7]))
+    if codec_of[serial] == b'vorbis':
+      start, length = body, 0
+      for size in lacing:  # packets end at a lacing value below 255
+        length += size
+        if size < 255:
+          damage(data, start, length, index)
+          index, start, length = index + 1, start + length, 0
+      data[position + 22:position + 26] = bytes(4)
+      data[position + 22:position + 26] = _ogg_crc(bytes(data[position:body + sum(lacing)])).to_bytes(
+          4, 'little')
+    position = body + sum(lacing)
+  return bytes(data)
+
+
+def _theora_vorbis():
+  with open(os.path.join(os.path.dirname(__file__), 'data', 'theora_vorbis.ogg'), 'rb') as f:
+    return f.read()
+
+
+def _audio_packets(path):
+  with av.open(str(path)) as container:
+    return sum(1 for packet in container.demux(audio=0) if packet.size)
+
+
+def _bad_sample_rate(data, start, length, index):
+  if index == 0:  # identification header: bytes 12-15 are the sample rate (16000 here)
+    data[start + 15] = 0xDA  # -> a negative rate; FFmpeg's decoder refuses to open (EINVAL)
+
+
+def test_undecodable_audio_stream_keeps_the_video(tmp_path):
+  """The shipped Theora + Vorbis file with a damaged Vorbis header: `ffmpeg -i` decodes the video and
+  reports 'Invalid sample rate' / 'Error while opening decoder' for the audio. The clip keeps its video;
+  the audio is reported as failed, naming the stream and the packet count."""
+  path = tmp_path / 'bad_vorbis.ogg'
+  path.write_bytes(_damage_vorbis(_theora_vorbis(), _bad_sample_rate))
+  clip = media.decode_clip(str(path), 0.0, 1.0, fps=5, short_side=24)
+  reference = media.decode_clip(os.path.join(os.path.dirname(__file__), 'data', 'theora_vorbis.ogg'),
+                                0.0, 1.0, fps=5, short_side=24)
+  assert clip.jpeg_frames == reference.jpeg_frames and clip.degraded == []
+  assert clip.waveform is None
+  packets = _audio_packets(path)
+  assert packets > 20
+  assert clip.audio_error.startswith(
+      f'audio stream #1 (vorbis) cannot be decoded: {packets} of {packets} packet(s) failed '
+      '(ArgumentError: ')
+
+
+def test_a_few_damaged_audio_packets_leave_gaps(tmp_path):
+  """Four data packets that are no Vorbis audio packets (first bit set): the decoder rejects them and
+  they are reported; the audio stream is kept."""
+  def not_audio(data, start, length, index):
+    if index in (12, 13, 14, 15):
+      data[start] |= 1
+  path = tmp_path / 'gaps.ogg'
+  path.write_bytes(_damage_vorbis(_theora_vorbis(), not_audio))
+  clip = media.decode_clip(str(path), 0.0, 1.0, fps=5, short_side=24)
+  assert clip.audio_error is None and len(clip.jpeg_frames) == 5
+  assert len(clip.degraded) == 1 and clip.degraded[0].startswith('4 corrupt audio packet(s) skipped')
+  intact = media.decode_clip(os.path.join(os.path.dirname(__file__), 'data', 'theora_vorbis.ogg'),
+                             0.0, 1.0, fps=5, short_side=24).waveform
+  assert _amplitude(clip.waveform[2000:14000], 440.0) > 0.6 * _amplitude(intact[2000:14000], 440.0)
+
+
+@pytest.mark.parametrize('missing_audio', ['silence', 'skip'])
+def test_undecodable_audio_follows_the_missing_audio_policy(tmp_path, missing_audio):
+  videos = tmp_path / 'videos'
+  videos.mkdir()
+  (videos / 'bad_vorbis.ogg').write_bytes(_damage_vorbis(_theora_vorbis(), _bad_sample_rate))
+  (videos / 'good.ogg').write_bytes(_theora_vorbis())
+  specs = [annotations.ClipSpec(name, f'{name}.ogg', {'class': [0]}) for name in ('bad_vorbis', 'good')]
+  out = tmp_path / 'out'
+  stats = shards.prepare_dataset(specs, str(videos), str(out), fps=5, short_side=16, n_mels=16,
+                                 clip_seconds=1.0, label_names={'class': ['a']}, num_workers=0,
+                                 missing_audio=missing_audio, progress=False)
+  with open(out / 'report.jsonl', encoding='utf-8') as f:
+    report = [json.loads(line) for line in f]
+  assert [entry['clip_id'] for entry in report] == ['bad_vorbis']
+  reason = report[0]['reason']
+  assert reason.startswith('audio stream #1 (vorbis) cannot be decoded: ')
+  if missing_audio == 'skip':
+    assert report[0]['status'] == 'skipped' and stats['num_clips'] == {'train': 1}
+    return
+  assert report[0]['status'] == 'degraded' and reason.endswith('; silence substituted')
+  clips = {}
+  for serialized in tf.data.TFRecordDataset(glob.glob(str(out / '*.tfrecord'))):
+    clip = records.parse_clip(serialized)
+    clips[clip['id'].numpy().decode()] = clip
+  assert clips['bad_vorbis']['jpeg'].shape == (5,) and clips['bad_vorbis']['audio_missing'].numpy() == 1
+  assert clips['good']['audio_missing'].numpy() == 0

@@ -237,3 +237,54 @@ def test_clip_window():
   assert shards.clip_window(spec, 3.0) == (3.0, 6.0)  # centred on the segment
   assert shards.clip_window(annotations.ClipSpec('x', 'x.mp4', {}, 0.2, 0.6), 2.0) == (0.0, 2.0)
   assert shards.clip_window(annotations.ClipSpec('x', 'x.mp4', {}), 2.0) == (0.0, 2.0)
+
+
+def _tasks(videos, clip_ids):
+  folder, specs = videos
+  by_id = {spec.clip_id: spec for spec in specs}
+  settings = shards._Settings(fps=4, short_side=16, n_mels=32, clip_seconds=None, missing_audio='silence',
+                              jpeg_quality=90)
+  tasks = []
+  for clip_id in clip_ids:
+    spec = by_id.get(clip_id) or _spec(clip_id, 'train', 0, path='t0.mp4')  # 'crash*': any file
+    tasks.append(shards._Task(spec, os.path.join(folder, spec.path), settings))
+  return tasks
+
+
+def test_a_crashing_decoder_costs_only_its_clip(videos):
+  """A worker killed by SIGSEGV: its clip (retried once in a fresh process) is reported as crashed;
+  every other clip, also the one queued behind it in the same worker, gets its result, in order."""
+  import crashing_decoder  # pylint: disable=g-import-not-at-top
+  ids = ['t0', 'crash', 't1', 't2', 't3']  # 2 workers: 't2' is queued behind 'crash'
+  results = list(shards._run_tasks(_tasks(videos, ids), 2, process=crashing_decoder.stand_in_or_crash))
+  assert [result.spec.clip_id for result in results] == ids
+  assert results[1].error == 'decoder crashed (the decoding process died 2 times on this file)'
+  assert all(result.error is None and result.issues[0].startswith('process ')
+             for i, result in enumerate(results) if i != 1)
+  assert len({result.issues[0] for result in results if result.issues}) >= 2  # several processes
+
+
+def test_prepare_reports_a_crashed_decoder_and_writes_the_others(videos, tmp_path, monkeypatch):
+  import crashing_decoder  # pylint: disable=g-import-not-at-top
+  folder, specs = videos
+  run_tasks = shards._run_tasks
+  monkeypatch.setattr(shards, '_run_tasks', lambda tasks, workers: run_tasks(
+      tasks, workers, process=crashing_decoder.stand_in_or_crash))
+  subset = [s for s in specs if s.clip_id in ('t0', 't1')] + [_spec('crash', 'train', 0, path='t2.mp4')]
+  stats = shards.prepare_dataset(subset, folder, str(tmp_path), num_workers=1,
+                                 **dict(SETTINGS, num_shards_per_split=None))
+  assert stats['num_clips'] == {'train': 2} and stats['num_skipped'] == {'train': 1}
+  with open(tmp_path / 'report.jsonl') as f:
+    report = [json.loads(line) for line in f if 'decoder crashed' in line]
+  assert report == [{'clip_id': 'crash', 'path': 't2.mp4', 'split': 'train', 'status': 'skipped',
+                     'reason': 'decoder crashed (the decoding process died 2 times on this file)'}]
+  written = [x['id'].numpy() for x in _read(tmp_path / 'train-00000-of-00001.tfrecord')]
+  assert sorted(written) == [b't0', b't1']
+
+
+def test_workers_that_always_die_stop_the_run(videos, monkeypatch):
+  import crashing_decoder  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(shards, '_MAX_CONSECUTIVE_CRASHES', 2)
+  tasks = _tasks(videos, ['crash0', 'crash1', 'crash2'])
+  with pytest.raises(RuntimeError, match='died on 2 clips in a row'):
+    list(shards._run_tasks(tasks, 1, process=crashing_decoder.stand_in_or_crash))

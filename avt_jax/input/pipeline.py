@@ -8,14 +8,19 @@ Training (`make_train_iterator`) repeats epochs forever. Epoch `e` reads this ho
 order drawn from (seed, process, e), interleaves them record by record, and shuffles records within
 consecutive blocks of `shuffle_buffer` records by permutations drawn from (seed, process, e, block).
 Records are numbered by a running counter over the whole stream; each record's augmentation comes
-from (seed, process, counter) and mixup's lambda from (seed, process, step). Only stateless random
+from (seed, process, counter) and mixup's lambda from (seed, process, counter of the batch's first
+record). Only stateless random
 ops are used (a `Dataset.shuffle` buffer would also depend on TF's global seed, which other code
 may set) and parallel stages run with `deterministic=True`, so the stream is a pure function of
-(files, seed, process). Resuming at `start_step=k` counts this host's records once, jumps to the
-epoch that holds example `k * per_host_batch`, skips the serialized records before it in that
-epoch (no decoding) and continues with the same counters: it yields exactly the batches an
-uninterrupted run yields from step k on, as long as the files, the process count and the input
-config are the same.
+(files, seed, process). The resume position is a number of examples, not of steps: resuming at
+`start_example=n` (the global number of examples consumed, `examples_seen` in a checkpoint) counts
+this host's records once, jumps to the epoch that holds this host's example `n / process_count`,
+skips the serialized records before it in that epoch (no decoding) and continues with the same
+counters, so no example is skipped or repeated even when the batch size changed in between; with an
+unchanged batch size it yields exactly the batches an uninterrupted run yields. Mixup's lambda is
+drawn from the counter of each batch's first example. `stream_identity` lists what else fixes the
+order (seed, files, split, shuffle buffer, interleave cycle, process count); `check_same_stream`
+refuses to resume when one of them changed.
 
 Temporal sampling: `num_frames` stored frames `frame_stride` apart. Training starts the window at a
 uniformly random frame; evaluation uses `eval_clips` starts evenly spaced from the first to the last
@@ -382,7 +387,7 @@ def _check_has_records(files: Sequence[str]) -> None:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, seed: int,
-                        start_step: int = 0, process_index: int | None = None,
+                        start_example: int = 0, process_index: int | None = None,
                         process_count: int | None = None) -> Iterator[Batch]:
   """Infinite, deterministic, resumable iterator of augmented training batches for this host.
 
@@ -390,8 +395,9 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
     config: experiment config (`config.data`, `config.input`).
     data_dir: folder with the record files and stats.json (local path or `gs://`).
     seed: run seed; the same seed gives the same batches.
-    start_step: first step to yield; batches equal those an uninterrupted iterator yields at
-      steps `start_step, start_step + 1, ...`.
+    start_example: number of examples already consumed by all hosts together (a checkpoint's
+      `examples_seen`); the first batch starts with the next one, whatever the batch size was.
+      A multiple of `process_count`.
     process_index: this host's index (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -400,9 +406,10 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
     `audio` float32 [B, audio_frames, n_mels], `labels/<head>` float32 [B, C], `mask` float32 [B]
     (all ones), with B = batch_size // process_count.
   """
-  if start_step < 0:
-    raise ValueError(f'start_step must be >= 0, got {start_step}.')
   process_index, process_count = _resolve_processes(process_index, process_count)
+  if start_example < 0 or start_example % process_count:
+    raise ValueError(f'start_example must be a non-negative multiple of the process count '
+                     f'{process_count}, got {start_example}.')
   batch_size = _per_host_batch(int(config.input.batch_size), process_count, 'batch_size')
   split = config.data.train_split
   files = _host_files(list_split_files(data_dir, split), split_pattern(data_dir, split),
@@ -428,7 +435,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
 
     return records_ds.batch(shuffle_buffer).enumerate().map(permute).unbatch()
 
-  first_example = start_step * batch_size
+  first_example = start_example // process_count  # this host's records consumed so far
   first_epoch, skip = 0, 0
   if first_example:
     first_epoch, skip = divmod(first_example, sum(count_records(tuple(files))))
@@ -444,13 +451,65 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
   if alpha > 0:
     mix_keys = ['video', 'audio'] + [records.LABEL_PREFIX + head for head in decoder.heads]
     mixup_seed = augment.derive_seed(host_seed, _MIXUP_STREAM)
-    dataset = dataset.enumerate(start=start_step).map(
-        lambda step, batch: augment.mixup(batch, augment.derive_seed(mixup_seed, step), alpha,
-                                          mix_keys)[0],
+    dataset = dataset.enumerate().map(  # seeded by the counter of the batch's first record
+        lambda index, batch: augment.mixup(
+            batch, augment.derive_seed(mixup_seed, first_example + index * batch_size), alpha,
+            mix_keys)[0],
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.map(lambda batch: {**batch, 'mask': tf.ones([batch_size], tf.float32)})
   dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
   return _numpy_batches(dataset, split_pattern(data_dir, split))
+
+
+def stream_identity(config: ml_collections.ConfigDict, data_dir: str, *, seed: int,
+                    process_count: int | None = None) -> dict[str, Any]:
+  """What fixes the order of the training stream besides the example counter (JSON values).
+
+  A checkpoint stores it next to `examples_seen`; `check_same_stream` compares it on resume. The
+  batch size is not part of it: the stream is a function of the example counter.
+  """
+  _, process_count = _resolve_processes(None, process_count)
+  split = config.data.train_split
+  return {
+      'seed': int(seed),
+      'data.train_split': split,
+      'train_files': [os.path.basename(f) for f in list_split_files(data_dir, split)],
+      'input.shuffle_buffer': int(config.input.shuffle_buffer),
+      'input.interleave_cycle_length': int(config.input.get('interleave_cycle_length',
+                                                            DEFAULT_INTERLEAVE_CYCLE_LENGTH)),
+      'process_count': process_count,
+  }
+
+
+_STREAM_FIELD_NAMES = {
+    'seed': 'config.seed',
+    'data.train_split': 'config.data.train_split',
+    'train_files': 'the training record files in config.data.data_dir',
+    'input.shuffle_buffer': 'config.input.shuffle_buffer',
+    'input.interleave_cycle_length': 'config.input.interleave_cycle_length',
+    'process_count': 'the number of processes (jax.process_count())',
+}
+
+
+def check_same_stream(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+  """Raises ValueError naming the first setting that changes the order of the training examples.
+
+  Args:
+    saved: `stream_identity` stored in the checkpoint (None for checkpoints that predate it: not
+      checked).
+    current: `stream_identity` of this run.
+  """
+  if not saved:
+    return
+  for key, value in current.items():
+    if key in saved and saved[key] != value:
+      before, now = saved[key], value
+      if key == 'train_files':
+        before, now = f'{len(before)} files {before[:3]}...', f'{len(now)} files {now[:3]}...'
+      raise ValueError(
+          f'Cannot resume: {_STREAM_FIELD_NAMES.get(key, key)} is {before!r} in the checkpoint and '
+          f'{now!r} now, which changes the order of the training examples (examples would be skipped '
+          'or repeated). Restore it, or train in a new workdir.')
 
 
 def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str, split: str, *,

@@ -30,7 +30,10 @@ The generic manifest (`read_manifest`) is either a CSV file with the header
   list; empty for an unlabelled clip.
 * `start`, `end`: optional segment in seconds (empty or absent: the whole video).
 * `split`: optional split name (default `train`).
-* `id`: optional clip id (default: `path` without extension, plus `#start-end` when a segment is given).
+* `id`: optional clip id. The default is `path` (normalised, extension kept, so `clip.mp4` and
+  `clip.avi` differ) plus `#start-end` when a segment is given, with the numbers written exactly, so
+  every distinct file and segment gets its own id; rows whose default ids would still coincide (a file
+  literally named like another file's segment id) are refused with both lines named.
 """
 
 import collections
@@ -38,6 +41,7 @@ import csv
 import dataclasses
 import json
 import os
+import posixpath
 import re
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -108,11 +112,22 @@ def safe_join(root: str, relative: str) -> str:
 
 
 def default_clip_id(path: str, start: float | None, end: float | None) -> str:
-  """Clip id derived from the video path and the segment: `dir/video` or `dir/video#1.5-3`."""
-  base = os.path.splitext(path)[0]
+  """Clip id derived from the video path and the segment: `dir/video.mp4` or `dir/video.mp4#1.5-3`.
+
+  The path is normalised (`./a//b.mp4` -> `a/b.mp4`) and keeps its extension, and the segment bounds
+  are written exactly (the shortest form that reads back as the same number), so distinct files and
+  segments get distinct ids.
+  """
+  base = posixpath.normpath(path.replace(os.sep, '/'))
   if start is None and end is None:
     return base
-  return f'{base}#{"" if start is None else f"{start:g}"}-{"" if end is None else f"{end:g}"}'
+  return f'{base}#{"" if start is None else _exact(start)}-{"" if end is None else _exact(end)}'
+
+
+def _exact(seconds: float) -> str:
+  """`seconds` as text that reads back as the same float: `3`, `1.5`, `1234.5678`."""
+  short = f'{seconds:g}'
+  return short if float(short) == seconds else repr(float(seconds))
 
 
 def read_manifest(
@@ -143,6 +158,7 @@ def read_manifest(
   names = list(class_names) if class_names is not None else _infer_class_names(raw_labels, path, rows)
   index_of = {name: i for i, name in enumerate(names)}
   specs = []
+  default_ids: dict[str, tuple[int, tuple]] = {}  # default id -> (line, (path, start, end))
   for (line, row), labels in zip(rows, raw_labels):
     where = f'{path}:{line}'
     video = row.get('path')
@@ -153,7 +169,14 @@ def read_manifest(
     if start is not None and end is not None and end <= start:
       raise ValueError(f'{where}: `end` ({end}) must be greater than `start` ({start}).')
     split = row.get('split') or default_split
-    clip_id = row.get('id') or default_clip_id(video, start, end)
+    clip_id = row.get('id')
+    if not clip_id:
+      clip_id = default_clip_id(video, start, end)
+      key = (default_clip_id(video, None, None), start, end)
+      other_line, other_key = default_ids.setdefault(clip_id, (line, key))
+      if other_key != key:
+        raise ValueError(f'{where}: the default id {clip_id!r} of this row is also the default id of '
+                         f'line {other_line} ({other_key[0]!r}); give the rows an `id`.')
     if not isinstance(split, str) or not isinstance(clip_id, str):
       raise ValueError(f'{where}: `split` and `id` must be strings.')
     indices = [_label_index(label, index_of, len(names), where) for label in labels]

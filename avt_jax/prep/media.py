@@ -7,8 +7,16 @@ streams, so the returned frames and waveform cover the same [start, end) window:
   decoded frame whose timestamp is nearest (the earlier one on a tie; works for variable frame rate
   sources); resized so the short side is `short_side` (aspect kept, long side rounded to an even size,
   sample aspect ratio and rotation metadata applied); JPEG-encoded.
-* audio: all channels averaged with equal weights (a plain mean, not ffmpeg's downmix matrix),
-  resampled to 16 kHz with soxr (through librosa), `round((end - start) * 16000)` float32 samples.
+* audio: all channels averaged with equal weights (a plain mean, not ffmpeg's downmix matrix), for any
+  channel count, layout and sample format, resampled to 16 kHz with soxr (through librosa),
+  `round((end - start) * 16000)` float32 samples. Sample rate, channel layout and sample format may
+  change between frames (e.g. concatenated MP3s): each frame is converted with its own parameters and
+  placed at its own timestamp.
+
+Seeking: a window that starts after the beginning of the file is decoded from a seek to the keyframe
+before it. Where a seek lands past the window (containers without an index such as MPEG-TS and MPEG-PS,
+long GOPs, non-zero start times), decoding starts again from earlier points and at last from the first
+packet, so every window that decodes when the file is read from the start decodes.
 
 Short clips: when the source ends before `end`, the video is padded by repeating the last decoded frame
 and the audio with zeros up to the requested duration (padding, not looping); `DecodedClip.degraded`
@@ -17,15 +25,18 @@ error. With `end=None` the window ends where the last video packet ends, so a fi
 boundary cannot be told from a short video: give `end` (a fixed clip duration) to have it reported.
 
 Damaged files: a file that cannot be opened (missing index, garbage, empty) raises `MediaError`; inside
-a readable file, packets that the decoder rejects as invalid data are skipped (the video keeps the
-nearest decoded frame, the audio has a silent gap) and reported in `degraded`. Audio that is all zeros
-(digital silence) is kept and reported in `degraded` too.
+a readable file, packets that the decoder rejects are skipped (the video keeps the nearest decoded
+frame, the audio has a silent gap) and reported in `degraded`, and an error while reading the file ends
+the streams there (padded and reported like a short file). The audio stream is handled on its own: when
+at least half of its packets in the window cannot be decoded (or its decoder cannot be opened), the
+clip keeps its video, `waveform` is None and `audio_error` says which stream failed and how many
+packets. Audio that is all zeros (digital silence) is kept and reported in `degraded` too.
 """
 
 import dataclasses
 import io
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import av
 import librosa
@@ -37,6 +48,9 @@ _AUDIO_JITTER_S = 0.002
 # Audio decoding starts this long before the window: after a seek, decoders such as AAC (overlapped
 # MDCT frames) output silence or garbage for their first frame.
 _AUDIO_PREROLL_S = 0.5
+# When a seek lands past the window, decoding starts again this much before the window start, then from
+# the first packet of the file.
+_SEEK_MARGINS_S = (0.0, 2.0, 10.0, 60.0)
 
 try:
   from PIL import Image
@@ -67,9 +81,11 @@ class DecodedClip:
     width: width of the frames in pixels.
     start: window start, seconds.
     end: window end, seconds.
-    waveform: [samples] float32 mono audio at `sample_rate`, or None when the file has no audio stream.
+    waveform: [samples] float32 mono audio at `sample_rate`, or None when the file has no audio stream
+      or its audio stream cannot be decoded (then `audio_error` says why).
     sample_rate: audio sample rate in Hz.
-    degraded: human-readable notes on padding applied to a source shorter than the window.
+    degraded: human-readable notes on padding, skipped packets and silence.
+    audio_error: why the file's audio stream could not be decoded, or None.
   """
   jpeg_frames: list[bytes]
   fps: float
@@ -80,6 +96,7 @@ class DecodedClip:
   waveform: np.ndarray | None
   sample_rate: int = AUDIO_SAMPLE_RATE
   degraded: list[str] = dataclasses.field(default_factory=list)
+  audio_error: str | None = None
 
 
 def decode_clip(path: str, start: float | None, end: float | None, fps: float, short_side: int,
@@ -112,41 +129,49 @@ def decode_clip(path: str, start: float | None, end: float | None, fps: float, s
   if not os.path.isfile(path):
     raise MediaError(path, 'file not found')
   try:
-    with av.open(path) as container:
+    with _open(path) as container:
       if not container.streams.video:
         raise MediaError(path, 'no video stream')
       video = container.streams.video[0]
       origin = container.start_time / av.time_base if container.start_time is not None else 0.0
+      has_audio = bool(container.streams.audio)
       if end is None:
         end = _video_end(path, video, origin)
         if end <= start:
           raise MediaError(path, f'the window start {start:.3f}s is past the video end {end:.3f}s')
-      degraded = []
-      encoder = _FrameEncoder(video, short_side, jpeg_quality)
-      decoder = _TolerantDecoder()
-      jpeg_frames, video_end = _decode_video(path, container, video, origin, start, end, fps, encoder,
-                                             decoder)
-      if video_end < end - 0.5 / fps:
-        degraded.append(f'video ends at {video_end:.3f}s before the window end {end:.3f}s; '
-                        'padded by repeating the last frame')
-      degraded.extend(decoder.notes('video'))
-      has_audio = bool(container.streams.audio)
-    waveform = None
-    if has_audio:
-      decoder = _TolerantDecoder()
-      with av.open(path) as container:  # a fresh demuxer: see `_decode_audio`
-        waveform, audio_end = _decode_audio(container, container.streams.audio[0], origin, start, end,
-                                            decoder)
+    degraded = []
+    jpeg_frames, video_end, (height, width), notes = _decode_video(
+        path, origin, start, end, fps, short_side, jpeg_quality)
+    if video_end < end - 0.5 / fps:
+      degraded.append(f'video ends at {video_end:.3f}s before the window end {end:.3f}s; '
+                      'padded by repeating the last frame')
+    degraded.extend(notes)
+  except av.error.FFmpegError as e:
+    raise MediaError(path, f'cannot decode ({type(e).__name__}: {e})') from e
+  waveform, audio_error = None, None
+  if has_audio:
+    # The audio stream is decoded on its own: whatever goes wrong there costs the audio, not the clip.
+    try:
+      waveform, audio_end, notes = _decode_audio(path, origin, start, end)
+    except _StreamFailed as e:
+      audio_error = e.reason
+    except (av.error.FFmpegError, ValueError) as e:
+      audio_error = f'audio stream cannot be decoded ({type(e).__name__}: {e})'
+    else:
       if audio_end < end - 0.5 / fps:
         degraded.append(f'audio ends at {audio_end:.3f}s before the window end {end:.3f}s; '
                         'padded with silence')
-      degraded.extend(decoder.notes('audio'))
+      degraded.extend(notes)
       if not np.any(waveform):
         degraded.append('audio is digital silence')
-  except av.error.FFmpegError as e:
-    raise MediaError(path, f'cannot decode ({type(e).__name__}: {e})') from e
-  return DecodedClip(jpeg_frames=jpeg_frames, fps=fps, height=encoder.height, width=encoder.width,
-                     start=start, end=end, waveform=waveform, degraded=degraded)
+  return DecodedClip(jpeg_frames=jpeg_frames, fps=fps, height=height, width=width, start=start,
+                     end=end, waveform=waveform, degraded=degraded, audio_error=audio_error)
+
+
+def _open(path: str) -> av.container.InputContainer:
+  """Opens a file for reading; metadata that is not valid UTF-8 (Latin-1 tags, a damaged Vorbis
+  comment header) is read with replacement characters instead of failing the whole file."""
+  return av.open(path, metadata_errors='replace')
 
 
 def _video_end(path: str, video: av.video.stream.VideoStream, origin: float) -> float:
@@ -154,12 +179,18 @@ def _video_end(path: str, video: av.video.stream.VideoStream, origin: float) -> 
 
   Read from the packets (the end of the last one) in a separate demuxer, since duration metadata is
   missing in some containers (Matroska, WebM) and wrong in others (MPEG program streams give one frame's
-  duration, AVI may count the audio); the metadata is the fallback when no packet has a timestamp.
+  duration, AVI may count the audio); the metadata is the fallback when no packet has a timestamp. A
+  read error ends the scan (the packets before it count).
   """
   period = 1.0 / float(video.average_rate or video.guessed_rate or 25)
   last = None
-  with av.open(path) as probe:
-    for packet in probe.demux(probe.streams.video[0]):
+  with _open(path) as probe:
+    packets = probe.demux(probe.streams.video[0])
+    while True:
+      try:
+        packet = next(packets)
+      except (StopIteration, av.error.FFmpegError):
+        break
       if packet.pts is not None:
         duration = float(packet.duration * packet.time_base) if packet.duration else period
         end = float(packet.pts * packet.time_base) + duration
@@ -173,80 +204,164 @@ def _video_end(path: str, video: av.video.stream.VideoStream, origin: float) -> 
   return last - origin
 
 
+def _seek_points(start: float) -> list[float | None]:
+  """Where to start decoding for a window starting at `start` (seconds from the container start).
+
+  The first try seeks to `start`; when a seek lands past the window (see `_decode_video`), decoding
+  starts again from earlier points, and finally from the first packet (None, a fresh demuxer).
+  """
+  if start <= 0:
+    return [None]
+  return [start - margin for margin in _SEEK_MARGINS_S if start - margin > 0] + [None]
+
+
 def _seek(container: av.container.InputContainer, stream: av.stream.Stream, seconds: float) -> None:
-  """Seeks `stream` to the last keyframe at or before `seconds` (absolute time); no-op at the start."""
-  if seconds > 0:
-    container.seek(int(seconds / stream.time_base), stream=stream, backward=True, any_frame=False)
+  """Seeks `stream` to the last keyframe at or before `seconds` (absolute time)."""
+  container.seek(int(seconds / stream.time_base), stream=stream, backward=True, any_frame=False)
+
+
+class _StreamFailed(Exception):
+  """A stream of an otherwise readable file cannot be decoded; `reason` says which and why."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
 
 
 class _TolerantDecoder:
-  """Decodes a stream packet by packet, skipping the packets the decoder rejects as invalid data.
+  """Decodes one stream packet by packet, skipping the packets the decoder (or `convert`) rejects.
 
   A damaged region of a file then costs the frames it holds (the video repeats the nearest decoded
-  frame, the audio has a silent gap) instead of the whole clip; `notes` reports it.
+  frame, the audio has a silent gap) instead of the whole clip; `notes` reports it. Any FFmpeg error
+  while decoding a packet counts (invalid data, a decoder that cannot be opened, ...). An error while
+  reading the file (demuxing) ends the stream there, as if the file were cut at that point.
   """
 
-  def __init__(self):
+  def __init__(self, kind: str, after_seek: bool = False):
+    """`after_seek`: the container was just seeked. Packets that fail before the first decoded frame
+    are then where the seek landed (MPEG-PS seeks into the middle of packets), not damage: they are
+    not counted once a frame decodes."""
+    self.kind = kind  # 'video' or 'audio'
+    self._after_seek = after_seek
+    self.packets = 0  # packets with data read from the stream
     self.skipped: list[float | None] = []  # file time of each skipped packet, seconds
+    self.first_error: Exception | None = None
+    self.read_error: Exception | None = None
 
-  def decode(self, container: av.container.InputContainer,
-             stream: av.stream.Stream) -> Iterator[av.frame.Frame]:
-    """Yields the decoded frames of `stream` from the container's current position."""
-    for packet in container.demux(stream):
+  def decode(self, container: av.container.InputContainer, stream: av.stream.Stream,
+             convert: Callable[[av.frame.Frame], Any] | None = None
+             ) -> Iterator[tuple[av.frame.Frame, Any]]:
+    """Yields (frame, convert(frame)) for the frames of `stream` from the current position."""
+    packets = container.demux(stream)
+    decoded_any = False
+    while True:
       try:
-        yield from packet.decode()
-      except av.error.InvalidDataError:
+        packet = next(packets)
+      except StopIteration:
+        return
+      except av.error.FFmpegError as e:
+        self.read_error = e
+        return
+      if packet.size:
+        self.packets += 1
+      try:
+        decoded = [(frame, convert(frame) if convert else None) for frame in packet.decode()]
+      except (av.error.FFmpegError, ValueError) as e:  # ValueError: PyAV's checks on odd frames
+        if not packet.size:
+          continue  # the empty packet that flushes the decoder at the end carries no data
+        self.first_error = self.first_error or e
         self.skipped.append(None if packet.pts is None else float(packet.pts * packet.time_base))
+        continue
+      if decoded and not decoded_any:
+        decoded_any = True
+        if self._after_seek:
+          self.skipped, self.first_error, self.packets = [], None, 1
+      yield from decoded
 
-  def notes(self, kind: str) -> list[str]:
-    """A report line when packets of this `kind` ('video' or 'audio') were skipped."""
-    if not self.skipped:
-      return []
-    known = [t for t in self.skipped if t is not None]
-    where = f' (first at {min(known):.3f}s in the file)' if known else ''
-    return [f'{len(self.skipped)} corrupt {kind} packet(s) skipped{where}']
+  def notes(self) -> list[str]:
+    """Report lines for skipped packets and read errors."""
+    lines = []
+    if self.skipped:
+      known = [t for t in self.skipped if t is not None]
+      where = f' (first at {min(known):.3f}s in the file)' if known else ''
+      lines.append(f'{len(self.skipped)} corrupt {self.kind} packet(s) skipped{where}')
+    if self.read_error is not None:
+      lines.append(f'reading the file stopped with {type(self.read_error).__name__} ({self.read_error}); '
+                   f'the {self.kind} after that point is missing')
+    return lines
+
+  def failed(self) -> bool:
+    """True when at least half of the packets read (and at least one) could not be decoded."""
+    return bool(self.skipped) and 2 * len(self.skipped) >= self.packets
+
+  def failure(self, stream: av.stream.Stream) -> str:
+    """The report line of a stream that `failed`."""
+    error = self.first_error
+    return (f'{self.kind} stream #{stream.index} ({stream.codec_context.name}) cannot be decoded: '
+            f'{len(self.skipped)} of {self.packets} packet(s) failed ({type(error).__name__}: {error})')
 
 
 def _frame_time(frame: av.frame.Frame, origin: float) -> float | None:
   return None if frame.time is None else frame.time - origin
 
 
-def _decode_video(path: str, container, video, origin: float, start: float, end: float, fps: float,
-                  encoder: '_FrameEncoder', decoder: '_TolerantDecoder') -> tuple[list[bytes], float]:
+def _decode_video(path: str, origin: float, start: float, end: float, fps: float, short_side: int,
+                  jpeg_quality: int) -> tuple[list[bytes], float, tuple[int, int], list[str]]:
   """Encodes, for each target time, the decoded frame with the nearest timestamp.
 
-  Frames are encoded as soon as they are chosen, so memory holds two decoded frames at most.
+  Seeks to the keyframe before `start` first. A seek can land past the window: containers without an
+  index (MPEG-TS, MPEG-PS) seek by timestamp to a packet that need not be a keyframe, so the decoder
+  drops frames until the next keyframe, which may come after the window start or never; long GOPs and
+  non-zero container start times make this common. When the first frame decoded after a seek is later
+  than the window start (more than half a frame period), or nothing decodes, decoding starts again from
+  an earlier point, and at last from the first packet of the file.
 
   Returns:
     (one JPEG per target time, padded with the last frame when the source ends early; end of the
-    decoded video in seconds, or `end` when the source covers the whole window).
+    decoded video in seconds, or `end` when the source covers the whole window; (height, width) of the
+    frames; report lines).
   """
   num_frames = max(1, round((end - start) * fps))
   targets = start + np.arange(num_frames) / fps
-  nominal_period = 1.0 / float(video.average_rate or video.guessed_rate or 25)
-  _seek(container, video, start + origin)
-  chosen: list[bytes] = []
-  previous, previous_time = None, None
-  for frame in decoder.decode(container, video):
-    time = _frame_time(frame, origin)
-    if time is None:  # No timestamp: assume a constant rate from the previous frame.
-      time = 0.0 if previous_time is None else previous_time + nominal_period
-    while len(chosen) < num_frames and targets[len(chosen)] <= time:
-      target = targets[len(chosen)]
-      use_previous = previous is not None and target - previous_time <= time - target
-      chosen.append(encoder(previous if use_previous else frame))
-    previous, previous_time = frame, time
-    if len(chosen) == num_frames:
-      return chosen, end
-  if previous is None:
-    raise MediaError(path, f'no video frames in the window [{start:.3f}, {end:.3f})s')
-  period = float(previous.duration * previous.time_base) if previous.duration else nominal_period
-  video_end = previous_time + period
-  if video_end <= start:
-    raise MediaError(path, f'the video ends at {video_end:.3f}s, before the window start {start:.3f}s')
-  last = encoder(previous)
-  chosen.extend([last] * (num_frames - len(chosen)))  # Source shorter than the window.
-  return chosen, video_end
+  seek_points = _seek_points(start)
+  for attempt, seek_point in enumerate(seek_points):
+    last_attempt = attempt == len(seek_points) - 1
+    decoder = _TolerantDecoder('video', after_seek=seek_point is not None)
+    with _open(path) as container:
+      video = container.streams.video[0]
+      nominal_period = 1.0 / float(video.average_rate or video.guessed_rate or 25)
+      encoder = _FrameEncoder(video, short_side, jpeg_quality)
+      if seek_point is not None:
+        _seek(container, video, seek_point + origin)
+      chosen: list[bytes] = []
+      previous, previous_time = None, None
+      for frame, _ in decoder.decode(container, video):
+        time = _frame_time(frame, origin)
+        if time is None:  # No timestamp: assume a constant rate from the previous frame.
+          time = 0.0 if previous_time is None else previous_time + nominal_period
+        if previous is None and not last_attempt and time > start + 0.5 * nominal_period:
+          break  # The seek landed past the window start: try from an earlier point.
+        while len(chosen) < num_frames and targets[len(chosen)] <= time:
+          target = targets[len(chosen)]
+          use_previous = previous is not None and target - previous_time <= time - target
+          chosen.append(encoder(previous if use_previous else frame))
+        previous, previous_time = frame, time
+        if len(chosen) == num_frames:
+          return chosen, end, (encoder.height, encoder.width), decoder.notes()
+      if previous is None and not last_attempt:
+        continue  # Nothing decoded after this seek.
+      if previous is None:
+        failed = decoder.failure(video) if decoder.failed() else ''
+        raise MediaError(path, f'no video frames in the window [{start:.3f}, {end:.3f})s'
+                         + (f'; {failed}' if failed else ''))
+      period = float(previous.duration * previous.time_base) if previous.duration else nominal_period
+      video_end = previous_time + period
+      if video_end <= start:
+        raise MediaError(path, f'the video ends at {video_end:.3f}s, before the window start {start:.3f}s')
+      last = encoder(previous)
+      chosen.extend([last] * (num_frames - len(chosen)))  # Source shorter than the window.
+      return chosen, video_end, (encoder.height, encoder.width), decoder.notes()
+  raise AssertionError('unreachable: the last attempt returns or raises')
 
 
 class _FrameEncoder:
@@ -311,50 +426,130 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
   return tf.io.encode_jpeg(image, quality=quality).numpy()
 
 
-def _decode_audio(container, audio, origin: float, start: float, end: float,
-                  decoder: '_TolerantDecoder') -> tuple[np.ndarray, float]:
-  """Decodes [start, end) of `audio` to 16 kHz mono.
+class _MonoConverter:
+  """Turns audio frames of any sample format, channel count and layout into mono float32 samples.
 
-  `container` must be freshly opened: a window near the start is then decoded from the first packet
-  without seeking (seeking, even to 0, loses the codec's priming); later windows seek
-  `_AUDIO_PREROLL_S` before `start` so that the decoder has settled when the window begins.
+  Each frame is converted to packed float32 at its own layout and rate (a format conversion only, no
+  remixing or resampling) and its channels are averaged with equal weights. Packed data is one plane:
+  PyAV's planar `to_ndarray` reads past the channel pointers for 8 or more channels (a 7.1 frame
+  crashes the process). A new converter is set up whenever the format, layout or rate of the frames
+  changes (PyAV's resampler keeps the parameters of its first frame).
+  """
+
+  def __init__(self):
+    self._key = None
+    self._resampler = None
+
+  def __call__(self, frame: av.AudioFrame) -> np.ndarray:
+    """[samples] float32 mean of the channels of `frame`, at `frame.sample_rate`."""
+    channels = frame.layout.nb_channels
+    key = (frame.format.name, frame.layout.name, channels, frame.sample_rate)
+    if key != self._key:
+      self._key, self._resampler = key, av.AudioResampler(format='flt')
+    if not frame.samples or not channels:
+      return np.zeros(0, np.float32)
+    packed = [converted.to_ndarray().reshape(-1, channels) for converted in self._resampler.resample(frame)]
+    samples = np.concatenate(packed) if packed else np.zeros((0, channels), np.float32)
+    return samples.mean(axis=1, dtype=np.float32)  # [samples]
+
+
+class _AudioTimeline:
+  """Places mono audio frames at their timestamps in the [start, end) window.
+
+  Frames are kept at their own sample rate (one buffer per rate, so a rate that changes in the middle
+  of the stream is placed correctly); `waveform` resamples each buffer to 16 kHz and adds them up.
+  """
+
+  def __init__(self, start: float, end: float):
+    self._start = start
+    self._duration = end - start
+    self._buffers: dict[int, np.ndarray] = {}  # rate -> [samples] mono
+    self._cursor: tuple[int, int] | None = None  # (rate, sample index just after the previous frame)
+    self.covered = 0.0  # seconds of the window up to the end of the last placed sample
+    self.frames = 0
+
+  def add(self, time: float | None, samples: np.ndarray, rate: int) -> None:
+    """Places `samples` [n] at `time` (seconds from the container start; None: after the previous)."""
+    buffer = self._buffers.get(rate)
+    if buffer is None:
+      buffer = self._buffers[rate] = np.zeros(round(self._duration * rate), np.float32)
+    expected = None  # where the previous frame ended, in samples at `rate`
+    if self._cursor is not None:
+      cursor_rate, cursor = self._cursor
+      expected = cursor if cursor_rate == rate else round(cursor / cursor_rate * rate)
+    if time is not None:
+      offset = round((time - self._start) * rate)
+    else:  # No timestamp: continue after the previous frame, or start the stream at 0.
+      offset = expected if expected is not None else round(-self._start * rate)
+    if expected is not None and abs(offset - expected) <= _AUDIO_JITTER_S * rate:
+      offset = expected
+    self._cursor = (rate, offset + len(samples))
+    self.frames += 1
+    lo, hi = max(offset, 0), min(offset + len(samples), len(buffer))
+    if lo < hi:
+      buffer[lo:hi] = samples[lo - offset:hi - offset]
+      self.covered = max(self.covered, hi / rate)
+
+  def done(self) -> bool:
+    """Whether the previous frame reached the end of the window."""
+    if self._cursor is None:
+      return False
+    rate, cursor = self._cursor
+    return cursor >= len(self._buffers[rate])
+
+  def waveform(self) -> np.ndarray:
+    """[round(duration * 16000)] float32 mono waveform."""
+    num_samples = round(self._duration * AUDIO_SAMPLE_RATE)
+    mono = np.zeros(num_samples, np.float32)
+    for rate, buffer in self._buffers.items():
+      if rate != AUDIO_SAMPLE_RATE:
+        buffer = librosa.resample(buffer, orig_sr=rate, target_sr=AUDIO_SAMPLE_RATE, res_type='soxr_hq')
+      mono += librosa.util.fix_length(buffer, size=num_samples).astype(np.float32)
+    return mono
+
+
+def _decode_audio(path: str, origin: float, start: float, end: float
+                  ) -> tuple[np.ndarray, float, list[str]]:
+  """Decodes [start, end) of the first audio stream of `path` to 16 kHz mono.
+
+  A window near the start is decoded from the first packet of a fresh demuxer without seeking
+  (seeking, even to 0, loses the codec's priming); later windows seek `_AUDIO_PREROLL_S` before `start`
+  so that the decoder has settled when the window begins. When that seek lands past the window start
+  (the first frame is later than the window start), decoding starts again from earlier points, and at
+  last from the first packet. Sample rate, channel layout and sample format may change from frame to
+  frame.
 
   Returns:
-    ([round((end - start) * 16000)] float32 waveform, end of the decoded audio in seconds).
+    ([round((end - start) * 16000)] float32 waveform, end of the decoded audio in seconds, report
+    lines).
+
+  Raises:
+    _StreamFailed: at least half of the stream's packets in the window could not be decoded.
   """
-  if start > _AUDIO_PREROLL_S:
-    _seek(container, audio, start - _AUDIO_PREROLL_S + origin)
-  # Planar float at the source layout and rate: a format conversion only.
-  converter = av.AudioResampler(format='fltp')
-  rate = None
-  buffer = None  # [channels, samples] at the source rate
-  cursor = None  # sample index (in `buffer`) just after the previous frame
-  covered = 0
-  for frame in decoder.decode(container, audio):
-    for converted in converter.resample(frame):
-      samples = converted.to_ndarray()  # [channels, samples]
-      if rate is None:
-        rate = converted.sample_rate
-        buffer = np.zeros((samples.shape[0], round((end - start) * rate)), np.float32)
-      time = _frame_time(frame, origin)
-      if time is not None:
-        offset = round((time - start) * rate)
-      else:  # No timestamp: continue after the previous frame, or start the stream at 0.
-        offset = cursor if cursor is not None else round(-start * rate)
-      if cursor is not None and abs(offset - cursor) <= _AUDIO_JITTER_S * rate:
-        offset = cursor
-      cursor = offset + samples.shape[1]
-      lo, hi = max(offset, 0), min(cursor, buffer.shape[1])
-      if lo < hi:
-        buffer[:, lo:hi] = samples[:, lo - offset:hi - offset]
-        covered = max(covered, hi)
-    if cursor is not None and cursor >= buffer.shape[1]:
-      break
-  num_samples = round((end - start) * AUDIO_SAMPLE_RATE)
-  if rate is None:
-    return np.zeros(num_samples, np.float32), start
-  mono = buffer.mean(axis=0)  # [samples]
-  if rate != AUDIO_SAMPLE_RATE:
-    mono = librosa.resample(mono, orig_sr=rate, target_sr=AUDIO_SAMPLE_RATE, res_type='soxr_hq')
-  mono = librosa.util.fix_length(mono, size=num_samples).astype(np.float32)
-  return mono, start + covered / rate
+  preroll_start = start - _AUDIO_PREROLL_S
+  seek_points = _seek_points(preroll_start)
+  for attempt, seek_point in enumerate(seek_points):
+    last_attempt = attempt == len(seek_points) - 1
+    decoder = _TolerantDecoder('audio', after_seek=seek_point is not None)
+    timeline = _AudioTimeline(start, end)
+    landed_late = False
+    with _open(path) as container:
+      audio = container.streams.audio[0]
+      if audio.codec_context is None:
+        raise _StreamFailed(f'audio stream #{audio.index} has no decoder in this FFmpeg build')
+      if seek_point is not None:
+        _seek(container, audio, seek_point + origin)
+      for frame, samples in decoder.decode(container, audio, _MonoConverter()):
+        time = _frame_time(frame, origin)
+        if timeline.frames == 0 and not last_attempt and time is not None and time > start:
+          landed_late = True
+          break
+        timeline.add(time, samples, frame.sample_rate)
+        if timeline.done():
+          break
+      if decoder.failed():
+        raise _StreamFailed(decoder.failure(audio))
+    if (landed_late or timeline.frames == 0) and not last_attempt:
+      continue
+    return timeline.waveform(), start + timeline.covered, decoder.notes()
+  raise AssertionError('unreachable: the last attempt returns')

@@ -17,7 +17,9 @@ Output folder layout (`out_dir`, local or any path `tf.io.gfile` can write):
 The assignment of clips to shards is deterministic: within a split, clips are sorted by id, shuffled
 with a fixed seed (so that shards mix classes even when the annotation file is sorted by class) and cut
 into contiguous, nearly equal parts. Clips are decoded in worker processes started with 'spawn' (safe when
-the parent has TensorFlow or JAX loaded); the workers import neither.
+the parent has TensorFlow or JAX loaded); the workers import neither. A decoder that crashes its worker
+process (SIGSEGV in FFmpeg, an abort, the OOM killer) costs only that clip: it is retried once in a fresh
+process, then skipped and reported as `decoder crashed`, and the run goes on.
 """
 
 import collections
@@ -31,7 +33,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -49,6 +51,8 @@ PLAN_FILE = 'prepare_plan.json'
 STATS_FILE = 'stats.json'
 REPORT_FILE = 'report.jsonl'
 _SPLIT_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.]*$')
+_CRASH_RETRIES = 1  # a clip whose decoding process dies is decoded again once in a fresh process
+_MAX_CONSECUTIVE_CRASHES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +117,12 @@ def _process_clip(task: _Task) -> _Result:
     return _Result(task.spec, error=f'unexpected {type(e).__name__}: {e}')
   issues = list(decoded.degraded)
   waveform = decoded.waveform
-  if waveform is None:
+  if waveform is None:  # no audio stream, or one that cannot be decoded (the video is kept)
+    missing = decoded.audio_error or 'no audio stream'
     if settings.missing_audio == 'skip':
-      return _Result(task.spec, error='no audio stream')
+      return _Result(task.spec, error=missing)
     waveform = np.zeros(round((decoded.end - decoded.start) * decoded.sample_rate), np.float32)
-    issues.append('no audio stream; silence substituted')
+    issues.append(f'{missing}; silence substituted')
   spectrogram = logmel_lib.log_mel(waveform, sample_rate=decoded.sample_rate, n_mels=settings.n_mels,
                                    hop_s=1.0 / AUDIO_FRAMES_PER_SECOND)
   return _Result(task.spec, issues=issues, start=decoded.start, end=decoded.end,
@@ -170,10 +175,11 @@ def prepare_dataset(
 ) -> dict[str, Any]:
   """Decodes clips into sharded records and writes `stats.json` and `report.jsonl` (resumable).
 
-  Missing, unreadable or corrupt videos are skipped and reported, never fatal. Clips shorter than their
-  window are padded (see `avt_jax.prep.media`) and reported as degraded. A video without an audio
-  stream is kept with silence and `audio/missing` set (`missing_audio='silence'`, reported as degraded)
-  or skipped (`'skip'`).
+  Missing, unreadable or corrupt videos, and videos whose decoder crashes the worker process, are
+  skipped and reported, never fatal. Clips shorter than their window are padded (see
+  `avt_jax.prep.media`) and reported as degraded. A video without an audio stream, or whose audio
+  stream cannot be decoded, is kept with silence and `audio/missing` set (`missing_audio='silence'`,
+  reported as degraded with the reason) or skipped (`'skip'`).
 
   Args:
     specs: clips to prepare (all splits).
@@ -187,7 +193,7 @@ def prepare_dataset(
     num_shards_per_split: shards per split (one number for all splits, or per split); None for about
       `TARGET_CLIPS_PER_SHARD` clips per shard.
     num_workers: decoding processes; None for `os.cpu_count()`, 0 to decode in this process.
-    missing_audio: 'silence' or 'skip' (see above).
+    missing_audio: 'silence' or 'skip' for clips without usable audio (see above).
     jpeg_quality: JPEG quality of the stored frames.
     progress: print a progress line (clips done / total, clips/s, ETA) on stderr.
 
@@ -306,30 +312,110 @@ def _shard_stats_path(out_dir: str, name: str) -> str:
   return os.path.join(out_dir, SHARD_STATS_DIR, name.replace('.tfrecord', '.json'))
 
 
-def _run_tasks(tasks: Iterable[_Task], num_workers: int | None) -> Iterator[_Result]:
-  """Yields results in task order, keeping a bounded number of tasks in flight."""
+def _run_tasks(tasks: Iterable[_Task], num_workers: int | None,
+               process: Callable[[_Task], _Result] = _process_clip) -> Iterator[_Result]:
+  """Yields `process(task)` in task order, keeping a bounded number of tasks in flight.
+
+  With worker processes, a decoder crash (a worker killed by SIGSEGV, an abort, the OOM killer) costs
+  only the clip being decoded: it is retried once in a fresh process and then reported as
+  `decoder crashed` (see `_Lanes`). `num_workers=0` decodes in this process, without that protection.
+  """
   num_workers = os.cpu_count() if num_workers is None else num_workers
   if num_workers == 0:
-    yield from map(_process_clip, tasks)
+    yield from map(process, tasks)
     return
-  context = multiprocessing.get_context('spawn')
-  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as executor:
+  lanes = _Lanes(num_workers, process)
+  try:
     in_flight = collections.deque()
     for task in tasks:
-      in_flight.append((task, executor.submit(_process_clip, task)))
+      in_flight.append(lanes.submit(task))
       if len(in_flight) >= 4 * num_workers:
-        yield _result_of(*in_flight.popleft(), in_flight)
+        yield lanes.result(in_flight.popleft())
     while in_flight:
-      yield _result_of(*in_flight.popleft(), in_flight)
+      yield lanes.result(in_flight.popleft())
+  finally:
+    lanes.shutdown()
 
 
-def _result_of(task: _Task, future: concurrent.futures.Future, in_flight: Sequence[Any]) -> _Result:
-  try:
-    return future.result()
-  except concurrent.futures.process.BrokenProcessPool as e:
-    names = [task.video_path] + [other.video_path for other, _ in in_flight]
-    raise RuntimeError(f'A decoding worker died while processing one of {names}; finished shards are '
-                       'kept, rerun to resume (and remove the offending file).') from e
+@dataclasses.dataclass(eq=False)
+class _Job:
+  task: _Task
+  future: concurrent.futures.Future | None = None
+  lane: int = 0
+  crashes: int = 0
+  result: _Result | None = None
+
+
+class _Lanes:
+  """`n` single-worker process pools ('spawn'), so that a crashing decoder can be told apart.
+
+  A worker that dies breaks only its own pool (lane). Its one process runs the lane's tasks in
+  submission order, so the task it died on is the lane's oldest one without a result. That task is
+  retried once in a fresh process and then reported as crashed (`_Result.error` `decoder crashed
+  ...`); the lane's other unfinished tasks are resubmitted. Workers that keep dying whatever they
+  decode (`_MAX_CONSECUTIVE_CRASHES` clips in a row) are an environment problem, not bad files: that
+  stops the run (finished shards are kept).
+  """
+
+  def __init__(self, n: int, process: Callable[[_Task], _Result]):
+    self._context = multiprocessing.get_context('spawn')
+    self._process = process
+    self._pools = [self._new_pool() for _ in range(n)]
+    self._jobs = [collections.deque() for _ in range(n)]  # per lane, submission order, uncollected
+    self._consecutive_crashes = 0
+
+  def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+    return concurrent.futures.ProcessPoolExecutor(1, mp_context=self._context)
+
+  def submit(self, task: _Task) -> _Job:
+    return self._submit(_Job(task))
+
+  def _submit(self, job: _Job) -> _Job:
+    job.lane = min(range(len(self._pools)), key=lambda lane: len(self._jobs[lane]))
+    job.future = self._pools[job.lane].submit(self._process, job.task)
+    self._jobs[job.lane].append(job)
+    return job
+
+  def result(self, job: _Job) -> _Result:
+    """Waits for `job`; recovers its lane if its worker died."""
+    while job.result is None:
+      try:
+        result = job.future.result()
+      except concurrent.futures.process.BrokenProcessPool:
+        self._recover(job.lane)
+        continue
+      self._jobs[job.lane].remove(job)
+      job.result = result
+      self._consecutive_crashes = 0
+    return job.result
+
+  def _recover(self, lane: int) -> None:
+    jobs = list(self._jobs[lane])
+    concurrent.futures.wait([job.future for job in jobs])  # all of the broken pool's futures settle
+    self._pools[lane].shutdown(wait=False)
+    self._pools[lane], self._jobs[lane] = self._new_pool(), collections.deque()
+    crashed = next(job for job in jobs if isinstance(
+        job.future.exception(), concurrent.futures.process.BrokenProcessPool))
+    for job in jobs:
+      if job.future.exception() is None:
+        job.result = job.future.result()  # finished before the crash
+      elif job is crashed and job.crashes >= _CRASH_RETRIES:
+        job.crashes += 1
+        self._consecutive_crashes += 1
+        if self._consecutive_crashes >= _MAX_CONSECUTIVE_CRASHES:
+          raise RuntimeError(
+              f'Decoding worker processes died on {self._consecutive_crashes} clips in a row (the last '
+              f'{job.task.video_path}); this looks like a problem of the environment, not of the files. '
+              'Finished shards are kept: rerun to resume.')
+        job.result = _Result(job.task.spec, error=f'decoder crashed (the decoding process died '
+                             f'{job.crashes} times on this file)')
+      else:
+        job.crashes += job is crashed
+        self._submit(job)
+
+  def shutdown(self) -> None:
+    for pool in self._pools:
+      pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_shard(out_dir: str, name: str, clips: Sequence[annotations.ClipSpec],

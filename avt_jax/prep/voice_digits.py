@@ -22,7 +22,6 @@ code as users' own videos (`--dataset=manifest`), cached like the demo data.
 
 import concurrent.futures
 import csv
-import json
 import multiprocessing
 import os
 import sys
