@@ -165,3 +165,20 @@ def finetune_from_imagenet21k(c: ml_collections.ConfigDict, train_clips: int) ->
                       warmup_steps=int(2.5 * steps_per_epoch)))
   c.model.stochastic_depth = 0.3
   c.loss.label_smoothing = 0.3
+
+
+def single_modality(c: ml_collections.ConfigDict, modality: str) -> ml_collections.ConfigDict:
+  """Restricts config `c` to one modality (the `:video` / `:audio` config variants), in place.
+
+  Switches off the objectives that need both modalities or the other one.
+
+  Raises:
+    ValueError: `modality` is not 'video' or 'audio'.
+  """
+  if modality not in ('video', 'audio'):
+    raise ValueError(f"expected the config variant ':video' or ':audio', got {modality!r}.")
+  c.model.modalities = (modality,)
+  for name in ('contrastive', 'matching', 'masked_audio_segment',
+               'masked_audio' if modality == 'video' else 'masked_video'):
+    c.loss.weights[name] = 0.0
+  return c

@@ -18,7 +18,7 @@ Measured on the 2-core, 24 GiB CPU development machine (shared with other jobs a
   video only:     33.3% top-1 (1 min 45 s);   audio only: 28.9% top-1 (1 min 13 s).
 """
 
-from avt_jax.default_config import get_base_config
+from avt_jax.default_config import get_base_config, single_modality
 
 
 def get_config(arg: str | None = None):
@@ -74,9 +74,4 @@ def get_config(arg: str | None = None):
   c.train.log_every = 25
   c.train.checkpoint_every = 100
 
-  if arg:
-    c.model.modalities = (arg,)
-    for name in ('contrastive', 'matching', 'masked_audio_segment',
-                 'masked_audio' if arg == 'video' else 'masked_video'):
-      c.loss.weights[name] = 0.0
-  return c
+  return single_modality(c, arg) if arg else c

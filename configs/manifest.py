@@ -10,11 +10,12 @@ folder's `stats.json` (`avt_jax/dataset_stats.py`); the schedule is in epochs, s
 follows the number of training clips. Single-modality runs: `configs/manifest.py:video` or `:audio`.
 
 The recipe is tuned for a few hundred to a few thousand clips trained from scratch (see README
-"Learning on real media" for the measurements behind each choice). Expected: on the VoiceDigits
-benchmark (`python -m avt_jax.learning_benchmark`, 360 training clips) ...
+"Learning on real media" for the measurements behind each choice). Expected on the VoiceDigits
+benchmark (`python -m avt_jax.learning_benchmark`, 360 training clips, 2-core CPU): audio + video
+0.733 top-1 in ~5 min of training, video only 0.867 (~3 min), audio only 0.250 (~4 min).
 """
 
-from avt_jax.default_config import get_base_config
+from avt_jax.default_config import get_base_config, single_modality
 
 
 def get_config(arg: str | None = None):
@@ -76,11 +77,4 @@ def get_config(arg: str | None = None):
   c.train.log_every = 50
   c.train.checkpoint_every = 500
 
-  if arg:
-    if arg not in ('video', 'audio'):
-      raise ValueError(f"configs/manifest.py: expected ':video' or ':audio', got {arg!r}.")
-    c.model.modalities = (arg,)
-    for name in ('contrastive', 'matching', 'masked_audio_segment',
-                 'masked_audio' if arg == 'video' else 'masked_video'):
-      c.loss.weights[name] = 0.0
-  return c
+  return single_modality(c, arg) if arg else c

@@ -37,16 +37,17 @@ def test_every_data_field_comes_from_stats(tmp_path):
   fields = dataset_stats.apply_stats(config, write_stats(tmp_path))
   assert dict(config.data.num_classes) == {'class': 7} and tuple(config.data.label_heads) == ('class',)
   assert config.input.n_mels == 48 and config.input.min_resize == 72
-  # 3 s at 12 fps = 36 stored frames over num_frames=8 -> stride round(4.5) = 4 (8 x 4 = 32 frames,
-  # 2.67 s); audio covers the same 2.67 s in whole 16-frame patches: 266 // 16 * 16 = 256.
-  assert config.input.frame_stride == 4 and config.input.audio_frames == 256
-  # image size: the configured cap 64 (< short side 72) in whole 8-pixel patches.
+  # 3 s at 12 fps = 36 stored frames over num_frames=4 -> stride 9 (the whole 3 s); audio covers the
+  # same 3 s in whole 16-frame patches: 300 // 16 * 16 = 288.
+  assert config.input.num_frames == 4
+  assert config.input.frame_stride == 9 and config.input.audio_frames == 288
+  # image size: the configured cap 64 (< short side 72) in whole 16-pixel patches.
   assert config.input.image_size == 64
   # epochs -> steps: ceil(epochs * 250 / 32); warm-up in epochs.
   per_epoch = 250 / config.input.batch_size
   assert config.train.steps == math.ceil(config.train.epochs * per_epoch)
   assert config.optim.warmup_steps == round(config.optim.warmup_epochs * per_epoch)
-  assert fields['input.audio_frames'] == 256
+  assert fields['input.audio_frames'] == 288
   model = build_model(config)  # the filled config is a valid model
   assert model.num_classes == {'class': 7}
 
@@ -54,7 +55,7 @@ def test_every_data_field_comes_from_stats(tmp_path):
 def test_small_frames_shrink_the_image_size_to_whole_patches(tmp_path):
   config = manifest_config('video')
   dataset_stats.apply_stats(config, write_stats(tmp_path, short_side=44))
-  assert config.input.image_size == 40 and config.input.min_resize == 44
+  assert config.input.image_size == 32 and config.input.min_resize == 44  # 44 // 16 * 16
   assert config.model.modalities == ('video',)
 
 
