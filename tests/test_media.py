@@ -217,3 +217,27 @@ def test_media_error_survives_pickling():
   import pickle  # pylint: disable=g-import-not-at-top
   error = pickle.loads(pickle.dumps(media.MediaError('a.mp4', 'broken')))
   assert (error.path, error.reason, str(error)) == ('a.mp4', 'broken', 'a.mp4: broken')
+
+
+def test_mono_conversion_follows_every_change_of_sample_format_layout_and_rate():
+  """Frames whose format changes from one to the next (packed int16 stereo, planar float 7.1 at
+  another rate, packed float64 mono): each is the plain mean of its own channels. Planar frames of 8
+  channels are the case PyAV's own `to_ndarray` crashes on."""
+  def frame(values, fmt, layout, rate):  # values [samples, channels] in [-1, 1]
+    packed = {'s16': 's16', 'fltp': 'flt', 'dbl': 'dbl'}[fmt]
+    scaled = (values * 32768).astype(np.int16) if packed == 's16' else values.astype(
+        np.float32 if packed == 'flt' else np.float64)
+    result = av.AudioFrame.from_ndarray(scaled.reshape(1, -1), format=packed, layout=layout)
+    result.sample_rate = rate
+    if fmt == 'fltp':  # planar: made by PyAV's own conversion
+      result = av.AudioResampler(format='fltp').resample(result)[0]
+    return result
+
+  rng = np.random.default_rng(0)
+  convert = media._MonoConverter()  # pylint: disable=protected-access
+  for fmt, layout, channels, rate in (('s16', 'stereo', 2, 44100), ('fltp', '7.1', 8, 48000),
+                                      ('dbl', 'mono', 1, 16000), ('s16', 'stereo', 2, 44100)):
+    values = rng.uniform(-0.5, 0.5, (256, channels))
+    source = frame(values, fmt, layout, rate)
+    assert (source.format.name, source.layout.nb_channels) == (fmt, channels)
+    np.testing.assert_allclose(convert(source), values.mean(axis=1), atol=1e-4)
