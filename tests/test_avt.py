@@ -327,7 +327,8 @@ def test_single_modality_model_trains_with_the_same_code(modality):
 
     def loss(p):
       outputs = model.apply({'params': p}, inputs, train=True, objectives=objectives, rngs=RNGS)
-      assert set(outputs) - {'features'} == {'logits'} | {f'masked_{modality}'} & set(objectives)
+      assert set(outputs) - {'features'} == ({'logits', 'modality_logits'}
+                                             | {f'masked_{modality}'} & set(objectives))
       return losses.total_loss(outputs, _labels(), dict(config.loss.weights))
 
     lowered = fast_jit(jax.value_and_grad(loss, has_aux=True)).lower(params)

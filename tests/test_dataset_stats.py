@@ -74,3 +74,15 @@ def test_missing_field_and_empty_training_split_are_named(tmp_path):
 def test_unknown_variant_is_rejected():
   with pytest.raises(ValueError, match=':video'):
     manifest_config('both')
+
+
+def test_learning_benchmark_builds_a_run_config_like_main(tmp_path):
+  from avt_jax import learning_benchmark  # pylint: disable=g-import-not-at-top
+  config = learning_benchmark.load_config(
+      os.path.join(ROOT, 'configs/manifest.py:video'), write_stats(tmp_path),
+      ['--config.train.epochs=3', '--config.model.fusion=bottleneck',
+       "--config.init.exclude=('^classifier/',)"])
+  assert config.model.modalities == ('video',) and config.model.fusion == 'bottleneck'
+  assert config.init.exclude == ('^classifier/',)
+  assert config.train.steps == math.ceil(3 * 250 / config.input.batch_size)
+  assert dict(config.data.num_classes) == {'class': 7}
