@@ -5,7 +5,6 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from avt_jax.models import masking
 from avt_jax.models.decoders import MaskedDecoder
