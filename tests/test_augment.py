@@ -169,6 +169,40 @@ def test_spec_augment_without_masks_is_identity():
   np.testing.assert_array_equal(out.numpy(), spectrogram.numpy())
 
 
+def test_spectrogram_stretch_off_is_identity():
+  spectrogram = tf.random.stateless_normal([20, 8], [1, 2])
+  out = augment.spectrogram_stretch(spectrogram, _seed(0), max_time=0.0, max_freq=0.0)
+  np.testing.assert_array_equal(out.numpy(), spectrogram.numpy())
+
+
+def test_spectrogram_stretch_moves_a_tone_in_proportion_and_pads_with_silence():
+  # A tone in mel bins 18-22 from frame 40 to 59 on silence (-5): a stretch by factors (s_t, s_f)
+  # centres it near bin 20 * s_f, lasting ~20 * s_t frames, with silence everywhere else.
+  spectrogram = np.full([100, 40], -5.0, np.float32)
+  spectrogram[40:60, 18:23] = 5.0
+  bins, lengths = set(), set()
+  for i in range(40):
+    out = augment.spectrogram_stretch(tf.constant(spectrogram), _seed(i), max_time=0.3,
+                                      max_freq=0.3).numpy()
+    assert out.shape == (100, 40) and out.min() >= -5.0 and out.max() <= 5.0
+    loud = out > 0
+    peak_bins = np.unique(np.nonzero(loud)[1])
+    frames = np.nonzero(loud.any(axis=1))[0]
+    assert 18 * 0.7 - 1 <= peak_bins.min() and peak_bins.max() <= 22 * 1.3 + 1, peak_bins
+    assert 20 * 0.7 - 2 <= len(frames) <= 20 * 1.3 + 2, frames
+    assert frames.max() - frames.min() + 1 == len(frames)  # still one contiguous tone
+    far = np.abs(np.arange(100)[:, None] - frames[None, :]).min(axis=1) > 1  # beyond the blur
+    np.testing.assert_allclose(out[far], -5.0, atol=1e-5)  # silence around it
+    bins.add(int(np.round(np.average(np.nonzero(loud)[1]))))
+    lengths.add(len(frames))
+  assert len(bins) >= 5 and len(lengths) >= 5  # the factors really vary
+
+
+def test_spectrogram_stretch_rejects_factors_outside_zero_one():
+  with pytest.raises(ValueError, match='must be in \\[0, 1\\)'):
+    augment.spectrogram_stretch(tf.zeros([10, 4]), _seed(0), max_time=1.0, max_freq=0.0)
+
+
 def test_mixup_mixes_inputs_and_labels_with_one_lambda():
   batch = {
       'video': tf.constant(np.arange(3 * 2, dtype=np.float32).reshape(3, 2)),

@@ -87,7 +87,7 @@ def _config(**input_overrides) -> ml_collections.ConfigDict:
       color_jitter=0.0,
       spec_augment=ml_collections.ConfigDict(dict(freq_masks=0, freq_width=0, time_masks=0,
                                                   time_width=0)),
-      mixup_alpha=0.0, eval_clips=1, eval_crops=1))
+      spec_stretch=ml_collections.ConfigDict(dict(time=0.0, freq=0.0)), mixup_alpha=0.0, eval_clips=1, eval_crops=1))
   config.input.update(input_overrides)
   return config
 
@@ -95,7 +95,8 @@ def _config(**input_overrides) -> ml_collections.ConfigDict:
 def _augmented_config(**input_overrides) -> ml_collections.ConfigDict:
   config = _config(crop_area_range=(0.3, 1.0), flip=True, color_jitter=0.4, mixup_alpha=0.4,
                    spec_augment=ml_collections.ConfigDict(dict(freq_masks=1, freq_width=2,
-                                                               time_masks=1, time_width=3)))
+                                                               time_masks=1, time_width=3)),
+                   spec_stretch=ml_collections.ConfigDict(dict(time=0.2, freq=0.1)))
   config.input.update(input_overrides)
   return config
 

@@ -15,6 +15,7 @@ Contents:
   adjust_color        brightness/contrast/saturation by given factors.
   color_jitter        random brightness/contrast/saturation of a clip.
   spec_augment        frequency and time masks on a spectrogram.
+  spectrogram_stretch random speed (time) and vocal-tract-length (frequency) stretch of a spectrogram.
   mixup               batch-level mixup of video, audio and labels with one lambda.
 """
 
@@ -215,6 +216,51 @@ def spec_augment(spectrogram: tf.Tensor, seed: tf.Tensor, *, freq_masks: int, fr
   if time_masks > 0:
     masked |= _band_mask(derive_seed(seed, 1), num_time, time_masks, time_width)[:, None]
   return tf.where(masked, tf.constant(mask_value, spectrogram.dtype), spectrogram)
+
+
+def spectrogram_stretch(spectrogram: tf.Tensor, seed: tf.Tensor, *, max_time: float,
+                        max_freq: float) -> tf.Tensor:
+  """Stretches a spectrogram by random factors along time and frequency, keeping its shape.
+
+  The time axis is resized by a factor uniform in [1 - max_time, 1 + max_time] (speed perturbation,
+  Ko et al. 2015) and placed at a random offset (cropped, or padded with the spectrogram's minimum,
+  i.e. silence); the mel axis by a factor uniform in [1 - max_freq, 1 + max_freq] anchored at the
+  lowest bin (a vocal tract length perturbation, Jaitly & Hinton 2013, applied on mel bins rather
+  than Hz: our design), cropped or padded at the top. Both make a few speakers look like many.
+
+  Args:
+    spectrogram: [time, n_mels] float32 with a static shape.
+    seed: [2] int64.
+    max_time: maximum relative change of duration, in [0, 1).
+    max_freq: maximum relative change of the mel axis, in [0, 1).
+
+  Returns:
+    [time, n_mels] float32.
+
+  Raises:
+    ValueError: a factor outside [0, 1) or a dynamic shape.
+  """
+  num_time, num_freq = spectrogram.shape
+  if num_time is None or num_freq is None:
+    raise ValueError(f'spectrogram_stretch needs a static shape, got {spectrogram.shape}.')
+  if not (0 <= max_time < 1 and 0 <= max_freq < 1):
+    raise ValueError(f'spectrogram_stretch factors must be in [0, 1), got time {max_time}, '
+                     f'frequency {max_freq}.')
+  factors = tf.random.stateless_uniform([2], derive_seed(seed, 0), minval=-1.0, maxval=1.0)
+  factors = 1.0 + factors * tf.constant([max_time, max_freq])
+  size = tf.cast(tf.round(factors * tf.constant([num_time, num_freq], tf.float32)), tf.int32)
+  resized = tf.image.resize(spectrogram[..., None], size, method='bilinear')[..., 0]
+  silence = tf.reduce_min(spectrogram)
+  resized = tf.pad(resized[:, :num_freq], [[0, 0], [0, tf.maximum(num_freq - size[1], 0)]],
+                   constant_values=silence)
+  # Time: the shorter of (stretched, original) sits at a random offset inside the longer.
+  slack = tf.abs(size[0] - num_time)
+  offset = _uniform_int(derive_seed(seed, 1), slack)
+  before = tf.where(size[0] < num_time, offset, 0)
+  resized = tf.pad(resized, [[before, tf.maximum(num_time - size[0], 0) - before], [0, 0]],
+                   constant_values=silence)
+  start = tf.where(size[0] > num_time, offset, 0)
+  return tf.ensure_shape(resized[start:start + num_time], [num_time, num_freq])
 
 
 def mixup(batch: Mapping[str, tf.Tensor], seed: tf.Tensor, alpha: float,

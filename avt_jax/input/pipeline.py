@@ -64,7 +64,7 @@ DEFAULT_INTERLEAVE_CYCLE_LENGTH = 16
 # Independent random streams folded into the (seed, process) seed.
 _FILE_ORDER_STREAM, _SHUFFLE_STREAM, _EXAMPLE_STREAM, _MIXUP_STREAM = range(4)
 # Per-example streams folded into the example seed.
-_TIME_STREAM, _CROP_STREAM, _FLIP_STREAM, _COLOR_STREAM, _SPEC_STREAM = range(5)
+_TIME_STREAM, _CROP_STREAM, _FLIP_STREAM, _COLOR_STREAM, _SPEC_STREAM, _STRETCH_STREAM = range(6)
 _EPOCH_LIMIT = 2**62
 
 Batch = dict[str, np.ndarray]
@@ -201,6 +201,8 @@ class _ClipDecoder:
     spec = cfg.spec_augment
     self.spec_augment = dict(freq_masks=int(spec.freq_masks), freq_width=int(spec.freq_width),
                              time_masks=int(spec.time_masks), time_width=int(spec.time_width))
+    self.spec_stretch = dict(max_time=float(cfg.spec_stretch.time),
+                             max_freq=float(cfg.spec_stretch.freq))
     self.eval_clips = int(cfg.eval_clips)
     self.eval_crops = int(cfg.eval_crops)
     if self.eval_clips < 1 or self.eval_crops not in (1, 3):
@@ -296,6 +298,9 @@ class _ClipDecoder:
       video = augment.flip(video, augment.derive_seed(seed, _FLIP_STREAM))
     video = augment.color_jitter(video, augment.derive_seed(seed, _COLOR_STREAM), self.color_jitter)
     audio = self._audio_window(clip, start)  # [A, M]
+    if self.spec_stretch['max_time'] or self.spec_stretch['max_freq']:
+      audio = augment.spectrogram_stretch(audio, augment.derive_seed(seed, _STRETCH_STREAM),
+                                          **self.spec_stretch)
     if self.spec_augment['freq_masks'] or self.spec_augment['time_masks']:
       audio = augment.spec_augment(audio, augment.derive_seed(seed, _SPEC_STREAM),
                                    **self.spec_augment)
