@@ -2,7 +2,7 @@
 
     apt-get install hedgewars-data          # the recorded voices (once)
     pip install -e '.[test]'                # scikit-learn for the linear probes
-    python -m avt_jax.learning_benchmark --variants=clean,hard --runs=av,video,audio
+    python -m avt_jax.learning_benchmark --variants=clean,complementary --runs=av,video,audio
 
 Builds (and caches) the VoiceDigits dataset (`avt_jax/prep/voice_digits.py`), fits the linear floors
 (scikit-learn logistic regression on simple features, the regularisation picked by 5-fold
@@ -206,7 +206,7 @@ def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--variants', default='clean,hard', help='VoiceDigits variants.')
+  parser.add_argument('--variants', default='clean,complementary', help='VoiceDigits variants.')
   parser.add_argument('--runs', default='av,video,audio', help=f'subset of {sorted(RUNS)}.')
   parser.add_argument('--workdir', default='/tmp/avt_learning_benchmark')
   parser.add_argument('--cache_dir', default=None, help='dataset cache (default ~/.cache/avt_jax).')

@@ -56,3 +56,15 @@ def test_audio_recipe_beats_the_linear_floor(data_dir, tmp_path):
   with open(workdir / 'results.json') as f:
     top1 = json.load(f)['eval']['top1']
   assert top1 > floor, (top1, floor)
+
+
+@pytest.mark.parametrize('num_classes', [4, 10])
+def test_complementary_classes_need_both_modalities(num_classes):
+  content = [voice_digits.class_content('complementary', num_classes, k) for k in range(num_classes)]
+  assert len(set(content)) == num_classes  # (digit, phrase) names the class
+  digits, phrases = zip(*content)
+  # Every digit and every phrase is shared by at least two classes: neither names the class alone.
+  assert min(digits.count(d) for d in digits) >= 2
+  assert min(phrases.count(p) for p in phrases) >= 2
+  assert voice_digits.class_names('complementary', 4) == ['0_oops', '1_oops', '0_nooo', '1_nooo']
+  assert voice_digits.class_names('clean', 2) == ['0_hello', '1_byebye']
