@@ -13,8 +13,8 @@ handwriting; only their placement in a clip is random.
 * Variants (`class_content`): `clean`, class `k` shows digit `k` while the voice says `PHRASES[k]`,
   so each modality alone can name the class; `complementary`, with `n` classes, class `k` shows digit
   `k mod n/2` while the voice says `COMPLEMENTARY_PHRASES[k div n/2]`: the picture names the digit
-  and the voice which half of the classes, so neither modality alone can exceed 50% and the class
-  needs both (its pictures and sounds are rendered exactly as in `clean`).
+  and the voice which half of the classes, so the picture alone can reach at most 50%, the voice 20%,
+  and the class needs both (its pictures and sounds are rendered exactly as in `clean`).
 
 Our design (see README "Learning on real media"); each clip depends only on (seed, variant, split,
 index). `ensure_voice_digits` writes 2 s H.264/AAC clips, a manifest and prepares them with the same
