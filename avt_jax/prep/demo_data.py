@@ -178,6 +178,25 @@ def _generate_clip(job: tuple[str, str, int, int]) -> tuple[dict[str, str], dict
   return {'path': relative, 'label': f'{colour}_{pitch}', 'split': split}, dataclasses.asdict(scene)
 
 
+def map_clips(render: Callable[[Any], Any], jobs: list, num_workers: int) -> list:
+  """`[render(job) for job in jobs]`, in `num_workers` spawned processes (0: in this process)."""
+  if num_workers == 0:
+    return list(map(render, jobs))
+  with concurrent.futures.ProcessPoolExecutor(
+      num_workers, mp_context=multiprocessing.get_context('spawn')) as executor:
+    return list(executor.map(render, jobs, chunksize=8))
+
+
+def write_manifest(folder: str, rows: list[dict[str, str]]) -> str:
+  """Writes `rows` (path, label, split) as `folder/manifest.csv`; returns its path."""
+  manifest = os.path.join(folder, 'manifest.csv')
+  with open(manifest, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=['path', 'label', 'split'])
+    writer.writeheader()
+    writer.writerows(rows)
+  return manifest
+
+
 def write_demo_videos(folder: str, per_class: Mapping[str, int], seed: int = 0,
                       num_workers: int | None = None) -> str:
   """Writes the demo videos, `manifest.csv` and `scenes.json` into `folder`.
@@ -194,18 +213,8 @@ def write_demo_videos(folder: str, per_class: Mapping[str, int], seed: int = 0,
   os.makedirs(os.path.join(folder, 'videos'), exist_ok=True)
   jobs = [(folder, split, index, seed) for split, count in per_class.items()
           for index in range(count * len(CLASS_NAMES))]
-  num_workers = os.cpu_count() if num_workers is None else num_workers
-  if num_workers == 0:
-    generated = list(map(_generate_clip, jobs))
-  else:
-    with concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context('spawn')) as executor:
-      generated = list(executor.map(_generate_clip, jobs, chunksize=8))
-  manifest = os.path.join(folder, 'manifest.csv')
-  with open(manifest, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=['path', 'label', 'split'])
-    writer.writeheader()
-    writer.writerows(row for row, _ in generated)
+  generated = map_clips(_generate_clip, jobs, os.cpu_count() if num_workers is None else num_workers)
+  manifest = write_manifest(folder, [row for row, _ in generated])
   with open(os.path.join(folder, 'scenes.json'), 'w') as f:
     json.dump({row['path']: scene for row, scene in generated}, f)
   return manifest

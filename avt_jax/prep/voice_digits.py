@@ -21,10 +21,8 @@ index). `ensure_voice_digits` writes 2 s H.264/AAC clips, a manifest and prepare
 code as users' own videos (`--dataset=manifest`), cached like the demo data.
 """
 
-import concurrent.futures
 import csv
 import json
-import multiprocessing
 import os
 import sys
 import zlib
@@ -182,18 +180,7 @@ def write_videos(folder: str, variant: str, num_classes: int, repeats: dict[str,
                     num_classes, repeats, seed)
   os.makedirs(os.path.join(folder, 'videos'), exist_ok=True)
   jobs = [(folder, variant, split, i, seed, k, rec, img) for i, (split, k, rec, img) in enumerate(plan)]
-  if num_workers == 0:
-    rows = list(map(_write_clip, jobs))
-  else:
-    with concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context('spawn')) as executor:
-      rows = list(executor.map(_write_clip, jobs, chunksize=8))
-  manifest = os.path.join(folder, 'manifest.csv')
-  with open(manifest, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=['path', 'label', 'split'])
-    writer.writeheader()
-    writer.writerows(rows)
-  return manifest
+  return demo_data.write_manifest(folder, demo_data.map_clips(_write_clip, jobs, num_workers))
 
 
 def _prepare(manifest: str, names: list[str], videos: str, output: str, num_workers: int,
@@ -281,13 +268,8 @@ def labelled_subset(prepared: str, fraction: float, *, num_workers: int | None =
     num_workers = min(os.cpu_count() or 1, demo_data.MAX_WORKERS)
 
   def build(building: str) -> None:
-    manifest = os.path.join(building, 'manifest.csv')
     os.makedirs(building)
-    with open(manifest, 'w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=['path', 'label', 'split'])
-      writer.writeheader()
-      writer.writerows(keep)
-    _prepare(manifest, names, folder, building, num_workers, progress)
+    _prepare(demo_data.write_manifest(building, keep), names, folder, building, num_workers, progress)
 
   demo_data.build_once(subset, build, {'version': VERSION, 'fraction': fraction})
   return subset
