@@ -1,6 +1,7 @@
 """The training loop: resume, train with progress logging and checkpoints, then evaluate."""
 
 import contextlib
+import json
 import time
 from typing import Any, Callable, Iterator
 
@@ -46,6 +47,37 @@ class ProgressLog:
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` (an evaluation) out of the steps/s and ETA of the next report."""
     self.last_time += seconds
+
+
+CONFIG_FILE = 'config.json'  # in the workdir: the run's config (what `load_run` rebuilds)
+STATS_FILE = 'stats.json'  # in the workdir: the training data's stats.json (label names, decoding)
+
+
+def save_run(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> None:
+  """Writes `<workdir>/config.json` (the config as JSON) and a copy of the data's `stats.json`
+  (class names, frame rate, frame size, mel bins, log-mel normalisation): what `load_run` needs to use
+  the model on new videos without the training data (`avt_jax.predict`, `avt_jax.export`)."""
+  workdir = epath.Path(workdir)
+  (workdir / CONFIG_FILE).write_text(json.dumps(checkpointing.config_snapshot(config), indent=2))
+  (workdir / STATS_FILE).write_text(json.dumps(input_lib.load_stats(data_dir), indent=2))
+
+
+def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """(config, dataset stats) saved by `save_run` in `workdir`.
+
+  Raises:
+    FileNotFoundError: naming the missing file (workdirs of runs that predate `save_run` lack them:
+      write the config with `checkpointing.config_snapshot` and copy the records' stats.json).
+  """
+  loaded = []
+  for name in (CONFIG_FILE, STATS_FILE):
+    path = epath.Path(workdir) / name
+    if not path.exists():
+      raise FileNotFoundError(f'{path} not found: training writes it into the workdir (runs that '
+                              'predate this: the config as JSON, and a copy of the records\' '
+                              'stats.json).')
+    loaded.append(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(loaded[0]), loaded[1]
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
@@ -169,6 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
   state_shardings = sharding.tree_shardings(abstract, mesh)
+  if jax.process_index() == 0:
+    save_run(config, workdir, data_dir)
   # Leaving the `with` (also through an error) waits for checkpoint writes in flight.
   with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                   save_every=config.train.checkpoint_every) as ckpt, \
