@@ -92,7 +92,7 @@ class Predictor:
   def __init__(self, workdir: str, checkpoint: str = 'latest'):
     self.config, self.stats = train.load_run(workdir)
     self.model = build_model(self.config)
-    self.params = _restore(self.config, workdir, checkpoint)
+    self.params = restore(self.config, workdir, checkpoint)
     self.heads = tuple(self.config.data.label_heads)
     self.label_names = {head: self.stats.get('label_names', {}).get(
         head, [str(i) for i in range(int(self.config.data.num_classes[head]))]) for head in self.heads}
@@ -167,7 +167,8 @@ class Predictor:
             'seconds': round(decoded.seconds, 3), 'top_k': best}
 
 
-def _restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str):
+def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str):
+  """Parameters of `workdir`'s checkpoint `checkpoint` ('latest', 'best' or a step number)."""
   if checkpoint in ('latest', 'best'):
     return train.restore_params(config, workdir, checkpoint=checkpoint)
   if not checkpoint.isdigit():

@@ -11,7 +11,7 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from avt_jax import checkpointing, evaluate, input as input_lib, pretrained, sharding
+from avt_jax import checkpointing, evaluate, input as input_lib, pictures, pretrained, sharding
 from avt_jax.models.build import objectives as config_objectives
 from avt_jax.train_step import check_finite, make_train_step, setup
 
@@ -162,15 +162,39 @@ def _with_best_params(state, best: checkpointing.BestCheckpointer, abstract, sta
   return state.replace(params=params), meta['step']
 
 
-def _evaluate_during_training(step: int, params, evaluator: Callable[[Any], dict[str, float]],
+Evaluator = Callable[[Any], tuple[dict[str, float], dict[str, np.ndarray]]]
+
+
+def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str) -> Evaluator:
+  """Returns evaluator(params) -> (metrics on `data.eval_split`, TensorBoard images).
+
+  The images are `avt_jax.pictures`' (written by process 0; none with `train.eval_pictures` off).
+  """
+  split = config.data.eval_split
+  score = evaluate.make_video_scorer(config, model, mesh, data_dir, split)
+  kind = evaluate.metric_kind(config)
+  draw = None
+  if config.train.eval_pictures and jax.process_index() == 0:
+    draw = pictures.make_eval_pictures(config, model, data_dir, split,
+                                       input_lib.load_stats(data_dir).get('label_names'))
+
+  def run(params):
+    videos = score(params)
+    return videos.result(kind), draw(params, videos) if draw else {}
+
+  return run
+
+
+def _evaluate_during_training(step: int, params, evaluator: Evaluator,
                               best: checkpointing.BestCheckpointer,
                               writer: metric_writers.MetricWriter, progress: ProgressLog
                               ) -> tuple[dict[str, float], float]:
   """Evaluates `params`, logs `eval/<metric>` at `step`, keeps them if best; returns the metrics
   and the seconds it took (left out of the progress log's steps/s)."""
   t0 = time.time()
-  results = evaluator(params)
+  results, images = evaluator(params)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()})
+  writer.write_images(step, images)
   new = best.update(step, params, results)
   seconds = time.time() - t0
   progress.exclude(seconds)
@@ -230,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     start = int(state.step)
     summary = {'train': {}, 'steps': start, 'train_seconds': 0.0, 'eval_seconds': 0.0,
                **pretrained.saved_report(workdir)}
-    evaluator = evaluate.make_evaluator(config, model, mesh, data_dir, config.data.eval_split)
+    evaluator = make_evaluator(config, model, mesh, data_dir)
     if config.train.eval_only and config.train.eval_checkpoint == 'best':
       state, summary['steps'] = _with_best_params(state, best, abstract, state_shardings)
     last_eval = None
@@ -244,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       last_eval = summary['train'].pop('last_eval')
       summary['steps'] = int(state.step)
     reused = last_eval is not None and last_eval[0] == summary['steps']
+    images = {}
     if reused:  # the loop has just evaluated (and logged) the last step
       summary['eval'] = last_eval[1]
     elif 'classification' not in config_objectives(config):  # self-supervised only: no classifier
@@ -251,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
             'classifier to evaluate; fine-tune from this workdir with config.init.', flush=True)
       summary['eval'], reused = {}, True
     else:
-      summary['eval'] = evaluator(state.params)
+      summary['eval'], images = evaluator(state.params)
       if best is not None and not config.train.eval_only:
         best.update(summary['steps'], state.params, summary['eval'])
     if best is not None and best.summary() is not None:
@@ -259,6 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   if jax.process_index() == 0 and not reused:
     writer = metric_writers.SummaryWriter(workdir)
     writer.write_scalars(summary['steps'], {f'eval/{k}': v for k, v in summary['eval'].items()})
+    writer.write_images(summary['steps'], images)
     writer.close()
   return summary
 
@@ -277,7 +303,7 @@ def _start_from_pretrained(init_from, state, state_shardings, tx, workdir: str):
 
 def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt, data_dir, workdir,
                 start: int, resumed_meta: dict, *,
-                evaluator: Callable[[Any], dict[str, float]] | None = None,
+                evaluator: Evaluator | None = None,
                 best: checkpointing.BestCheckpointer | None = None) -> dict[str, Any]:
   """Trains from step `start` to `train.steps`; with `train.eval_every` > 0 evaluates every that
   many steps and at the last one (`evaluator`), and saves improvements to `best`.

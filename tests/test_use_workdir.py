@@ -1,5 +1,5 @@
-"""`python -m avt_jax.predict`: the same inputs as the records path, the same scores as `evaluate`,
-named outcomes for bad files."""
+"""Using a trained workdir: `python -m avt_jax.predict` (the same inputs as the records path, the same
+scores as `evaluate`, named outcomes for bad files) and the evaluation pictures in TensorBoard."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from clu import metric_writers
 import tensorflow as tf
 
 from avt_jax import checkpointing, evaluate, input as input_lib, predict, prepare, records, sharding, train
@@ -124,3 +125,24 @@ def test_bad_workdir_or_checkpoint_is_one_line_naming_it(setting, tmp_path, caps
   assert f'{tmp_path / "config.json"} not found' in capsys.readouterr().err
   assert predict.main(['--workdir', setting['workdir'], '--checkpoint=newest', 'x.mp4']) == 2
   assert "--checkpoint: expected 'latest', 'best' or a step number, got 'newest'" in capsys.readouterr().err
+
+
+def test_evaluation_writes_pictures_to_tensorboard(setting, tmp_path):
+  """Evaluation as training runs it (`train.make_evaluator`): metrics, and pictures in the events."""
+  config = setting['config']
+  mesh = sharding.make_mesh(config.mesh)
+  evaluator = train.make_evaluator(config, build_model(config), mesh, setting['data_dir'])
+  results, images = evaluator(setting['predictor'].params)
+  assert results['num_videos'] == 9
+  writer = metric_writers.SummaryWriter(str(tmp_path))
+  writer.write_images(5, images)
+  writer.close()
+  written = {}
+  for path in tf.io.gfile.glob(str(tmp_path / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        written[value.tag] = tf.io.decode_png(tf.make_ndarray(value.tensor)[-1]).shape
+  assert set(written) == {'eval_pictures/confusion/class', 'eval_pictures/per_class_accuracy/class',
+                          *(f'eval_pictures/attention/clip_{i}' for i in range(3))}
+  assert all(shape[2] == 3 and shape[0] > 100 for shape in written.values())
+
