@@ -3,6 +3,8 @@ scores as `evaluate`, named outcomes for bad files) and the evaluation pictures 
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,13 +12,16 @@ import pytest
 from clu import metric_writers
 import tensorflow as tf
 
-from avt_jax import checkpointing, evaluate, input as input_lib, predict, prepare, records, sharding, train
+from avt_jax import (checkpointing, evaluate, export, input as input_lib, predict, prepare, records,
+                     sharding, train)
 from avt_jax.models import build_model
-from avt_jax.prep import demo_data
+from avt_jax.prep import demo_data, logmel, media
 from avt_jax.train_step import setup
 from conftest import random_params, tiny_config
 
 CLIP = 'videos/test_00004.mp4'  # green_mid
+LOG_MEL_TOLERANCE = 1e-3  # TensorFlow's float32 FFT against librosa's, log units (measured <= 2.3e-4)
+EXPORT_TOLERANCE = 1e-6  # SavedModel against the JAX model, probabilities (measured 3.3e-8)
 
 
 def predict_config():
@@ -125,6 +130,9 @@ def test_bad_workdir_or_checkpoint_is_one_line_naming_it(setting, tmp_path, caps
   assert f'{tmp_path / "config.json"} not found' in capsys.readouterr().err
   assert predict.main(['--workdir', setting['workdir'], '--checkpoint=newest', 'x.mp4']) == 2
   assert "--checkpoint: expected 'latest', 'best' or a step number, got 'newest'" in capsys.readouterr().err
+  assert export.main(['--workdir', setting['workdir'], f'--output={tmp_path}', '--platforms=gpu']) == 2
+  assert "--platforms: expected a non-empty subset of ('cpu', 'cuda', 'tpu'), got ['gpu']" in \
+      capsys.readouterr().err
 
 
 def test_evaluation_writes_pictures_to_tensorboard(setting, tmp_path):
@@ -146,3 +154,58 @@ def test_evaluation_writes_pictures_to_tensorboard(setting, tmp_path):
                           *(f'eval_pictures/attention/clip_{i}' for i in range(3))}
   assert all(shape[2] == 3 and shape[0] > 100 for shape in written.values())
 
+
+SERVE = """
+import sys
+import numpy as np
+import tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+data = np.load(sys.argv[2])
+out = model.signatures['serving_default'](frames=tf.constant(data['frames']),
+                                          waveform=tf.constant(data['waveform']))
+names = model.signatures['labels']()['class'].numpy().astype(str)
+np.savez(sys.argv[3], probabilities=out['class'].numpy(), names=names)
+assert not any(name.split('.')[0] in ('avt_jax', 'flax') for name in sys.modules)  # TF imports jax
+"""
+
+
+def raw_clip(path, fps):
+  """uint8 [T, H, W, 3] frames at `fps` and the 16 kHz waveform of a video, decoded by PyAV."""
+  decoded = media.decode_clip(path, None, None, fps, demo_data.FRAME_SIZE)
+  frames = np.stack([tf.io.decode_jpeg(jpeg).numpy() for jpeg in decoded.jpeg_frames])
+  return frames, decoded.waveform
+
+
+def test_log_mel_in_tensorflow_matches_librosa(setting):
+  _, waveform = raw_clip(os.path.join(setting['videos'], CLIP), demo_data.PREPARED_FPS)
+  time = np.arange(32000) / 16000
+  tone = 0.5 * np.sin(2 * np.pi * 1000 * time) + 1e-3 * np.random.default_rng(0).normal(size=time.size)
+  for audio in (waveform, tone.astype(np.float32), waveform[:16017]):  # measured: 1.4e-5, 2.3e-4
+    expected = logmel.log_mel(audio, n_mels=64)
+    actual = export.tf_log_mel(tf.constant(audio), 64).numpy()
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, atol=LOG_MEL_TOLERANCE, rtol=0)
+
+
+def test_saved_model_serves_with_plain_tensorflow_like_the_jax_model(setting, tmp_path):
+  config, stats = train.load_run(setting['workdir'])
+  assert export.main([f'--workdir={setting["workdir"]}', f'--output={tmp_path / "saved"}',
+                      '--platforms=cpu']) == 0
+  frames, waveform = raw_clip(os.path.join(setting['videos'], CLIP), stats['fps'])
+  np.savez(tmp_path / 'inputs.npz', frames=frames, waveform=waveform)
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  result = subprocess.run([sys.executable, '-c', SERVE, str(tmp_path / 'saved'), str(tmp_path / 'inputs.npz'),
+                           str(tmp_path / 'out.npz')], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  served = np.load(tmp_path / 'out.npz')
+  assert list(served['names']) == stats['label_names']['class']
+
+  # The JAX model on the same frames and librosa's log-mel, cut into views by the input pipeline.
+  decoder = input_lib.pipeline.ClipDecoder(config, stats)
+  views = decoder.views(lambda ids: tf.gather(frames, ids), frames.shape[0], frames.shape[1:3],
+                        {'logmel': logmel.log_mel(waveform, n_mels=stats['n_mels']),
+                         'fps': stats['fps'], 'audio_fps': 100.0})
+  inputs = {k: v.numpy() for k, v in views.items()}
+  expected = setting['predictor'].probabilities({**inputs, 'mask': np.ones(6, np.float32)})['class']
+  np.testing.assert_allclose(served['probabilities'], expected, atol=EXPORT_TOLERANCE, rtol=0)

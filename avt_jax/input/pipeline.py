@@ -164,7 +164,8 @@ class ClipDecoder:
   `stats_path` when they disagree). `views` also serves inputs that are not records (`avt_jax.export`).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, stats: dict[str, Any], stats_path: str):
+  def __init__(self, config: ml_collections.ConfigDict, stats: dict[str, Any],
+               stats_path: str = STATS_FILE):
     cfg = config.input
     for field in ('num_frames', 'frame_stride', 'image_size', 'min_resize', 'audio_frames',
                   'n_mels', 'shuffle_buffer'):
