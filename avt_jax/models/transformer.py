@@ -228,8 +228,8 @@ class MultiHeadSelfAttention(nn.Module):
 
   Parameter names and shapes follow flax's MultiHeadDotProductAttention (`query`, `key`, `value`,
   `out`), so ViT checkpoints load unchanged. When the `attention` collection is mutable (e.g.
-  `apply(..., mutable=['attention'])`, see `AVT.attention_maps`), the attention weights are also sown
-  there as `weights` [batch, heads, queries, keys]; otherwise they are never formed separately.
+  `apply(..., mutable=['attention'])`, see `AVT.attention_maps`; not at init), the attention weights
+  are also sown there as `weights` [batch, heads, queries, keys]; otherwise they are never formed.
   """
   num_heads: int
   dtype: jnp.dtype = jnp.float32
@@ -246,7 +246,8 @@ class MultiHeadSelfAttention(nn.Module):
     dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
                                          kernel_init=nn.initializers.xavier_uniform(), name=name)
     q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)  # [batch, tokens, heads, head_dim]
-    if self.is_mutable_collection(ATTENTION_COLLECTION):  # only when asked for: costs tokens^2 memory
+    # Only when asked for (init makes every collection mutable): costs tokens^2 memory.
+    if self.is_mutable_collection(ATTENTION_COLLECTION) and not self.is_initializing():
       self.sow(ATTENTION_COLLECTION, 'weights', attention_weights(q, k))
     y = dot_product_attention(q, k, v, self.implementation, self.chunk_size)
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
