@@ -35,7 +35,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
 import librosa  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
@@ -86,7 +85,8 @@ class ServingModule(tf.Module):
     config, stats = train.load_run(workdir)
     config.model.attention_implementation = 'xla'  # lowers for every platform; same parameters
     model = build_model(config)
-    self.params = tf.nest.map_structure(tf.Variable, jax.device_get(restore(config, workdir, checkpoint)))
+    params = jax.device_get(restore(config, workdir, checkpoint))
+    self.params = tf.nest.map_structure(tf.Variable, params)
     self._multi_label = bool(config.data.multi_label)
     self._modalities = tuple(config.model.modalities)
     self._decoder = pipeline.ClipDecoder(config, stats, os.path.join(workdir, train.STATS_FILE))
@@ -99,7 +99,8 @@ class ServingModule(tf.Module):
     self._label_names = {head: names.get(head) or [str(i) for i in range(config.data.num_classes[head])]
                          for head in heads}
 
-  @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name='frames'),
+  @tf.function(autograph=False,  # the jax2tf call inside is not Python control flow to convert
+               input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name='frames'),
                                 tf.TensorSpec([None], tf.float32, name='waveform')])
   def serve(self, frames: tf.Tensor, waveform: tf.Tensor) -> dict[str, tf.Tensor]:
     """uint8 [T, H, W, 3] frames and float32 [samples] 16 kHz audio -> head -> [C] probabilities."""

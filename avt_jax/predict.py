@@ -44,8 +44,6 @@ from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.prep import annotations, media, shards  # noqa: E402
 
-SILENCE_NOTE = 'audio is digital silence'
-
 
 def video_files(paths: Sequence[str]) -> list[str]:
   """The files named in `paths`, and the video files (by extension) under the folders, sorted per
@@ -125,7 +123,7 @@ class Predictor:
       notes.append(f'{seconds:.2f} s is shorter than the {self.view_seconds:.2f} s a view covers; '
                    'padded as in evaluation')
     for note in decoded.degraded:
-      issue = 'silent_audio' if note == SILENCE_NOTE else 'damaged'
+      issue = 'silent_audio' if note == media.SILENCE_NOTE else 'damaged'
       if issue not in issues:
         issues.append(issue)
       notes.append(note)
@@ -222,19 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     sys.stderr.write(f'predict: error: {e}\n')
     return 2
-  output = open(args.output, 'w', encoding='utf-8') if args.output else None  # pylint: disable=consider-using-with
   counts = {'ok': 0, 'degraded': 0, 'failed': 0}
   print(f'{"status":<9} {"prediction":<32} file', flush=True)
-  try:
+  with open(args.output or os.devnull, 'w', encoding='utf-8') as output:
     for outcome in predict_files(predictor, args.paths, args.top_k):
       counts[outcome['status']] += 1
       print(table_row(outcome), flush=True)
-      if output:
-        output.write(json.dumps(outcome) + '\n')
-        output.flush()
-  finally:
-    if output:
-      output.close()
+      output.write(json.dumps(outcome) + '\n')
+      output.flush()
   print(f'{sum(counts.values())} files: ' + ', '.join(f'{n} {status}' for status, n in counts.items()),
         flush=True)
   return 0

@@ -129,7 +129,8 @@ def test_bad_workdir_or_checkpoint_is_one_line_naming_it(setting, tmp_path, caps
   assert predict.main(['--workdir', str(tmp_path), 'x.mp4']) == 2
   assert f'{tmp_path / "config.json"} not found' in capsys.readouterr().err
   assert predict.main(['--workdir', setting['workdir'], '--checkpoint=newest', 'x.mp4']) == 2
-  assert "--checkpoint: expected 'latest', 'best' or a step number, got 'newest'" in capsys.readouterr().err
+  assert ("--checkpoint: expected 'latest', 'best' or a step number, got 'newest'"
+          in capsys.readouterr().err)
   assert export.main(['--workdir', setting['workdir'], f'--output={tmp_path}', '--platforms=gpu']) == 2
   assert "--platforms: expected a non-empty subset of ('cpu', 'cuda', 'tpu'), got ['gpu']" in \
       capsys.readouterr().err
@@ -194,9 +195,9 @@ def test_saved_model_serves_with_plain_tensorflow_like_the_jax_model(setting, tm
   frames, waveform = raw_clip(os.path.join(setting['videos'], CLIP), stats['fps'])
   np.savez(tmp_path / 'inputs.npz', frames=frames, waveform=waveform)
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  result = subprocess.run([sys.executable, '-c', SERVE, str(tmp_path / 'saved'), str(tmp_path / 'inputs.npz'),
-                           str(tmp_path / 'out.npz')], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run(
+      [sys.executable, '-c', SERVE, *(str(tmp_path / name) for name in ('saved', 'inputs.npz', 'out.npz'))],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   served = np.load(tmp_path / 'out.npz')
   assert list(served['names']) == stats['label_names']['class']
