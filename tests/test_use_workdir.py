@@ -131,6 +131,8 @@ def test_bad_workdir_or_checkpoint_is_one_line_naming_it(setting, tmp_path, caps
   assert predict.main(['--workdir', setting['workdir'], '--checkpoint=newest', 'x.mp4']) == 2
   assert ("--checkpoint: expected 'latest', 'best' or a step number, got 'newest'"
           in capsys.readouterr().err)
+  assert predict.main(['--workdir', setting['workdir'], '--checkpoint=7', 'x.mp4']) == 2
+  assert 'No checkpoint for step 7' in capsys.readouterr().err
   assert export.main(['--workdir', setting['workdir'], f'--output={tmp_path}', '--platforms=gpu']) == 2
   assert "--platforms: expected a non-empty subset of ('cpu', 'cuda', 'tpu'), got ['gpu']" in \
       capsys.readouterr().err
