@@ -123,6 +123,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.best_metric = ''
   c.train.best_mode = ''
   c.train.eval_checkpoint = 'latest'  # what eval_only evaluates: 'latest' or 'best'
+  # TensorBoard pictures at every evaluation (avt_jax/pictures.py): confusion matrix, per-class
+  # accuracy, bottleneck attention maps of a few clips.
+  c.train.eval_pictures = True
 
   # Pretrained initialisation (avt_jax/pretrained, README "Start from pretrained weights"). Applied
   # after the random init of a run without checkpoints in its workdir; a resumed run ignores it.

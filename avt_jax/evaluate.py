@@ -36,11 +36,19 @@ def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str
   Training evaluates every `train.eval_every` steps; a fresh `jax.jit` per call would compile the
   model again each time.
   """
+  score = make_video_scorer(config, model, mesh, data_dir, split)
+  kind = metric_kind(config)
+  return lambda params: score(params).result(kind)
+
+
+def make_video_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: str, split: str
+                      ) -> Callable[[Any], metrics.MultiViewAccumulator]:
+  """Returns score(params) -> the accumulator holding every video's view-averaged logits and labels
+  (`MultiViewAccumulator.videos`; on several hosts, of all hosts), compiling the eval step once."""
   modalities = tuple(config.model.modalities)
   step = jax.jit(make_eval_step(model, modalities), in_shardings=(None, sharding.batch_sharding(mesh)))
-  kind = metric_kind(config)
 
-  def run(params: Any) -> dict[str, float]:
+  def run(params: Any) -> metrics.MultiViewAccumulator:
     accumulator = metrics.MultiViewAccumulator()
     views = input_lib.make_eval_iterator(config, data_dir, split)
     nproc, pid = jax.process_count(), jax.process_index()
@@ -65,7 +73,7 @@ def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str
       else:
         logits = jax.device_get(logits)
       accumulator.add(logits, *local)
-    return accumulator.result(kind)
+    return accumulator
 
   return run
 

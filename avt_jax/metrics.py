@@ -266,12 +266,8 @@ class MultiViewAccumulator:
     """
     if kind not in KINDS:
       raise ValueError(f'kind: expected one of {KINDS}, got {kind!r}.')
-    if not self._slot_of_video:
-      raise ValueError('MultiViewAccumulator: no (unmasked) views were added.')
+    _, mean_logits, labels = self.videos()
     count = self.num_videos
-    mean_logits = {h: s[:count] / self._view_counts[:count, None]
-                   for h, s in self._logit_sums.items()}  # head -> [videos, C]
-    labels = {h: l[:count] for h, l in self._labels.items()}
     if kind == 'multi_head':
       if set(mean_logits) != {'verb', 'noun'}:
         raise ValueError("kind 'multi_head': expected heads 'verb' and 'noun', "
@@ -295,6 +291,24 @@ class MultiViewAccumulator:
         results = {'mAP': mean_average_precision(head_logits, labels[head])}
     results['num_videos'] = count
     return results
+
+  def videos(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The videos seen so far in the order they were first added.
+
+    Returns:
+      (index [videos] as given to `add`, head -> [videos, C] view-averaged logits, head -> [videos, C]
+      labels).
+
+    Raises:
+      ValueError: no (unmasked) view was added.
+    """
+    if not self._slot_of_video:
+      raise ValueError('MultiViewAccumulator: no (unmasked) views were added.')
+    count = self.num_videos
+    index = np.zeros(count, np.int64)
+    index[list(self._slot_of_video.values())] = list(self._slot_of_video)
+    mean_logits = {h: s[:count] / self._view_counts[:count, None] for h, s in self._logit_sums.items()}
+    return index, mean_logits, {h: l[:count] for h, l in self._labels.items()}
 
   def _check_heads(self, logits: Mapping[str, np.ndarray],
                    labels: Mapping[str, np.ndarray], batch: int) -> None:

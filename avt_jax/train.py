@@ -1,6 +1,7 @@
 """The training loop: resume, train with progress logging and checkpoints, then evaluate."""
 
 import contextlib
+import json
 import time
 from typing import Any, Callable, Iterator
 
@@ -10,7 +11,7 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from avt_jax import checkpointing, evaluate, input as input_lib, pretrained, sharding
+from avt_jax import checkpointing, evaluate, input as input_lib, pictures, pretrained, sharding
 from avt_jax.models.build import objectives as config_objectives
 from avt_jax.train_step import check_finite, make_train_step, setup
 
@@ -46,6 +47,37 @@ class ProgressLog:
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` (an evaluation) out of the steps/s and ETA of the next report."""
     self.last_time += seconds
+
+
+CONFIG_FILE = 'config.json'  # in the workdir: the run's config (what `load_run` rebuilds)
+STATS_FILE = 'stats.json'  # in the workdir: the training data's stats.json (label names, decoding)
+
+
+def save_run(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> None:
+  """Writes `<workdir>/config.json` (the config as JSON) and a copy of the data's `stats.json`
+  (class names, frame rate, frame size, mel bins, log-mel normalisation): what `load_run` needs to use
+  the model on new videos without the training data (`avt_jax.predict`, `avt_jax.export`)."""
+  workdir = epath.Path(workdir)
+  (workdir / CONFIG_FILE).write_text(json.dumps(checkpointing.config_snapshot(config), indent=2))
+  (workdir / STATS_FILE).write_text(json.dumps(input_lib.load_stats(data_dir), indent=2))
+
+
+def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """(config, dataset stats) saved by `save_run` in `workdir`.
+
+  Raises:
+    FileNotFoundError: naming the missing file (workdirs of runs that predate `save_run` lack them:
+      write the config with `checkpointing.config_snapshot` and copy the records' stats.json).
+  """
+  loaded = []
+  for name in (CONFIG_FILE, STATS_FILE):
+    path = epath.Path(workdir) / name
+    if not path.exists():
+      raise FileNotFoundError(f'{path} not found: training writes it into the workdir (runs that '
+                              'predate this: the config as JSON, and a copy of the records\' '
+                              'stats.json).')
+    loaded.append(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(loaded[0]), loaded[1]
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
@@ -130,15 +162,39 @@ def _with_best_params(state, best: checkpointing.BestCheckpointer, abstract, sta
   return state.replace(params=params), meta['step']
 
 
-def _evaluate_during_training(step: int, params, evaluator: Callable[[Any], dict[str, float]],
+Evaluator = Callable[[Any], tuple[dict[str, float], dict[str, np.ndarray]]]
+
+
+def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str) -> Evaluator:
+  """Returns evaluator(params) -> (metrics on `data.eval_split`, TensorBoard images).
+
+  The images are `avt_jax.pictures`' (written by process 0; none with `train.eval_pictures` off).
+  """
+  split = config.data.eval_split
+  score = evaluate.make_video_scorer(config, model, mesh, data_dir, split)
+  kind = evaluate.metric_kind(config)
+  draw = None
+  if config.train.eval_pictures and jax.process_index() == 0:
+    draw = pictures.make_eval_pictures(config, model, data_dir, split,
+                                       input_lib.load_stats(data_dir).get('label_names'))
+
+  def run(params):
+    videos = score(params)
+    return videos.result(kind), draw(params, videos) if draw else {}
+
+  return run
+
+
+def _evaluate_during_training(step: int, params, evaluator: Evaluator,
                               best: checkpointing.BestCheckpointer,
                               writer: metric_writers.MetricWriter, progress: ProgressLog
                               ) -> tuple[dict[str, float], float]:
   """Evaluates `params`, logs `eval/<metric>` at `step`, keeps them if best; returns the metrics
   and the seconds it took (left out of the progress log's steps/s)."""
   t0 = time.time()
-  results = evaluator(params)
+  results, images = evaluator(params)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()})
+  writer.write_images(step, images)
   new = best.update(step, params, results)
   seconds = time.time() - t0
   progress.exclude(seconds)
@@ -169,6 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
   state_shardings = sharding.tree_shardings(abstract, mesh)
+  if jax.process_index() == 0:
+    save_run(config, workdir, data_dir)
   # Leaving the `with` (also through an error) waits for checkpoint writes in flight.
   with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                   save_every=config.train.checkpoint_every) as ckpt, \
@@ -196,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     start = int(state.step)
     summary = {'train': {}, 'steps': start, 'train_seconds': 0.0, 'eval_seconds': 0.0,
                **pretrained.saved_report(workdir)}
-    evaluator = evaluate.make_evaluator(config, model, mesh, data_dir, config.data.eval_split)
+    evaluator = make_evaluator(config, model, mesh, data_dir)
     if config.train.eval_only and config.train.eval_checkpoint == 'best':
       state, summary['steps'] = _with_best_params(state, best, abstract, state_shardings)
     last_eval = None
@@ -210,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       last_eval = summary['train'].pop('last_eval')
       summary['steps'] = int(state.step)
     reused = last_eval is not None and last_eval[0] == summary['steps']
+    images = {}
     if reused:  # the loop has just evaluated (and logged) the last step
       summary['eval'] = last_eval[1]
     elif 'classification' not in config_objectives(config):  # self-supervised only: no classifier
@@ -217,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
             'classifier to evaluate; fine-tune from this workdir with config.init.', flush=True)
       summary['eval'], reused = {}, True
     else:
-      summary['eval'] = evaluator(state.params)
+      summary['eval'], images = evaluator(state.params)
       if best is not None and not config.train.eval_only:
         best.update(summary['steps'], state.params, summary['eval'])
     if best is not None and best.summary() is not None:
@@ -225,6 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   if jax.process_index() == 0 and not reused:
     writer = metric_writers.SummaryWriter(workdir)
     writer.write_scalars(summary['steps'], {f'eval/{k}': v for k, v in summary['eval'].items()})
+    writer.write_images(summary['steps'], images)
     writer.close()
   return summary
 
@@ -243,7 +303,7 @@ def _start_from_pretrained(init_from, state, state_shardings, tx, workdir: str):
 
 def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt, data_dir, workdir,
                 start: int, resumed_meta: dict, *,
-                evaluator: Callable[[Any], dict[str, float]] | None = None,
+                evaluator: Evaluator | None = None,
                 best: checkpointing.BestCheckpointer | None = None) -> dict[str, Any]:
   """Trains from step `start` to `train.steps`; with `train.eval_every` > 0 evaluates every that
   many steps and at the last one (`evaluator`), and saves improvements to `best`.

@@ -97,7 +97,7 @@ def test_sigkill_then_resume_matches_uninterrupted(data_dir, straight_run, tmp_p
   assert results['steps'] == 8 and results['eval']['num_videos'] == 9
 
 
-def test_tensorboard_events_hold_every_objective_and_progress(straight_run):
+def test_tensorboard_events_hold_every_objective_progress_and_pictures(straight_run):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tags = set()
   for path in tf.io.gfile.glob(str(straight_run / 'events.out.tfevents.*')):
@@ -107,6 +107,8 @@ def test_tensorboard_events_hold_every_objective_and_progress(straight_run):
                 'masked_audio_segment')  # all six are on in configs/demo.py
   assert {f'loss/{o}' for o in objectives} <= tags
   assert {'loss', 'learning_rate', 'grad_norm', 'steps_per_sec', 'eta_seconds', 'eval/top1'} <= tags
+  assert {'eval_pictures/confusion/class', 'eval_pictures/per_class_accuracy/class',
+          'eval_pictures/attention/clip_0'} <= tags
 
 
 def test_non_finite_loss_stops_naming_objective_and_keeps_good_checkpoints(data_dir, tmp_path):

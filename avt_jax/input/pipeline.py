@@ -46,7 +46,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -157,10 +157,15 @@ def _interleave(files: tf.Tensor | Sequence[str], cycle_length: int) -> tf.data.
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-class _ClipDecoder:
-  """Turns serialized clips into model inputs: one augmented view (train) or all views (eval)."""
+class ClipDecoder:
+  """Turns serialized clips into model inputs: one augmented view (train) or all views (eval).
 
-  def __init__(self, config: ml_collections.ConfigDict, stats: dict[str, Any], stats_path: str):
+  Built from the config and the dataset statistics (raises ValueError naming the config field or
+  `stats_path` when they disagree). `views` also serves inputs that are not records (`avt_jax.export`).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, stats: dict[str, Any],
+               stats_path: str = STATS_FILE):
     cfg = config.input
     for field in ('num_frames', 'frame_stride', 'image_size', 'min_resize', 'audio_frames',
                   'n_mels', 'shuffle_buffer'):
@@ -318,30 +323,63 @@ class _ClipDecoder:
   def eval_views(self, index: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     """All `eval_clips x eval_crops` views of one video, with a leading [views] axis."""
     clip = self._parse(serialized)
-    num_stored = tf.shape(clip['jpeg'])[0]
-    frame_shape = tf.io.extract_jpeg_shape(clip['jpeg'][0])
-    windows = augment.eval_crop_windows(frame_shape[0], frame_shape[1], image_size=self.image_size,
+    decode = lambda jpegs: tf.map_fn(lambda jpeg: tf.io.decode_jpeg(jpeg, channels=3), jpegs,
+                                     fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+    views = self.views(lambda ids: decode(tf.gather(clip['jpeg'], ids)), tf.shape(clip['jpeg'])[0],
+                       tf.io.extract_jpeg_shape(clip['jpeg'][0])[:2], clip)
+    count = self.views_per_video
+    labels = {key: tf.tile(value[None], [count, 1]) for key, value in self._labels(clip).items()}
+    return {
+        **views,
+        **labels,  # [V, C]
+        'mask': tf.ones([count], tf.float32),
+        'index': tf.fill([count], tf.cast(index, tf.int32)),
+    }
+
+  def views(self, frames_at, num_stored: tf.Tensor, frame_size: tf.Tensor,
+            clip: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The model inputs of all `eval_clips x eval_crops` views of one video (clip-major).
+
+    Args:
+      frames_at: [n] int32 stored-frame indices -> [n, H, W, 3] uint8 frames.
+      num_stored: number of stored frames.
+      frame_size: [2] int32 (H, W) of the stored frames.
+      clip: `fps` (of the stored frames), `audio_fps` and `logmel` [frames, n_mels] (raw, not yet
+        normalised).
+
+    Returns:
+      `video` float32 [V, num_frames, image_size, image_size, 3] in [-1, 1] and `audio` float32
+      [V, audio_frames, n_mels] (normalised).
+    """
+    windows = augment.eval_crop_windows(frame_size[0], frame_size[1], image_size=self.image_size,
                                         min_resize=self.min_resize, num_crops=self.eval_crops)
     videos, audios = [], []
     for start in self._eval_starts(num_stored):
-      jpegs = tf.gather(clip['jpeg'], self._frame_ids(start, num_stored))
-      frames = tf.map_fn(lambda jpeg: tf.io.decode_jpeg(jpeg, channels=3), jpegs,
-                         fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
-      # frames: [T, H, W, 3]
+      frames = frames_at(self._frame_ids(start, num_stored))  # [T, H, W, 3]
       audio = self._audio_window(clip, start)
       for crop in range(self.eval_crops):
         y, x, height, width = tf.unstack(windows[crop])
         videos.append(self._resize(frames[:, y:y + height, x:x + width]) * 2.0 - 1.0)
         audios.append(audio)
-    views = self.views_per_video
-    labels = {key: tf.tile(value[None], [views, 1]) for key, value in self._labels(clip).items()}
-    return {
-        'video': tf.stack(videos),  # [V, T, S, S, 3]
-        'audio': tf.stack(audios),  # [V, A, M]
-        **labels,  # [V, C]
-        'mask': tf.ones([views], tf.float32),
-        'index': tf.fill([views], tf.cast(index, tf.int32)),
-    }
+    return {'video': tf.stack(videos), 'audio': tf.stack(audios)}  # [V, T, S, S, 3], [V, A, M]
+
+
+def record_views(config: ml_collections.ConfigDict, stats: dict[str, Any],
+                 stats_path: str = STATS_FILE) -> Callable[[bytes], Batch]:
+  """Returns views(serialized record) -> the eval views of that one clip as numpy arrays.
+
+  They are the rows `make_eval_iterator` yields for the record (same `ClipDecoder.eval_views`), with
+  `index` 0: `video` [V, num_frames, image_size, image_size, 3], `audio` [V, audio_frames, n_mels],
+  `labels/<head>` [V, C], `mask` [V], V = eval_clips x eval_crops. Like `make_eval_iterator` it runs
+  in a tf.data map, so the graph optimisations and thus the values are bit for bit the same.
+  """
+  decoder = ClipDecoder(config, stats, stats_path)
+
+  def views(serialized: bytes) -> Batch:
+    dataset = tf.data.Dataset.from_tensors(serialized).enumerate().map(decoder.eval_views)
+    return next(_numpy_batches(dataset.with_options(_options()), stats_path))
+
+  return views
 
 
 def _pad_value(key: str) -> int:
@@ -420,7 +458,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
   files = _host_files(list_split_files(data_dir, split), split_pattern(data_dir, split),
                       process_index, process_count)
   stats = load_stats(data_dir)
-  decoder = _ClipDecoder(config, stats, os.path.join(data_dir, STATS_FILE))
+  decoder = ClipDecoder(config, stats, os.path.join(data_dir, STATS_FILE))
   _check_has_records(files)
   cycle_length = _cycle_length(config, len(files))
   shuffle_buffer = int(config.input.shuffle_buffer)
@@ -542,7 +580,7 @@ def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str, split: 
   all_files = list_split_files(data_dir, split)
   files = _host_files(all_files, split_pattern(data_dir, split), process_index, process_count)
   stats = load_stats(data_dir)
-  decoder = _ClipDecoder(config, stats, os.path.join(data_dir, STATS_FILE))
+  decoder = ClipDecoder(config, stats, os.path.join(data_dir, STATS_FILE))
   cycle_length = _cycle_length(config, len(files))
   dataset = _interleave(files, cycle_length).enumerate().map(
       decoder.eval_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

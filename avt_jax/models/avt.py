@@ -13,7 +13,7 @@ from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, Log
                                   sample_hard_negatives)
 from avt_jax.models.tokenizers import (PositionEmbedding, SpectrogramPatchEmbedding, TubeletEmbedding,
                                        patchify)
-from avt_jax.models.transformer import DEFAULT_CHUNK_SIZE
+from avt_jax.models.transformer import ATTENTION_COLLECTION, DEFAULT_CHUNK_SIZE
 
 MODALITIES = ('video', 'audio')
 OBJECTIVES = ('classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
@@ -95,6 +95,55 @@ class AVT(nn.Module):
 
   def _patch(self, m: str) -> tuple[int, ...]:
     return tuple(self.video_patch) if m == 'video' else tuple(self.audio_patch)
+
+  def token_grid(self, modality: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """Token grid of an input of `shape` ([B, T, H, W, 3] video or [B, time, mels] audio): tubelets
+    (frames, rows, columns) or spectrogram patches (time, frequency)."""
+    patch = self._patch(modality)
+    stride = patch if modality == 'video' else tuple(self.audio_stride or self.audio_patch)
+    return tuple((s - p) // st + 1 for s, p, st in zip(shape[1:1 + len(patch)], patch, stride))
+
+  def attention_maps(self, params, inputs: Mapping[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
+    """What the bottleneck tokens attend to in every fused layer, for analysis (inference mode).
+
+    Usable outside training, e.g. `jax.jit(model.attention_maps)(params, inputs)`; it runs the
+    classification pass with the attention weights sown (`transformer.ATTENTION_COLLECTION`). In a
+    fused layer each modality's block attends over [CLS, its tokens, bottleneck tokens] (our layout,
+    see `fusion.bottleneck_layer`); the maps are the rows of the bottleneck tokens.
+
+    Args:
+      params: the model's parameters.
+      inputs: `video` [B, T, H, W, 3] and `audio` [B, time, mels], as for `__call__`.
+
+    Returns:
+      modality -> {`weights`: [B, fused layers, heads, n_bottlenecks, 1 + N + n_bottlenecks] float32
+      softmax weights over those keys (each row sums to 1), `grid`: [B, fused layers, heads,
+      n_bottlenecks, *token_grid] the weights over the modality's N tokens laid out on its grid}.
+
+    Raises:
+      ValueError: the model has no bottleneck-fused layer (fusion other than 'bottleneck',
+        fusion_layer = num_layers, or a single modality).
+    """
+    if self.fusion != 'bottleneck' or len(self.modalities) < 2 or self.fusion_layer >= self.num_layers:
+      raise ValueError(f'AVT.attention_maps needs bottleneck-fused layers; this model has '
+                       f'fusion={self.fusion!r}, fusion_layer={self.fusion_layer}, '
+                       f'num_layers={self.num_layers}, modalities={tuple(self.modalities)}.')
+    _, state = self.apply({'params': params}, inputs, objectives=('classification',),
+                          mutable=[ATTENTION_COLLECTION])
+    encoder = state[ATTENTION_COLLECTION]['encoder']
+    attention = 'MultiHeadDotProductAttention_1'
+    maps = {}
+    for m in self.modalities:
+      if self.scan_layers:  # stacked on a leading layer axis
+        weights = jnp.moveaxis(encoder['encoderblocks_fused'][m][attention]['weights'][0], 0, 1)
+      else:
+        weights = jnp.stack([encoder[f'encoderblock_{i}_{m}'][attention]['weights'][0]
+                             for i in range(self.fusion_layer, self.num_layers)], axis=1)
+      weights = weights[..., -self.n_bottlenecks:, :]  # [B, layers, heads, n_bottlenecks, keys]
+      grid = self.token_grid(m, inputs[m].shape)
+      tokens = weights[..., 1:weights.shape[-1] - self.n_bottlenecks]
+      maps[m] = {'weights': weights, 'grid': tokens.reshape(*tokens.shape[:-1], *grid)}
+    return maps
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], *, train: bool = False,

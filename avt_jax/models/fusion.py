@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avt_jax.models.transformer import DEFAULT_CHUNK_SIZE, EncoderBlock
+from avt_jax.models.transformer import ATTENTION_COLLECTION, DEFAULT_CHUNK_SIZE, EncoderBlock
 
 FUSIONS = ('bottleneck', 'concat', 'late')
 REMAT_POLICIES = {
@@ -139,7 +139,7 @@ class BottleneckFusion(nn.Module):
     def step(layer, carry, rate):
       return layer(carry, deterministic, rate if use_rates else None), None
 
-    scan = nn.scan(step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+    scan = nn.scan(step, variable_axes={'params': 0, ATTENTION_COLLECTION: 0}, split_rngs={'params': True, 'dropout': True},
                    length=len(layers))
     return scan(module, carry, rates)[0]
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 ATTENTION_IMPLEMENTATIONS = ('xla', 'chunked', 'cudnn')
 DEFAULT_CHUNK_SIZE = 128
+ATTENTION_COLLECTION = 'attention'  # where MultiHeadSelfAttention sows its weights when asked to
 CUDNN_TOKEN_MULTIPLE = 64  # cuDNN's fused kernels train on even lengths, fastest on multiples of 64
 
 
@@ -209,11 +210,26 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementati
                    f'{implementation!r}.')
 
 
+def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim)) over the keys, in float32.
+
+  Args:
+    q, k: [batch, tokens, heads, head_dim].
+
+  Returns:
+    [batch, heads, queries, keys]; each row sums to 1.
+  """
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  return jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
+
+
 class MultiHeadSelfAttention(nn.Module):
   """Multi-head self-attention with a selectable implementation (`dot_product_attention`).
 
   Parameter names and shapes follow flax's MultiHeadDotProductAttention (`query`, `key`, `value`,
-  `out`), so ViT checkpoints load unchanged.
+  `out`), so ViT checkpoints load unchanged. When the `attention` collection is mutable (e.g.
+  `apply(..., mutable=['attention'])`, see `AVT.attention_maps`; not at init), the attention weights
+  are also sown there as `weights` [batch, heads, queries, keys]; otherwise they are never formed.
   """
   num_heads: int
   dtype: jnp.dtype = jnp.float32
@@ -230,6 +246,9 @@ class MultiHeadSelfAttention(nn.Module):
     dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
                                          kernel_init=nn.initializers.xavier_uniform(), name=name)
     q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)  # [batch, tokens, heads, head_dim]
+    # Only when asked for (init makes every collection mutable): costs tokens^2 memory.
+    if self.is_mutable_collection(ATTENTION_COLLECTION) and not self.is_initializing():
+      self.sow(ATTENTION_COLLECTION, 'weights', attention_weights(q, k))
     y = dot_product_attention(q, k, v, self.implementation, self.chunk_size)
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                            kernel_init=nn.initializers.xavier_uniform(), name='out')(y)

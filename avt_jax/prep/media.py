@@ -51,6 +51,7 @@ _AUDIO_PREROLL_S = 0.5
 # When a seek lands past the window, decoding starts again this much before the window start, then from
 # the first packet of the file.
 _SEEK_MARGINS_S = (0.0, 2.0, 10.0, 60.0)
+SILENCE_NOTE = 'audio is digital silence'  # the `DecodedClip.degraded` line of all-zero audio
 
 try:
   from PIL import Image
@@ -163,7 +164,7 @@ def decode_clip(path: str, start: float | None, end: float | None, fps: float, s
                         'padded with silence')
       degraded.extend(notes)
       if not np.any(waveform):
-        degraded.append('audio is digital silence')
+        degraded.append(SILENCE_NOTE)
   return DecodedClip(jpeg_frames=jpeg_frames, fps=fps, height=height, width=width, start=start,
                      end=end, waveform=waveform, degraded=degraded, audio_error=audio_error)
 

@@ -116,18 +116,24 @@ def _process_clip(task: _Task) -> _Result:
   except Exception as e:  # pylint: disable=broad-except  # One bad file must not stop the job.
     return _Result(task.spec, error=f'unexpected {type(e).__name__}: {e}')
   issues = list(decoded.degraded)
-  waveform = decoded.waveform
-  if waveform is None:  # no audio stream, or one that cannot be decoded (the video is kept)
+  if decoded.waveform is None:  # no audio stream, or one that cannot be decoded (the video is kept)
     missing = decoded.audio_error or 'no audio stream'
     if settings.missing_audio == 'skip':
       return _Result(task.spec, error=missing)
-    waveform = np.zeros(round((decoded.end - decoded.start) * decoded.sample_rate), np.float32)
     issues.append(f'{missing}; silence substituted')
-  spectrogram = logmel_lib.log_mel(waveform, sample_rate=decoded.sample_rate, n_mels=settings.n_mels,
-                                   hop_s=1.0 / AUDIO_FRAMES_PER_SECOND)
   return _Result(task.spec, issues=issues, start=decoded.start, end=decoded.end,
                  jpeg_frames=decoded.jpeg_frames, height=decoded.height, width=decoded.width,
-                 logmel=spectrogram, audio_missing=decoded.waveform is None)
+                 logmel=clip_log_mel(decoded, settings.n_mels), audio_missing=decoded.waveform is None)
+
+
+def clip_log_mel(decoded: media.DecodedClip, n_mels: int) -> np.ndarray:
+  """[round(duration * AUDIO_FRAMES_PER_SECOND), n_mels] float32 log-mel of a decoded clip's audio,
+  or of silence (zeros) when it has none (`decoded.waveform` is None); see `avt_jax.prep.logmel`."""
+  waveform = decoded.waveform
+  if waveform is None:
+    waveform = np.zeros(round((decoded.end - decoded.start) * decoded.sample_rate), np.float32)
+  return logmel_lib.log_mel(waveform, sample_rate=decoded.sample_rate, n_mels=n_mels,
+                            hop_s=1.0 / AUDIO_FRAMES_PER_SECOND)
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:

@@ -1,0 +1,237 @@
+"""Classifies video files with a trained workdir.
+
+    python -m avt_jax.predict --workdir=/tmp/avt_demo clip.mp4 more_videos/
+    python -m avt_jax.predict --workdir=DIR --checkpoint=best --top_k=3 --output=predictions.jsonl DIR2
+
+Each file is decoded whole with the code `python -m avt_jax.prepare` uses (`avt_jax.prep.media`, at the
+frame rate, frame size and mel bins of the training data, read from `<workdir>/stats.json`), turned
+into a record and cut into the evaluation views of the run's config (`input.eval_clips` x
+`input.eval_crops`, `avt_jax.input.pipeline.ClipDecoder`): the model sees exactly what `evaluate`
+feeds it for the same clip. The views' logits are averaged (as in evaluation), then turned into
+probabilities (softmax; sigmoid for multi-label data). Class names come from `<workdir>/stats.json`,
+the config from `<workdir>/config.json` (both written by training, `train.save_run`).
+
+Every file gets one outcome, never a crash of the run:
+  `ok`        predicted.
+  `degraded`  predicted, with `issues`: `no_audio` (no audio stream, or one that cannot be decoded:
+              silence is fed, as preparation does), `too_short` (shorter than a view: the last frame
+              is repeated and the audio padded with silence, as in evaluation), `silent_audio` (the
+              audio is digital silence), `damaged` (corrupt packets skipped, reading stopped early);
+              `notes` says what happened.
+  `failed`    no prediction; `error` says why (file not found, unreadable or corrupt, no video).
+Folders are searched recursively for video files (`annotations.VIDEO_EXTENSIONS`).
+
+Output: a table on stdout, one row per file as it is done (progress on stderr), and with `--output`
+one JSON line per file: `path`, `status`, `issues`, `notes`, `views`, `seconds` (decoded duration),
+`top_k` (label head -> [{`label`, `probability`}], best first) or `error`.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Iterator, Sequence
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from avt_jax import evaluate, records, train  # noqa: E402
+from avt_jax.input import pipeline  # noqa: E402
+from avt_jax.models import build_model  # noqa: E402
+from avt_jax.prep import annotations, media, shards  # noqa: E402
+
+
+def video_files(paths: Sequence[str]) -> list[str]:
+  """The files named in `paths`, and the video files (by extension) under the folders, sorted per
+  folder. Paths that do not exist are kept (their outcome is `failed: file not found`)."""
+  files = []
+  for path in paths:
+    if not os.path.isdir(path):
+      files.append(path)
+      continue
+    found = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+             if os.path.splitext(name)[1].lower() in annotations.VIDEO_EXTENSIONS]
+    files.extend(sorted(found))
+  return files
+
+
+@dataclasses.dataclass
+class Decoded:
+  """A video file decoded as preparation decodes it, serialized as a record.
+
+  Attributes:
+    record: the serialized `avt_jax.records` clip (no labels).
+    seconds: decoded duration.
+    issues: named degradations (see the module docstring).
+    notes: what happened, in words.
+  """
+  record: bytes
+  seconds: float
+  issues: list[str]
+  notes: list[str]
+
+
+class Predictor:
+  """A trained workdir's model and input processing, for one video file at a time.
+
+  Args:
+    workdir: training workdir (checkpoints, `config.json`, `stats.json`).
+    checkpoint: 'latest', 'best' (`<workdir>/best`, kept with `train.eval_every` > 0) or a step.
+
+  Raises:
+    FileNotFoundError: a missing workdir file or checkpoint, named.
+    ValueError: a bad `checkpoint`.
+  """
+
+  def __init__(self, workdir: str, checkpoint: str = 'latest'):
+    self.config, self.stats = train.load_run(workdir)
+    self.model = build_model(self.config)
+    self.params = restore(self.config, workdir, checkpoint)
+    self.heads = tuple(self.config.data.label_heads)
+    self.label_names = {head: self.stats.get('label_names', {}).get(
+        head, [str(i) for i in range(int(self.config.data.num_classes[head]))]) for head in self.heads}
+    self.views = pipeline.record_views(self.config, self.stats, os.path.join(workdir, train.STATS_FILE))
+    self.modalities = tuple(self.config.model.modalities)
+    self._step = jax.jit(evaluate.make_eval_step(self.model, self.modalities))
+    inp = self.config.input
+    # What one view covers: stored video frames and spectrogram frames.
+    self.view_frames = (int(inp.num_frames) - 1) * int(inp.frame_stride) + 1
+    self.view_seconds = max(self.view_frames / float(self.stats['fps']),
+                            int(inp.audio_frames) / shards.AUDIO_FRAMES_PER_SECOND)
+
+  def decode(self, path: str) -> Decoded:
+    """Decodes a whole file as `prepare` does (see the module docstring).
+
+    Raises:
+      media.MediaError: the file is missing, unreadable or corrupt, or has no video.
+    """
+    stats = self.stats
+    decoded = media.decode_clip(path, None, None, float(stats['fps']), int(stats['short_side']),
+                                int(stats.get('jpeg_quality', 90)))
+    logmel = shards.clip_log_mel(decoded, int(stats['n_mels']))
+    issues, notes = [], []
+    if decoded.waveform is None and 'audio' in self.modalities:
+      issues.append('no_audio')
+      notes.append(f'{decoded.audio_error or "no audio stream"}; silence substituted')
+    seconds = decoded.end - decoded.start
+    if len(decoded.jpeg_frames) < self.view_frames or seconds < self.view_seconds - 1e-6:
+      issues.append('too_short')
+      notes.append(f'{seconds:.2f} s is shorter than the {self.view_seconds:.2f} s a view covers; '
+                   'padded as in evaluation')
+    for note in decoded.degraded:
+      issue = 'silent_audio' if note == media.SILENCE_NOTE else 'damaged'
+      if issue not in issues:
+        issues.append(issue)
+      notes.append(note)
+    clip = records.Clip(
+        clip_id=path, source=path, start=decoded.start, end=decoded.end, labels={},
+        jpeg_frames=decoded.jpeg_frames, fps=decoded.fps, height=decoded.height, width=decoded.width,
+        logmel=logmel, audio_fps=shards.AUDIO_FRAMES_PER_SECOND,
+        audio_missing=decoded.waveform is None)
+    return Decoded(records.encode_clip(clip), seconds, issues, notes)
+
+  def inputs(self, decoded: Decoded) -> dict[str, np.ndarray]:
+    """The model inputs of all views: `video` [V, T, S, S, 3], `audio` [V, A, M], `mask` [V]."""
+    views = self.views(decoded.record)
+    return {k: views[k] for k in (*self.modalities, 'mask')}
+
+  def probabilities(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Label head -> [C] probabilities of the view-averaged logits (sigmoid if multi-label)."""
+    logits = jax.device_get(self._step(self.params, inputs))
+    mean = {head: np.mean(np.asarray(v, np.float64), axis=0) for head, v in logits.items()}
+    if self.config.data.multi_label:
+      return {head: 1.0 / (1.0 + np.exp(-v)) for head, v in mean.items()}
+    return {head: np.exp(v - v.max()) / np.exp(v - v.max()).sum() for head, v in mean.items()}
+
+  def predict(self, path: str, top_k: int = 5) -> dict[str, Any]:
+    """The outcome for one file (see the module docstring); never raises for a bad file."""
+    try:
+      decoded = self.decode(path)
+    except media.MediaError as e:
+      return {'path': path, 'status': 'failed', 'error': e.reason}
+    except Exception as e:  # pylint: disable=broad-except  # one bad file must not stop the run
+      return {'path': path, 'status': 'failed', 'error': f'unexpected {type(e).__name__}: {e}'}
+    inputs = self.inputs(decoded)
+    probabilities = self.probabilities(inputs)
+    best = {head: [{'label': self.label_names[head][i], 'probability': float(p[i])}
+                   for i in np.argsort(-p, kind='stable')[:top_k]]
+            for head, p in probabilities.items()}
+    return {'path': path, 'status': 'degraded' if decoded.issues else 'ok', 'issues': decoded.issues,
+            'notes': decoded.notes, 'views': int(len(inputs['mask'])),
+            'seconds': round(decoded.seconds, 3), 'top_k': best}
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str):
+  """Parameters of `workdir`'s checkpoint `checkpoint` ('latest', 'best' or a step number)."""
+  if checkpoint in ('latest', 'best'):
+    return train.restore_params(config, workdir, checkpoint=checkpoint)
+  if not checkpoint.isdigit():
+    raise ValueError(f"--checkpoint: expected 'latest', 'best' or a step number, got {checkpoint!r}.")
+  return train.restore_params(config, workdir, step=int(checkpoint))
+
+
+def table_row(outcome: dict[str, Any]) -> str:
+  """One line of the table: status, best label and probability per head, path, issues or error."""
+  if outcome['status'] == 'failed':
+    return f'{"failed":<9} {"-":<32} {outcome["path"]}  ({outcome["error"]})'
+  best = ', '.join(f'{top[0]["label"]} {top[0]["probability"]:.1%}' for top in outcome['top_k'].values())
+  issues = f'  [{", ".join(outcome["issues"])}]' if outcome['issues'] else ''
+  return f'{outcome["status"]:<9} {best:<32} {outcome["path"]}{issues}'
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str], top_k: int = 5,
+                  progress: bool = True) -> Iterator[dict[str, Any]]:
+  """Yields the outcome of every file in `paths` (folders expanded), printing progress on stderr."""
+  files = video_files(paths)
+  for number, path in enumerate(files, 1):
+    if progress:
+      sys.stderr.write(f'predict: [{number}/{len(files)}] {path}\n')
+    yield predictor.predict(path, top_k)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line interface."""
+  parser = argparse.ArgumentParser(
+      prog='python -m avt_jax.predict',
+      description='Classify video files (or folders of them) with a trained workdir: decodes them '
+      'as `prepare` does, evaluates the evaluation views, prints a table and writes JSON lines.')
+  parser.add_argument('paths', nargs='+', metavar='FILE_OR_FOLDER', help='Video files or folders.')
+  parser.add_argument('--workdir', required=True, help='Training workdir.')
+  parser.add_argument('--checkpoint', default='latest',
+                      help="'latest' (default), 'best' (kept with train.eval_every > 0) or a step.")
+  parser.add_argument('--top_k', type=int, default=5, help='Classes listed per file (default 5).')
+  parser.add_argument('--output', default=None, metavar='FILE.jsonl',
+                      help='Also write one JSON line per file here.')
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line; returns the exit status (2 for a bad workdir or argument)."""
+  args = build_parser().parse_args(argv)
+  if args.top_k < 1:
+    sys.stderr.write(f'predict: error: --top_k must be >= 1, got {args.top_k}.\n')
+    return 2
+  try:
+    predictor = Predictor(args.workdir, args.checkpoint)
+  except (ValueError, FileNotFoundError) as e:
+    sys.stderr.write(f'predict: error: {e}\n')
+    return 2
+  counts = {'ok': 0, 'degraded': 0, 'failed': 0}
+  print(f'{"status":<9} {"prediction":<32} file', flush=True)
+  with open(args.output or os.devnull, 'w', encoding='utf-8') as output:
+    for outcome in predict_files(predictor, args.paths, args.top_k):
+      counts[outcome['status']] += 1
+      print(table_row(outcome), flush=True)
+      output.write(json.dumps(outcome) + '\n')
+      output.flush()
+  print(f'{sum(counts.values())} files: ' + ', '.join(f'{n} {status}' for status, n in counts.items()),
+        flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
