@@ -48,7 +48,8 @@ host is padded with whole empty batches to the same number of batches, so collec
 stay in lockstep.
 
 Config fields read besides the documented `config.data.*` / `config.input.*` ones (all optional):
-  config.input.shard_by                 'auto'      'files', 'examples' or 'auto' (see above).
+  config.input.shard_by                 'auto'      'files', 'examples' or 'auto' (see above; in
+                                                     the default config).
   config.input.aspect_ratio_range       (3/4, 4/3)  width/height range of the random resized crop.
   config.input.interleave_cycle_length  16          files read concurrently (fixed, so that the
                                                      record order does not depend on the machine).
@@ -603,10 +604,9 @@ def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str, split: 
   videos = _interleave(list(shards.files), _cycle_length(config, len(shards.files))).enumerate()
   if shards.shares > 1:
     videos = videos.filter(lambda position, _: position % shards.shares == shards.share)
-  dataset = videos.map(  # an index unique across readers
-      lambda position, serialized: decoder.eval_views(position * shards.readers + shards.reader,
-                                                      serialized),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  videos = videos.map(  # an index unique across readers
+      lambda position, serialized: (position * shards.readers + shards.reader, serialized))
+  dataset = videos.map(decoder.eval_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.unbatch().batch(batch_size).map(lambda batch: _pad_batch(batch, batch_size))
   if process_count > 1:
     batches_per_host = [
