@@ -227,6 +227,11 @@ def test_stream_identity_refuses_changes_that_reorder_examples(data_dir):
   for current, message in cases:
     with pytest.raises(ValueError, match=message):
       pipeline.check_same_stream(saved, current)
+  # Checkpoints from before config.input.shard_by stored the process count (all read by files).
+  older = {**{key: value for key, value in saved.items() if key != 'readers'}, 'process_count': 1}
+  with pytest.raises(ValueError, match='reading their own training files .* is 1 in the checkpoint '
+                                       'and 2 now'):
+    pipeline.check_same_stream(older, identity(_config(), count=2))
 
 
 def test_mixup_uses_one_lambda_for_video_audio_and_labels(data_dir):

@@ -184,7 +184,8 @@ def plan_sharding(config: ml_collections.ConfigDict, files: Sequence[str], patte
                      "(write more shards, or use 'auto' or 'examples').")
   if mode == 'examples' or len(files) < process_count:
     return SplitSharding(tuple(files), 0, 1, process_index, process_count)
-  return SplitSharding(tuple(files[process_index::process_count]), process_index, process_count, 0, 1)
+  return SplitSharding(tuple(files[process_index::process_count]), process_index, process_count,
+                       0, 1)
 
 
 def _cycle_length(config: ml_collections.ConfigDict, num_files: int) -> int:
@@ -558,6 +559,8 @@ def check_same_stream(saved: dict[str, Any] | None, current: dict[str, Any]) -> 
   """
   if not saved:
     return
+  if 'process_count' in saved and 'readers' not in saved:  # before sharding by examples existed,
+    saved = {**saved, 'readers': saved['process_count']}  # every process read its own files
   for key, value in current.items():
     if key in saved and saved[key] != value:
       before, now = saved[key], value
