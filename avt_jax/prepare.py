@@ -9,6 +9,11 @@
         --annotations EPIC_100_train.csv EPIC_100_validation.csv \\
         --videos=/data/EPIC-KITCHENS --output=/data/epic_kitchens_100_records
     python -m avt_jax.prepare --dataset=manifest --annotations my_clips.csv --videos=... --output=...
+    # the same as an Apache Beam pipeline (DirectRunner here; Dataflow etc. by --beam_options):
+    python -m avt_jax.prepare --dataset=vggsound --annotations vggsound.csv \
+        --videos=/mnt/vggsound/video --output=gs://B/vggsound_records --runner=beam \
+        --beam_options="--runner=DataflowRunner --project=P --region=us-central1 \
+                        --temp_location=gs://B/tmp --setup_file=./setup.py"
 
 Annotation formats and video file naming: see `avt_jax.prep.annotations` (`read_kinetics`,
 `read_vggsound`, `read_epic_kitchens`, `read_manifest`). Output: `{split}-NNNNN-of-NNNNN.tfrecord` files
@@ -96,8 +101,8 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
             classes: str | None = None, fps: float | None = None, short_side: int | None = None,
             n_mels: int | None = None, clip_seconds: float | None = -1.0,
             missing_audio: str = 'silence', workers: int | None = None, jpeg_quality: int = 90,
-            num_shards: int | Mapping[str, int] | None = None, progress: bool = True
-            ) -> dict[str, Any]:
+            num_shards: int | Mapping[str, int] | None = None, runner: str = 'local',
+            beam_options: str = '', progress: bool = True) -> dict[str, Any]:
   """Reads the annotations and writes the records (see the module docstring).
 
   Args:
@@ -117,6 +122,8 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
     jpeg_quality: JPEG quality of the stored frames.
     num_shards: record files per split: one number for all splits, or per split (splits left out
       get the default); None for `shards.multihost_num_shards` of each split's clip count.
+    runner: 'local' or 'beam' (Apache Beam, see `avt_jax.prep.beam_runner`).
+    beam_options: Beam pipeline options as on a command line (runner='beam').
     progress: print progress and a summary on stderr.
 
   Returns:
@@ -143,7 +150,8 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
       clip_seconds=defaults['clip_seconds'] if clip_seconds is not None and clip_seconds < 0
       else clip_seconds,
       missing_audio=missing_audio, num_workers=workers, jpeg_quality=jpeg_quality,
-      num_shards_per_split=shards_per_split, progress=progress)
+      num_shards_per_split=shards_per_split, runner=runner, beam_options=beam_options,
+      progress=progress)
 
 
 def _shards_per_split(num_shards: int | Mapping[str, int] | None,
@@ -253,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
                       '(e.g. train=1024 test=64; other splits get the default). Multi-host training '
                       'reads files per host, so aim for files >= hosts x 4. Default: about '
                       '256 clips per file, but at least 64 files where each keeps 8 clips.')
+  parser.add_argument('--runner', choices=('local', 'beam'), default='local',
+                      help='local: decoding processes on this machine (--workers); beam: an Apache '
+                      'Beam pipeline, one element per shard (pip install -e ".[beam]"; default: '
+                      'the embedded DirectRunner). Same output either way.')
+  parser.add_argument('--beam_options', default='', metavar='OPTIONS',
+                      help='With --runner=beam: Beam pipeline options in one string, e.g. '
+                      '"--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp '
+                      '--setup_file=./setup.py".')
   parser.add_argument('--tfds_data_dir', default=None, metavar='DIR',
                       help='Also build the tensorflow-datasets copy there (kinetics_sounds, vggsound, '
                       'epic_kitchens_100), loadable with tfds.load(..., data_dir=DIR, download=False).')
@@ -274,8 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     fps=args.fps, short_side=args.short_side, n_mels=args.n_mels,
                     clip_seconds=None if args.clip_seconds == 0 else args.clip_seconds,
                     missing_audio=args.missing_audio, workers=args.workers,
-                    jpeg_quality=args.jpeg_quality, num_shards=parse_num_shards(args.num_shards))
-  except (ValueError, FileNotFoundError) as e:
+                    jpeg_quality=args.jpeg_quality, num_shards=parse_num_shards(args.num_shards),
+                    runner=args.runner, beam_options=args.beam_options)
+  except (ValueError, FileNotFoundError, ImportError) as e:
     sys.stderr.write(f'prepare: error: {e}\n')
     return 2
   print(summary(args.output, stats), flush=True)

@@ -57,7 +57,8 @@ def test_help_lists_datasets_and_options():
   assert result.returncode == 0
   for text in ('kinetics_sounds', 'vggsound', 'epic_kitchens_100', 'manifest', '--annotations',
                '--videos', '--output', '--fps', '--short_side', '--n_mels', '--clip_seconds',
-               '--missing_audio', '--workers', '--classes', '--tfds_data_dir'):
+               '--missing_audio', '--workers', '--classes', '--tfds_data_dir', '--num_shards',
+               '--runner', '--beam_options'):
     assert text in result.stdout, text
 
 
