@@ -41,6 +41,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.input.audio_frames = 800  # 8 s at 100 frames/s
   c.input.n_mels = 128
   c.input.shuffle_buffer = 1024
+  # How processes share a split: 'files' (each reads its own), 'examples' (all read every file and
+  # keep their share) or 'auto' (files when there are at least as many as processes).
+  c.input.shard_by = 'auto'
   c.input.crop_area_range = (0.3, 1.0)
   c.input.flip = True
   c.input.color_jitter = 0.0

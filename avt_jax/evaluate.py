@@ -51,7 +51,7 @@ def make_video_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: 
   def run(params: Any) -> metrics.MultiViewAccumulator:
     accumulator = metrics.MultiViewAccumulator()
     views = input_lib.make_eval_iterator(config, data_dir, split)
-    nproc, pid = jax.process_count(), jax.process_index()
+    nproc = jax.process_count()
     template = None
     while True:
       batch = next(views, None)
@@ -66,8 +66,7 @@ def make_video_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: 
       template = batch
       logits = step(params, sharding.global_batch({k: batch[k] for k in (*modalities, 'mask')}, mesh))
       labels = {k.removeprefix('labels/'): v for k, v in batch.items() if k.startswith('labels/')}
-      index = np.where(batch['index'] >= 0, batch['index'] * nproc + pid, -1)  # unique across hosts
-      local = (labels, index, batch['mask'])
+      local = (labels, batch['index'], batch['mask'])  # indices are unique across processes
       if nproc > 1:
         logits, local = multihost_utils.process_allgather((logits, local), tiled=True)
       else:

@@ -8,8 +8,12 @@
     python -m avt_jax.main --config=configs/demo.py --workdir=/tmp/avt_demo --config.train.eval_only \
         --config.train.eval_checkpoint=best
 
-A workdir that already holds checkpoints resumes from the latest one. On several hosts (TPU pod
-slices, multi-node GPU) pass --multihost on every host.
+A workdir that already holds checkpoints resumes from the latest one. On several hosts pass
+--multihost on every host: TPU VMs, SLURM and Open MPI jobs are detected by JAX; on other clusters
+(plain multi-node GPU or CPU) also give the coordinator and this process's place:
+
+    python -m avt_jax.main --config=... --workdir=... --multihost \
+        --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
 """
 
 import json
@@ -25,7 +29,15 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard events and results (local or gs://).')
-flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (one process per host).')
+flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (one process per host); '
+                  'without the flags below JAX detects the cluster (TPU VMs, SLURM, Open MPI).')
+flags.DEFINE_string('coordinator_address', None, 'With --multihost: host:port of process 0, which '
+                    'runs the coordination service (the same on every process).')
+flags.DEFINE_integer('num_processes', None, 'With --multihost: number of processes in the job.')
+flags.DEFINE_integer('process_id', None, 'With --multihost: this process\'s index in '
+                     '[0, num_processes).')
+flags.DEFINE_list('local_device_ids', None, 'With --multihost: comma-separated ids of the local '
+                  'devices this process uses (default: all; e.g. one process per GPU).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -52,6 +64,37 @@ def resolve_data_dir(config) -> str:
   return config.data.data_dir
 
 
+def distributed_args(*, multihost: bool, coordinator_address: str | None,
+                     num_processes: int | None, process_id: int | None,
+                     local_device_ids: list[str] | None) -> dict | None:
+  """Keyword arguments for `jax.distributed.initialize`, or None without --multihost (our design).
+
+  Arguments left unset are detected by JAX.
+
+  Raises:
+    ValueError: naming the flag, when one is given without --multihost, or a value is out of range.
+  """
+  given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
+           'process_id': process_id, 'local_device_ids': local_device_ids}
+  if not multihost:
+    extra = [f'--{name}' for name, value in given.items() if value is not None]
+    if extra:
+      raise ValueError(f'{", ".join(extra)} given without --multihost.')
+    return None
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f'--num_processes must be >= 1, got {num_processes}.')
+  if process_id is not None and (process_id < 0 or process_id >= (num_processes or float('inf'))):
+    raise ValueError(f'--process_id must be in [0, --num_processes={num_processes}), got '
+                     f'{process_id}.')
+  if local_device_ids is not None:
+    try:
+      given['local_device_ids'] = [int(i) for i in local_device_ids]
+    except ValueError:
+      raise ValueError('--local_device_ids: expected comma-separated integers, got '
+                       f'{",".join(local_device_ids)!r}.') from None
+  return {name: value for name, value in given.items() if value is not None}
+
+
 def summary_table(config, summary: dict) -> str:
   """A short markdown table of the run."""
   rows = [('config', config.data.name), ('steps', summary['steps']),
@@ -72,13 +115,20 @@ def main(argv):
 
   config = FLAGS.config
   validate(config)  # fail on impossible settings before heavy imports, data work or compilation
+  try:
+    distributed = distributed_args(
+        multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+        local_device_ids=FLAGS.local_device_ids)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   import jax  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   from avt_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; progress is printed
-  if FLAGS.multihost:
-    jax.distributed.initialize()
+  if distributed is not None:
+    jax.distributed.initialize(**distributed)
   train.check_eval_config(config, FLAGS.workdir)  # before data work; after distributed init (orbax)
   start = time.time()
   data_dir = resolve_data_dir(config)

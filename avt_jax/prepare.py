@@ -9,9 +9,16 @@
         --annotations EPIC_100_train.csv EPIC_100_validation.csv \\
         --videos=/data/EPIC-KITCHENS --output=/data/epic_kitchens_100_records
     python -m avt_jax.prepare --dataset=manifest --annotations my_clips.csv --videos=... --output=...
+    # the same as an Apache Beam pipeline (DirectRunner here; Dataflow etc. by --beam_options):
+    python -m avt_jax.prepare --dataset=vggsound --annotations vggsound.csv \
+        --videos=/mnt/vggsound/video --output=gs://B/vggsound_records --runner=beam \
+        --beam_options="--runner=DataflowRunner --project=P --region=us-central1 \
+                        --temp_location=gs://B/tmp --setup_file=./setup.py"
 
 Annotation formats and video file naming: see `avt_jax.prep.annotations` (`read_kinetics`,
 `read_vggsound`, `read_epic_kitchens`, `read_manifest`). Output: `{split}-NNNNN-of-NNNNN.tfrecord` files
+(`--num_shards` per split; by default about 256 clips per file but at least 64 files where each keeps
+8 clips, so that the hosts of a multi-host job read their own files)
 of JPEG frames and log-mel spectrograms (`avt_jax.records`), `stats.json` and `report.jsonl` (see
 `avt_jax.prep.shards.prepare_dataset`); training reads them with `--config.data.data_dir=<output>`.
 
@@ -35,7 +42,7 @@ import json
 import os
 import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from avt_jax.prep import annotations
 
@@ -94,7 +101,8 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
             classes: str | None = None, fps: float | None = None, short_side: int | None = None,
             n_mels: int | None = None, clip_seconds: float | None = -1.0,
             missing_audio: str = 'silence', workers: int | None = None, jpeg_quality: int = 90,
-            progress: bool = True) -> dict[str, Any]:
+            num_shards: int | Mapping[str, int] | None = None, runner: str = 'local',
+            beam_options: str = '', progress: bool = True) -> dict[str, Any]:
   """Reads the annotations and writes the records (see the module docstring).
 
   Args:
@@ -112,16 +120,24 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
       be decoded.
     workers: decoding processes (None: all cores; 0: this process).
     jpeg_quality: JPEG quality of the stored frames.
+    num_shards: record files per split: one number for all splits, or per split (splits left out
+      get the default); None for `shards.multihost_num_shards` of each split's clip count.
+    runner: 'local' or 'beam' (Apache Beam, see `avt_jax.prep.beam_runner`).
+    beam_options: Beam pipeline options as on a command line (runner='beam').
     progress: print progress and a summary on stderr.
 
   Returns:
     The dataset statistics (`stats.json`).
+
+  Raises:
+    ValueError: `num_shards` names a split the annotations do not have, or is < 1.
   """
   from avt_jax.prep import shards  # pylint: disable=g-import-not-at-top  # numpy, PyAV, librosa
   specs, label_names = read_annotations(dataset, annotation_paths, video_dir, classes)
   defaults = DATASET_DEFAULTS[dataset]
+  per_split = collections.Counter(spec.split for spec in specs)
+  shards_per_split = _shards_per_split(num_shards, per_split)
   if progress:
-    per_split = collections.Counter(spec.split for spec in specs)
     splits = ', '.join(f'{split}: {count}' for split, count in sorted(per_split.items()))
     heads = ', '.join(f'{head}: {len(names)} classes' for head, names in label_names.items())
     sys.stderr.write(f'prepare: {len(specs)} clips ({splits}) from {len(annotation_paths)} annotation '
@@ -133,7 +149,50 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
       n_mels=defaults['n_mels'] if n_mels is None else n_mels,
       clip_seconds=defaults['clip_seconds'] if clip_seconds is not None and clip_seconds < 0
       else clip_seconds,
-      missing_audio=missing_audio, num_workers=workers, jpeg_quality=jpeg_quality, progress=progress)
+      missing_audio=missing_audio, num_workers=workers, jpeg_quality=jpeg_quality,
+      num_shards_per_split=shards_per_split, runner=runner, beam_options=beam_options,
+      progress=progress)
+
+
+def _shards_per_split(num_shards: int | Mapping[str, int] | None,
+                      clips_per_split: Mapping[str, int]) -> dict[str, int]:
+  from avt_jax.prep import shards  # pylint: disable=g-import-not-at-top
+  if isinstance(num_shards, Mapping):
+    unknown = sorted(set(num_shards) - set(clips_per_split))
+    if unknown:
+      raise ValueError(f'--num_shards: no split {unknown[0]!r} in the annotations (splits: '
+                       f'{sorted(clips_per_split)}).')
+    given = dict(num_shards)
+  else:
+    given = {split: num_shards for split in clips_per_split}
+  for split, wanted in given.items():
+    if wanted is not None and wanted < 1:
+      raise ValueError(f'--num_shards: {split} needs at least 1 shard, got {wanted}.')
+  return {split: shards.multihost_num_shards(count) if given.get(split) is None else given[split]
+          for split, count in clips_per_split.items()}
+
+
+def parse_num_shards(values: Sequence[str] | None) -> int | dict[str, int] | None:
+  """`--num_shards` values: 'N' (every split) or 'SPLIT=N' entries (our design).
+
+  Raises:
+    ValueError: naming the value that is neither.
+  """
+  if not values:
+    return None
+  if len(values) == 1 and '=' not in values[0]:
+    number = values[0]
+    if not number.isdigit():
+      raise ValueError(f"--num_shards: expected a number or SPLIT=N entries, got {number!r}.")
+    return int(number)
+  result = {}
+  for value in values:
+    split, _, number = value.partition('=')
+    if not split or not number.isdigit():
+      raise ValueError(f'--num_shards: expected SPLIT=N entries (e.g. train=512 test=64) when '
+                       f'giving several, got {value!r}.')
+    result[split] = int(number)
+  return result
 
 
 def summary(output_dir: str, stats: dict[str, Any]) -> str:
@@ -197,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help='Decoding processes; 0 decodes in this process (default: all cores).')
   parser.add_argument('--jpeg_quality', type=int, default=90,
                       help='JPEG quality of the stored frames (default: 90).')
+  parser.add_argument('--num_shards', nargs='+', default=None, metavar='N|SPLIT=N',
+                      help='Record files per split: one number for every split, or SPLIT=N entries '
+                      '(e.g. train=1024 test=64; other splits get the default). Multi-host training '
+                      'reads files per host, so aim for files >= hosts x 4. Default: about '
+                      '256 clips per file, but at least 64 files where each keeps 8 clips.')
+  parser.add_argument('--runner', choices=('local', 'beam'), default='local',
+                      help='local: decoding processes on this machine (--workers); beam: an Apache '
+                      'Beam pipeline, one element per shard (pip install -e ".[beam]"; default: '
+                      'the embedded DirectRunner). Same output either way.')
+  parser.add_argument('--beam_options', default='', metavar='OPTIONS',
+                      help='With --runner=beam: Beam pipeline options in one string, e.g. '
+                      '"--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp '
+                      '--setup_file=./setup.py".')
   parser.add_argument('--tfds_data_dir', default=None, metavar='DIR',
                       help='Also build the tensorflow-datasets copy there (kinetics_sounds, vggsound, '
                       'epic_kitchens_100), loadable with tfds.load(..., data_dir=DIR, download=False).')
@@ -218,8 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     fps=args.fps, short_side=args.short_side, n_mels=args.n_mels,
                     clip_seconds=None if args.clip_seconds == 0 else args.clip_seconds,
                     missing_audio=args.missing_audio, workers=args.workers,
-                    jpeg_quality=args.jpeg_quality)
-  except (ValueError, FileNotFoundError) as e:
+                    jpeg_quality=args.jpeg_quality, num_shards=parse_num_shards(args.num_shards),
+                    runner=args.runner, beam_options=args.beam_options)
+  except (ValueError, FileNotFoundError, ImportError) as e:
     sys.stderr.write(f'prepare: error: {e}\n')
     return 2
   print(summary(args.output, stats), flush=True)

@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices, a shared compilation cache and a tiny AVT config."""
 
+import importlib.util
 import os
 import tempfile
 
@@ -26,6 +27,34 @@ def fast_jit(fun, **kwargs):
     kwargs['compiler_options'] = {'xla_backend_optimization_level': 0,
                                   'xla_cpu_use_fusion_emitters': False}
   return jax.jit(fun, **kwargs)
+
+
+# Flags that shrink configs/demo.py for `python -m avt_jax.main` runs in tests (tests/test_main.py,
+# tests/test_multihost.py); the records come from --config.data.data_dir.
+TINY_MAIN_FLAGS = [
+    '--config.model.hidden_size=32', '--config.model.num_layers=2', '--config.model.num_heads=2',
+    '--config.model.mlp_dim=64', '--config.model.fusion_layer=1', '--config.model.decoder_width=16',
+    '--config.model.decoder_heads=2', '--config.model.decoder_mlp_dim=32',
+    '--config.model.contrastive_dim=16', '--config.input.batch_size=8',
+    '--config.input.eval_batch_size=8', '--config.train.log_every=2',
+    '--config.train.checkpoint_every=2', '--config.data.synthetic=']
+
+
+def demo_main_config(*flags: str) -> ml_collections.ConfigDict:
+  """configs/demo.py with `TINY_MAIN_FLAGS` and `flags` ('--config.a.b=value') applied."""
+  spec = importlib.util.spec_from_file_location(
+      'demo_config', os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs/demo.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for flag in TINY_MAIN_FLAGS + list(flags):
+    key, value = flag.removeprefix('--config.').split('=')
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if value else value
+  return c
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:

@@ -220,12 +220,19 @@ def test_stream_identity_refuses_changes_that_reorder_examples(data_dir):
   cases = [(identity(_config(shuffle_buffer=3)), "config.input.shuffle_buffer is 6 in the checkpoint "
             "and 3 now"),
            (identity(_config(), seed=6), 'config.seed is 5 in the checkpoint and 6 now'),
-           (identity(_config(), count=2), r'the number of processes \(jax.process_count\(\)\) is 1 '),
+           (identity(_config(), count=2), 'the number of processes reading their own training '
+            r'files \(jax.process_count\(\) when sharding by files, 1 by examples: '
+            r'config.input.shard_by\) is 1 in the checkpoint and 2 now'),
            (dict(identity(_config()), train_files=['train-00000-of-00001.tfrecord']),
             'the training record files in config.data.data_dir is .3 files')]
   for current, message in cases:
     with pytest.raises(ValueError, match=message):
       pipeline.check_same_stream(saved, current)
+  # Checkpoints from before config.input.shard_by stored the process count (all read by files).
+  older = {**{key: value for key, value in saved.items() if key != 'readers'}, 'process_count': 1}
+  with pytest.raises(ValueError, match='reading their own training files .* is 1 in the checkpoint '
+                                       'and 2 now'):
+    pipeline.check_same_stream(older, identity(_config(), count=2))
 
 
 def test_mixup_uses_one_lambda_for_video_audio_and_labels(data_dir):
@@ -317,8 +324,8 @@ def test_hosts_read_disjoint_files_covering_the_split(data_dir):
     host_clips.append(_clips_in(rows))
     host_batches.append(len(batches))
     assert all(b['video'].shape[0] == 2 for b in batches)  # per-host batch = 4 // 2
-    real = rows['mask'] == 1
-    np.testing.assert_array_equal(rows['index'][real], np.arange(real.sum()))
+    real = rows['mask'] == 1  # index: position in the host's stream x 2 + host, unique
+    np.testing.assert_array_equal(rows['index'][real], np.arange(real.sum()) * 2 + host)
   # Host 0 reads files 0 and 2, host 1 reads file 1.
   assert sorted(host_clips[0]) == [0, 1, 2, 3, 7, 8, 9]
   assert sorted(host_clips[1]) == [4, 5, 6]
@@ -333,6 +340,52 @@ def test_hosts_read_disjoint_files_covering_the_split(data_dir):
     while len(clips) < len(expected):
       clips.extend(int(r[0] // 100) for r in _raw_audio(next(iterator)['audio']))
     assert sorted(clips[:len(expected)]) == expected
+
+
+def _global_batches(config, data_dir, process_count: int, steps: int, **kwargs) -> dict:
+  """The first `steps` global batches: the hosts' batches concatenated in process order."""
+  hosts = [_take(pipeline.make_train_iterator(config, data_dir, seed=3, process_index=host,
+                                              process_count=process_count, **kwargs), steps)
+           for host in range(process_count)]
+  return {key: np.stack([np.concatenate([h[step][key] for h in hosts]) for step in range(steps)])
+          for key in ('video', 'audio', 'labels/class')}
+
+
+def test_sharding_by_examples_gives_the_single_process_batches(data_dir):
+  # 3 files and 4 processes: 'auto' falls back to sharding by examples (2 processes: asked for).
+  # Augmentations on (mixup, which mixes neighbours within a host's batch, aside): the global
+  # batches, also after resuming mid-epoch on another number of processes, are those of one process
+  # reading all files.
+  config = _augmented_config(batch_size=4, mixup_alpha=0.0)
+  single = _global_batches(config, data_dir, 1, 6)  # 24 examples: 2+ epochs of 10 clips
+  for count, start, shard_by in [(4, 0, 'auto'), (2, 8, 'examples'), (4, 12, 'auto')]:
+    config.input.shard_by = shard_by
+    shards = _global_batches(config, data_dir, count, 6 - start // 4, start_example=start)
+    for key, value in shards.items():
+      np.testing.assert_array_equal(value, single[key][start // 4:], err_msg=f'{count} {key}')
+  # The stream identity does not depend on the process count then: resuming across counts is allowed.
+  by_examples = _config(shard_by='examples')
+  saved = pipeline.stream_identity(by_examples, data_dir, seed=3, process_count=2)
+  pipeline.check_same_stream(saved, pipeline.stream_identity(_config(), data_dir, seed=3,
+                                                             process_count=1))
+  pipeline.check_same_stream(saved, pipeline.stream_identity(_config(), data_dir, seed=3,
+                                                             process_count=4))
+
+
+def test_eval_by_examples_covers_every_video_once(data_dir):
+  config = _config(eval_crops=3, eval_batch_size=4, shard_by='examples')
+  _, single = _eval_views(config, data_dir)
+  host_rows, host_batches = [], []
+  for host in range(2):
+    batches, rows = _eval_views(config, data_dir, process_index=host, process_count=2)
+    host_rows.append({key: value[rows['mask'] == 1] for key, value in rows.items()})
+    host_batches.append(len(batches))
+  assert host_batches[0] == host_batches[1] == math.ceil(5 * 3 / 2)  # host 0 has 5 videos of 10
+  rows = {key: np.concatenate([r[key] for r in host_rows]) for key in single}
+  order = np.argsort(rows['index'], kind='stable')  # views of a video stay in order
+  for key in single:
+    np.testing.assert_array_equal(rows[key][order], single[key][single['mask'] == 1], err_msg=key)
+  assert sorted(set(host_rows[0]['index'])) == [0, 2, 4, 6, 8]
 
 
 def test_multi_label_and_two_heads(tmp_path):
@@ -369,9 +422,13 @@ def test_errors_on_bad_input(data_dir, tmp_path):
   with pytest.raises(ValueError, match='batch_size=4 must be a positive multiple of the process '
                                        'count 3'):
     pipeline.make_train_iterator(_config(), data_dir, seed=0, process_index=0, process_count=3)
-  with pytest.raises(ValueError, match='every process needs at least one file'):
-    pipeline.make_eval_iterator(_config(eval_batch_size=8), data_dir, 'train', process_index=0,
-                                process_count=4)
+  with pytest.raises(ValueError, match="3 files match .* but there are 4 processes; "
+                                       "config.input.shard_by='files' needs at least one file"):
+    pipeline.make_eval_iterator(_config(eval_batch_size=8, shard_by='files'), data_dir, 'train',
+                                process_index=0, process_count=4)
+  with pytest.raises(ValueError, match=r"config.input.shard_by: expected one of \('auto', "
+                                       r"'files', 'examples'\), got 'clips'"):
+    pipeline.make_train_iterator(_config(shard_by='clips'), data_dir, seed=0)
   with pytest.raises(ValueError, match='n_mels=8'):
     pipeline.make_train_iterator(_config(n_mels=8), data_dir, seed=0)
   with pytest.raises(ValueError, match='frame_stride must be >= 1'):

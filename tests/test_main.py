@@ -1,7 +1,6 @@
 """End to end through `python -m avt_jax.main`: kill/resume, preemption, eval-only, evaluation
 during training with a best checkpoint, config errors."""
 
-import importlib.util
 import json
 import re
 import os
@@ -18,14 +17,10 @@ import pytest
 from avt_jax import checkpointing
 from avt_jax import train
 from avt_jax.prep import demo_data
+from conftest import TINY_MAIN_FLAGS, demo_main_config as demo_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--config.model.hidden_size=32', '--config.model.num_layers=2', '--config.model.num_heads=2',
-        '--config.model.mlp_dim=64', '--config.model.fusion_layer=1', '--config.model.decoder_width=16',
-        '--config.model.decoder_heads=2', '--config.model.decoder_mlp_dim=32',
-        '--config.model.contrastive_dim=16', '--config.input.batch_size=8',
-        '--config.input.eval_batch_size=8', '--config.train.log_every=2',
-        '--config.train.checkpoint_every=2', '--config.data.synthetic=']
+TINY = TINY_MAIN_FLAGS
 
 
 @pytest.fixture(scope='module')
@@ -47,21 +42,6 @@ ENV = dict(os.environ, XLA_FLAGS=os.environ['XLA_FLAGS'].replace(
 
 def run(args):
   return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
-
-
-def demo_config(*overrides):
-  spec = importlib.util.spec_from_file_location('demo_config', os.path.join(ROOT, 'configs/demo.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  for flag in TINY + list(overrides):
-    key, value = flag.removeprefix('--config.').split('=')
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if value else value
-  return c
 
 
 @pytest.fixture(scope='module')

@@ -19,6 +19,7 @@ from avt_jax import records
 from avt_jax.input import pipeline
 from avt_jax.models import validate
 from avt_jax.prep import demo_data
+from avt_jax.prep import shards
 from avt_jax.prep import smoke_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,8 @@ def test_help_lists_datasets_and_options():
   assert result.returncode == 0
   for text in ('kinetics_sounds', 'vggsound', 'epic_kitchens_100', 'manifest', '--annotations',
                '--videos', '--output', '--fps', '--short_side', '--n_mels', '--clip_seconds',
-               '--missing_audio', '--workers', '--classes', '--tfds_data_dir'):
+               '--missing_audio', '--workers', '--classes', '--tfds_data_dir', '--num_shards',
+               '--runner', '--beam_options'):
     assert text in result.stdout, text
 
 
@@ -81,6 +83,30 @@ def test_command_line_with_worker_processes(smoke, tmp_path):
     written, expected = ([tf.train.SequenceExample.FromString(x.numpy()) for x in tf.data.TFRecordDataset(path)]
                          for path in (str(out / name), os.path.join(reference, name)))
     assert written == expected, name  # (protobuf maps serialize in a per-process order)
+
+
+def test_num_shards_per_split_and_the_multihost_default(smoke, tmp_path, capsys):
+  raw, reference = smoke['kinetics_sounds']
+  args = ['--dataset=kinetics_sounds', '--annotations', os.path.join(raw, 'train.csv'),
+          os.path.join(raw, 'validate.csv'), f'--videos={raw}/videos', '--fps=8', '--short_side=36',
+          '--n_mels=32', '--clip_seconds=2', '--workers=0']
+  out = tmp_path / 'out'
+  assert prepare.main([*args, f'--output={out}', '--num_shards', 'train=3']) == 0
+  assert sorted(p.name for p in out.glob('*.tfrecord')) == [
+      'train-00000-of-00003.tfrecord', 'train-00001-of-00003.tfrecord',
+      'train-00002-of-00003.tfrecord', 'val-00000-of-00001.tfrecord']  # val: 4 clips, default 1
+  ids = lambda folder: sorted(_read(str(folder), 'train'))
+  assert ids(out) == ids(reference)  # the same 6 clips, in 3 files
+  assert json.loads((out / 'stats.json').read_text())['num_shards'] == {'train': 3, 'val': 1}
+  for value, message in [(['vall=2'], r"--num_shards: no split 'vall' in the annotations \(splits: "
+                                      r"\['train', 'val'\]\)"),
+                         (['two'], "--num_shards: expected a number or SPLIT=N entries, got 'two'"),
+                         (['0'], '--num_shards: train needs at least 1 shard, got 0')]:
+    assert prepare.main([*args, f'--output={tmp_path / "bad"}', '--num_shards', *value]) == 2
+    assert re.search(message, capsys.readouterr().err), value
+  assert not (tmp_path / 'bad').exists()
+  # Default: about 256 clips per file, at least 64 files of >= 8 clips (multi-host reading).
+  assert [shards.multihost_num_shards(n) for n in (7, 20, 1000, 200_000)] == [1, 2, 64, 781]
 
 
 def test_summary_groups_reasons(tmp_path):

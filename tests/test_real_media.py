@@ -18,6 +18,7 @@ import io
 import json
 import os
 from fractions import Fraction
+from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -226,18 +227,26 @@ def _write_cases(folder):
 
 
 @pytest.fixture(scope='module')
-def prepared(tmp_path_factory):
-  """The cases prepared at 5 fps, short side 16, 2 s windows; returns (records by id, report by id)."""
+def cases(tmp_path_factory):
+  """The case files and their manifest: (folder with `videos/`, clip specs, label names)."""
   folder = str(tmp_path_factory.mktemp('cases'))
   names = _write_cases(os.path.join(folder, 'videos'))
   manifest = os.path.join(folder, 'manifest.csv')
   with open(manifest, 'w', encoding='utf-8') as f:
     f.write('path,label\n' + ''.join(f'"{name}",a\n' for name in names))
-  specs, label_names = annotations.read_manifest(manifest)
+  return (folder, *annotations.read_manifest(manifest))
+
+
+CASE_SETTINGS = dict(fps=5, short_side=16, n_mels=16, clip_seconds=2.0, progress=False)
+
+
+@pytest.fixture(scope='module')
+def prepared(cases):
+  """The cases prepared at 5 fps, short side 16, 2 s windows; returns (records by id, report by id)."""
+  folder, specs, label_names = cases
   out = os.path.join(folder, 'prepared')
-  stats = shards.prepare_dataset(specs, os.path.join(folder, 'videos'), out, fps=5, short_side=16,
-                                 n_mels=16, clip_seconds=2.0, label_names=label_names, num_workers=0,
-                                 progress=False)
+  stats = shards.prepare_dataset(specs, os.path.join(folder, 'videos'), out, label_names=label_names,
+                                 num_workers=0, **CASE_SETTINGS)
   # The default clip ids are the file paths; keyed here by the path without its extension.
   clips = {}
   for path in glob.glob(os.path.join(out, '*.tfrecord')):
@@ -247,6 +256,41 @@ def prepared(tmp_path_factory):
   with open(os.path.join(out, 'report.jsonl'), encoding='utf-8') as f:
     report = {os.path.splitext(entry['clip_id'])[0]: entry for entry in map(json.loads, f)}
   return clips, report, stats
+
+
+def _outputs(folder: str) -> dict[str, Any]:
+  """Parsed records per shard file, stats.json and report.jsonl of a prepared folder."""
+  outputs = {}
+  for path in sorted(glob.glob(os.path.join(folder, '*.tfrecord'))):
+    outputs[os.path.basename(path)] = [tf.train.SequenceExample.FromString(x.numpy())
+                                       for x in tf.data.TFRecordDataset(path)]
+  for name in ('stats.json', 'report.jsonl'):
+    with open(os.path.join(folder, name), encoding='utf-8') as f:
+      outputs[name] = f.read()
+  return outputs
+
+
+def test_beam_runner_writes_what_the_local_runner_writes(cases, tmp_path):
+  pytest.importorskip('apache_beam', reason="the Beam runner needs pip install -e '.[beam]'")
+  folder, specs, label_names = cases
+  videos = os.path.join(folder, 'videos')
+  run = lambda out, **kwargs: shards.prepare_dataset(
+      specs, videos, str(out), label_names=label_names, num_shards_per_split=3, **CASE_SETTINGS,
+      **kwargs)
+  run(tmp_path / 'local', num_workers=0)
+  beam_options = '--direct_num_workers=2 --direct_running_mode=multi_threading'
+  run(tmp_path / 'beam', runner='beam', beam_options=beam_options)
+  local = _outputs(tmp_path / 'local')
+  assert len(local) == 5 and sum(map(len, (local[f'train-0000{i}-of-00003.tfrecord']
+                                           for i in range(3)))) == 9
+  assert _outputs(tmp_path / 'beam') == local  # records, combined statistics, report
+  # A rerun writes only the shards that are not finished.
+  beam = tmp_path / 'beam'
+  kept = (beam / 'train-00000-of-00003.tfrecord').stat().st_mtime_ns
+  (beam / 'train-00001-of-00003.tfrecord').unlink()
+  run(beam, runner='beam', beam_options=beam_options)
+  assert (beam / 'train-00000-of-00003.tfrecord').stat().st_mtime_ns == kept
+  assert _outputs(beam) == local
 
 
 def _frames(clip):

@@ -1,26 +1,36 @@
 """tf.data input pipeline: sharded clip records (see `avt_jax.records`) -> numpy batches.
 
 Files are `{data_dir}/{split}-{i:05d}-of-{n:05d}.tfrecord`; `{data_dir}/stats.json` gives the
-log-mel normalisation and the label space. Each process reads the files `files[i::process_count]`
-(sorted by name) and yields per-host batches of `batch_size // process_count` examples.
+log-mel normalisation and the label space. Processes yield per-host batches of
+`batch_size // process_count` examples and divide a split in one of two ways (our design;
+`config.input.shard_by`, default 'auto': by files when the split has at least one file per process,
+else by examples):
 
-Training (`make_train_iterator`) repeats epochs forever. Epoch `e` reads this host's files in an
-order drawn from (seed, process, e), interleaves them record by record, and shuffles records within
-consecutive blocks of `shuffle_buffer` records by permutations drawn from (seed, process, e, block).
-Records are numbered by a running counter over the whole stream; each record's augmentation comes
-from (seed, process, counter) and mixup's lambda from (seed, process, counter of the batch's first
-record). Only stateless random
-ops are used (a `Dataset.shuffle` buffer would also depend on TF's global seed, which other code
-may set) and parallel stages run with `deterministic=True`, so the stream is a pure function of
-(files, seed, process). The resume position is a number of examples, not of steps: resuming at
-`start_example=n` (the global number of examples consumed, `examples_seen` in a checkpoint) counts
-this host's records once, jumps to the epoch that holds this host's example `n / process_count`,
-skips the serialized records before it in that epoch (no decoding) and continues with the same
-counters, so no example is skipped or repeated even when the batch size changed in between; with an
-unchanged batch size it yields exactly the batches an uninterrupted run yields. Mixup's lambda is
-drawn from the counter of each batch's first example. `stream_identity` lists what else fixes the
-order (seed, files, split, shuffle buffer, interleave cycle, process count); `check_same_stream`
-refuses to resume when one of them changed.
+- by files: process `p` of `P` reads the files `files[p::P]` (sorted by name), its own stream
+  ("reader" `p` of `P` readers);
+- by examples: every process reads all files as one stream (reader 0 of 1) and keeps its share:
+  of each global batch of that stream, the `p`-th block of `batch_size // P` consecutive examples
+  (records of other shares are skipped before decoding); in evaluation, the videos `p::P`. The
+  global training batches are then those of a single process reading all files, whatever `P` is
+  (mixup, which mixes neighbours within a host's batch, aside), so a run resumes exactly on another
+  number of processes. The cost: every process reads every file.
+
+Training (`make_train_iterator`) repeats epochs forever. Epoch `e` reads the reader's files in an
+order drawn from (seed, reader, e), interleaves them record by record, and shuffles records within
+consecutive blocks of `shuffle_buffer` records by permutations drawn from (seed, reader, e, block).
+Records are numbered by a running counter over the reader's whole stream; each record's
+augmentation comes from (seed, reader, counter) and mixup's lambda from (seed, reader, counter of
+the first record of the reader's batch). Only stateless random ops are used (a `Dataset.shuffle`
+buffer would also depend on TF's global seed, which other code may set) and parallel stages run
+with `deterministic=True`, so the stream is a pure function of (files, seed, reader). The resume
+position is a number of examples, not of steps: resuming at `start_example=n` (the global number of
+examples consumed, `examples_seen` in a checkpoint) counts the reader's records once, jumps to the
+epoch that holds the reader's example `n / readers`, skips the serialized records before it in that
+epoch (no decoding) and continues with the same counters, so no example is skipped or repeated even
+when the batch size changed in between; with an unchanged batch size it yields exactly the batches
+an uninterrupted run yields. `stream_identity` lists what else fixes the order (seed, files, split,
+shuffle buffer, interleave cycle, number of readers); `check_same_stream` refuses to resume when
+one of them changed.
 
 Temporal sampling: `num_frames` stored frames `frame_stride` apart. Training starts the window at a
 uniformly random frame; evaluation uses `eval_clips` starts evenly spaced from the first to the last
@@ -30,13 +40,16 @@ end of a clip repeat its last video frame and pad the raw log-mel with the clip'
 (its quietest frame, i.e. silence) before normalisation `(x - logmel_mean) / logmel_std`. Only
 the selected JPEGs are decoded (training decodes only the crop window).
 
-Evaluation (`make_eval_iterator`) yields every video of this host's files once, as
-`eval_clips x eval_crops` consecutive views (clip-major), with `index` = the video's position in
-this host's stream. The last batch is padded (mask 0, index -1); with several processes every
+Evaluation (`make_eval_iterator`) yields every video of this host's share once, as
+`eval_clips x eval_crops` consecutive views (clip-major), with `index` = a number unique to the
+video across all processes (position in the reader's stream x readers + reader). The last batch is
+padded (mask 0, index -1); with several processes every
 host is padded with whole empty batches to the same number of batches, so collective eval steps
 stay in lockstep.
 
 Config fields read besides the documented `config.data.*` / `config.input.*` ones (all optional):
+  config.input.shard_by                 'auto'      'files', 'examples' or 'auto' (see above; in
+                                                     the default config).
   config.input.aspect_ratio_range       (3/4, 4/3)  width/height range of the random resized crop.
   config.input.interleave_cycle_length  16          files read concurrently (fixed, so that the
                                                      record order does not depend on the machine).
@@ -46,7 +59,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -60,6 +73,7 @@ STATS_FILE = 'stats.json'
 REQUIRED_STATS_KEYS = ('logmel_mean', 'logmel_std', 'n_mels', 'num_classes')
 DEFAULT_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 DEFAULT_INTERLEAVE_CYCLE_LENGTH = 16
+SHARD_BY = ('auto', 'files', 'examples')
 
 # Independent random streams folded into the (seed, process) seed.
 _FILE_ORDER_STREAM, _SHUFFLE_STREAM, _EXAMPLE_STREAM, _MIXUP_STREAM = range(4)
@@ -137,12 +151,41 @@ def _per_host_batch(global_batch: int, process_count: int, field: str) -> int:
   return global_batch // process_count
 
 
-def _host_files(files: Sequence[str], pattern: str, process_index: int,
-                process_count: int) -> list[str]:
-  if len(files) < process_count:
+class SplitSharding(NamedTuple):
+  """How this process takes part in a split (see the module docstring; our design).
+
+  files: the files this process reads (all of them when sharding by examples).
+  reader, readers: index and number of independent record streams (processes by files; 0 of 1 by
+    examples).
+  share, shares: which block of each reader batch (videos `share::shares` in evaluation) this
+    process keeps: 0 of 1 by files, the process index and count by examples.
+  """
+  files: tuple[str, ...]
+  reader: int
+  readers: int
+  share: int
+  shares: int
+
+
+def plan_sharding(config: ml_collections.ConfigDict, files: Sequence[str], pattern: str,
+                  process_index: int, process_count: int) -> SplitSharding:
+  """Divides a split's sorted `files` among the processes by `config.input.shard_by`.
+
+  Raises:
+    ValueError: `shard_by` is not 'auto', 'files' or 'examples', or is 'files' with fewer files
+      than processes (naming `pattern`).
+  """
+  mode = config.input.get('shard_by', 'auto')
+  if mode not in SHARD_BY:
+    raise ValueError(f'config.input.shard_by: expected one of {SHARD_BY}, got {mode!r}.')
+  if mode == 'files' and len(files) < process_count:
     raise ValueError(f'{len(files)} files match {pattern!r} but there are {process_count} '
-                     'processes; every process needs at least one file (write more shards).')
-  return list(files[process_index::process_count])
+                     "processes; config.input.shard_by='files' needs at least one file per process "
+                     "(write more shards, or use 'auto' or 'examples').")
+  if mode == 'examples' or len(files) < process_count:
+    return SplitSharding(tuple(files), 0, 1, process_index, process_count)
+  return SplitSharding(tuple(files[process_index::process_count]), process_index, process_count,
+                       0, 1)
 
 
 def _cycle_length(config: ml_collections.ConfigDict, num_files: int) -> int:
@@ -429,6 +472,13 @@ def _check_has_records(files: Sequence[str]) -> None:
     raise ValueError(f'The record files of this process hold no records: {list(files)}.')
 
 
+def _train_sharding(config: ml_collections.ConfigDict, data_dir: str, process_index: int,
+                    process_count: int) -> SplitSharding:
+  split = config.data.train_split
+  return plan_sharding(config, list_split_files(data_dir, split), split_pattern(data_dir, split),
+                       process_index, process_count)
+
+
 def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, seed: int,
                         start_example: int = 0, process_index: int | None = None,
                         process_count: int | None = None) -> Iterator[Batch]:
@@ -440,7 +490,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
     seed: run seed; the same seed gives the same batches.
     start_example: number of examples already consumed by all hosts together (a checkpoint's
       `examples_seen`); the first batch starts with the next one, whatever the batch size was.
-      A multiple of `process_count`.
+      When sharding by files, a multiple of `process_count`.
     process_index: this host's index (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -448,60 +498,66 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
     Iterator of dicts: `video` float32 [B, num_frames, image_size, image_size, 3] in [-1, 1],
     `audio` float32 [B, audio_frames, n_mels], `labels/<head>` float32 [B, C], `mask` float32 [B]
     (all ones), with B = batch_size // process_count.
+
+  Raises:
+    ValueError: a bad `start_example`, batch size, `config.input` field or record (naming it).
   """
   process_index, process_count = _resolve_processes(process_index, process_count)
-  if start_example < 0 or start_example % process_count:
-    raise ValueError(f'start_example must be a non-negative multiple of the process count '
-                     f'{process_count}, got {start_example}.')
   batch_size = _per_host_batch(int(config.input.batch_size), process_count, 'batch_size')
-  split = config.data.train_split
-  files = _host_files(list_split_files(data_dir, split), split_pattern(data_dir, split),
-                      process_index, process_count)
+  shards = _train_sharding(config, data_dir, process_index, process_count)
+  if start_example < 0 or start_example % shards.readers:
+    raise ValueError(f'start_example must be a non-negative multiple of the process count '
+                     f'{shards.readers}, got {start_example} (sharding by files).')
+  reader_batch = batch_size * shards.shares  # the examples of all processes sharing the stream
   stats = load_stats(data_dir)
   decoder = ClipDecoder(config, stats, os.path.join(data_dir, STATS_FILE))
-  _check_has_records(files)
-  cycle_length = _cycle_length(config, len(files))
+  _check_has_records(shards.files)
+  cycle_length = _cycle_length(config, len(shards.files))
   shuffle_buffer = int(config.input.shuffle_buffer)
-  host_seed = tf.constant([seed, process_index], tf.int64)
-  file_names = tf.constant(files)
+  reader_seed = tf.constant([seed, shards.reader], tf.int64)
+  file_names = tf.constant(list(shards.files))
 
   def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
-    """This host's serialized records in the order of `epoch`."""
+    """The reader's serialized records in the order of `epoch`."""
     keys = tf.random.stateless_uniform(
-        [len(files)], augment.derive_seed(host_seed, _FILE_ORDER_STREAM, epoch))
+        [len(shards.files)], augment.derive_seed(reader_seed, _FILE_ORDER_STREAM, epoch))
     records_ds = _interleave(tf.gather(file_names, tf.argsort(keys)), cycle_length)
 
     def permute(block_index: tf.Tensor, block: tf.Tensor) -> tf.Tensor:
       keys = tf.random.stateless_uniform(
-          tf.shape(block), augment.derive_seed(host_seed, _SHUFFLE_STREAM, epoch, block_index))
+          tf.shape(block), augment.derive_seed(reader_seed, _SHUFFLE_STREAM, epoch, block_index))
       return tf.gather(block, tf.argsort(keys))
 
     return records_ds.batch(shuffle_buffer).enumerate().map(permute).unbatch()
 
-  first_example = start_example // process_count  # this host's records consumed so far
+  first_example = start_example // shards.readers  # the reader's records consumed so far
   first_epoch, skip = 0, 0
   if first_example:
-    first_epoch, skip = divmod(first_example, sum(count_records(tuple(files))))
+    first_epoch, skip = divmod(first_example, sum(count_records(shards.files)))
   stream = epoch_records(tf.constant(first_epoch, tf.int64)).skip(skip).concatenate(
       tf.data.Dataset.range(first_epoch + 1, _EPOCH_LIMIT).flat_map(epoch_records))
+  stream = stream.enumerate(start=first_example)
+  if shards.shares > 1:  # keep this process's block of each reader batch, before decoding
+    stream = stream.filter(lambda counter, _: (counter - first_example) % reader_batch // batch_size
+                           == shards.share)
 
-  example_seed = augment.derive_seed(host_seed, _EXAMPLE_STREAM)
-  dataset = stream.enumerate(start=first_example).map(
+  example_seed = augment.derive_seed(reader_seed, _EXAMPLE_STREAM)
+  dataset = stream.map(
       lambda counter, serialized: decoder.train_example(counter, serialized, example_seed),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.batch(batch_size, drop_remainder=True)
   alpha = float(config.input.mixup_alpha)
   if alpha > 0:
     mix_keys = ['video', 'audio'] + [records.LABEL_PREFIX + head for head in decoder.heads]
-    mixup_seed = augment.derive_seed(host_seed, _MIXUP_STREAM)
-    dataset = dataset.enumerate().map(  # seeded by the counter of the batch's first record
+    mixup_seed = augment.derive_seed(reader_seed, _MIXUP_STREAM)
+    dataset = dataset.enumerate().map(  # seeded by the counter of the reader batch's first record
         lambda index, batch: augment.mixup(
-            batch, augment.derive_seed(mixup_seed, first_example + index * batch_size), alpha,
+            batch, augment.derive_seed(mixup_seed, first_example + index * reader_batch), alpha,
             mix_keys)[0],
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.map(lambda batch: {**batch, 'mask': tf.ones([batch_size], tf.float32)})
   dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return _numpy_batches(dataset, split_pattern(data_dir, split))
+  return _numpy_batches(dataset, split_pattern(data_dir, config.data.train_split))
 
 
 def stream_identity(config: ml_collections.ConfigDict, data_dir: str, *, seed: int,
@@ -509,7 +565,8 @@ def stream_identity(config: ml_collections.ConfigDict, data_dir: str, *, seed: i
   """What fixes the order of the training stream besides the example counter (JSON values).
 
   A checkpoint stores it next to `examples_seen`; `check_same_stream` compares it on resume. The
-  batch size is not part of it: the stream is a function of the example counter.
+  batch size is not part of it: the stream is a function of the example counter; nor is the process
+  count when sharding by examples (one reader whatever the number of processes).
   """
   _, process_count = _resolve_processes(None, process_count)
   split = config.data.train_split
@@ -520,7 +577,7 @@ def stream_identity(config: ml_collections.ConfigDict, data_dir: str, *, seed: i
       'input.shuffle_buffer': int(config.input.shuffle_buffer),
       'input.interleave_cycle_length': int(config.input.get('interleave_cycle_length',
                                                             DEFAULT_INTERLEAVE_CYCLE_LENGTH)),
-      'process_count': process_count,
+      'readers': _train_sharding(config, data_dir, 0, process_count).readers,
   }
 
 
@@ -530,7 +587,8 @@ _STREAM_FIELD_NAMES = {
     'train_files': 'the training record files in config.data.data_dir',
     'input.shuffle_buffer': 'config.input.shuffle_buffer',
     'input.interleave_cycle_length': 'config.input.interleave_cycle_length',
-    'process_count': 'the number of processes (jax.process_count())',
+    'readers': 'the number of processes reading their own training files (jax.process_count() '
+               "when sharding by files, 1 by examples: config.input.shard_by)",
 }
 
 
@@ -544,6 +602,8 @@ def check_same_stream(saved: dict[str, Any] | None, current: dict[str, Any]) -> 
   """
   if not saved:
     return
+  if 'process_count' in saved and 'readers' not in saved:  # before sharding by examples existed,
+    saved = {**saved, 'readers': saved['process_count']}  # every process read its own files
   for key, value in current.items():
     if key in saved and saved[key] != value:
       before, now = saved[key], value
@@ -558,7 +618,7 @@ def check_same_stream(saved: dict[str, Any] | None, current: dict[str, Any]) -> 
 def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str, split: str, *,
                        process_index: int | None = None,
                        process_count: int | None = None) -> Iterator[Batch]:
-  """Finite iterator over all views of every video in this host's files of `split`.
+  """Finite iterator over all views of every video in this host's share of `split`.
 
   Args:
     config: experiment config (`config.data`, `config.input`).
@@ -571,28 +631,40 @@ def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str, split: 
     Iterator of dicts with B = eval_batch_size // process_count: `video` float32
     [B, num_frames, image_size, image_size, 3] in [-1, 1], `audio` float32
     [B, audio_frames, n_mels], `labels/<head>` float32 [B, C], `mask` float32 [B] (0 on padding),
-    `index` int32 [B] (the video's position within this host's files, -1 on padding). The
+    `index` int32 [B] (a number unique to the video across all processes, -1 on padding). The
     `eval_clips x eval_crops` views of a video are consecutive (clip-major) and may span two
-    batches. With several processes, all hosts yield the same number of batches.
+    batches. With several processes, all hosts yield the same number of batches, and together
+    every video of the split exactly once.
+
+  Raises:
+    ValueError: a bad batch size, `config.input` field or record (naming it).
   """
   process_index, process_count = _resolve_processes(process_index, process_count)
   batch_size = _per_host_batch(int(config.input.eval_batch_size), process_count, 'eval_batch_size')
-  all_files = list_split_files(data_dir, split)
-  files = _host_files(all_files, split_pattern(data_dir, split), process_index, process_count)
+  files, pattern = list_split_files(data_dir, split), split_pattern(data_dir, split)
+  hosts = [plan_sharding(config, files, pattern, host, process_count)
+           for host in range(process_count)]
+  shards = hosts[process_index]
   stats = load_stats(data_dir)
   decoder = ClipDecoder(config, stats, os.path.join(data_dir, STATS_FILE))
-  cycle_length = _cycle_length(config, len(files))
-  dataset = _interleave(files, cycle_length).enumerate().map(
-      decoder.eval_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  videos = _interleave(list(shards.files), _cycle_length(config, len(shards.files))).enumerate()
+  if shards.shares > 1:
+    videos = videos.filter(lambda position, _: position % shards.shares == shards.share)
+  videos = videos.map(  # an index unique across readers
+      lambda position, serialized: (position * shards.readers + shards.reader, serialized))
+  dataset = videos.map(decoder.eval_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.unbatch().batch(batch_size).map(lambda batch: _pad_batch(batch, batch_size))
   if process_count > 1:
-    counts = count_records(tuple(all_files))
-    views_per_host = [sum(counts[host::process_count]) * decoder.views_per_video
-                      for host in range(process_count)]
-    batches_per_host = [math.ceil(views / batch_size) for views in views_per_host]
+    batches_per_host = [
+        math.ceil(_num_videos(host) * decoder.views_per_video / batch_size) for host in hosts]
     extra = max(batches_per_host) - batches_per_host[process_index]
     if extra:
       dataset = dataset.concatenate(
           tf.data.Dataset.from_tensors(_empty_batch(dataset.element_spec)).repeat(extra))
   dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return _numpy_batches(dataset, split_pattern(data_dir, split))
+  return _numpy_batches(dataset, pattern)
+
+
+def _num_videos(shards: SplitSharding) -> int:
+  """Number of videos a process evaluates: its share of its files' records."""
+  return len(range(shards.share, sum(count_records(shards.files)), shards.shares))

@@ -42,8 +42,13 @@ from avt_jax.prep import logmel as logmel_lib
 from avt_jax.prep import media
 
 MISSING_AUDIO_POLICIES = ('silence', 'skip')
+RUNNERS = ('local', 'beam')
 AUDIO_FRAMES_PER_SECOND = 100.0  # 10 ms hop
 TARGET_CLIPS_PER_SHARD = 256
+# `multihost_num_shards`: at least this many files per split, each of at least MIN_CLIPS_PER_SHARD
+# clips (our choice: 64 files let 16 hosts read 4 each, or 64 hosts one).
+MIN_SHARDS = 64
+MIN_CLIPS_PER_SHARD = 8
 SHUFFLE_SEED = 0
 INCOMPLETE_DIR = '.incomplete'
 SHARD_STATS_DIR = 'shard_stats'
@@ -163,6 +168,16 @@ def assign_shards(specs: Sequence[annotations.ClipSpec],
   return [shuffled[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def multihost_num_shards(num_clips: int) -> int:
+  """Shards for a split of `num_clips` clips that many hosts can read by files (our design).
+
+  About `TARGET_CLIPS_PER_SHARD` clips per shard, but at least `MIN_SHARDS` shards where that
+  leaves `MIN_CLIPS_PER_SHARD` clips in each (1,000 clips: 64 shards; 200,000: 781; 20: 2).
+  """
+  return max(1, round(num_clips / TARGET_CLIPS_PER_SHARD),
+             min(MIN_SHARDS, num_clips // MIN_CLIPS_PER_SHARD))
+
+
 def prepare_dataset(
     specs: Sequence[annotations.ClipSpec],
     video_dir: str,
@@ -178,6 +193,8 @@ def prepare_dataset(
     missing_audio: str = 'silence',
     jpeg_quality: int = 90,
     progress: bool = True,
+    runner: str = 'local',
+    beam_options: str = '',
 ) -> dict[str, Any]:
   """Decodes clips into sharded records and writes `stats.json` and `report.jsonl` (resumable).
 
@@ -202,6 +219,13 @@ def prepare_dataset(
     missing_audio: 'silence' or 'skip' for clips without usable audio (see above).
     jpeg_quality: JPEG quality of the stored frames.
     progress: print a progress line (clips done / total, clips/s, ETA) on stderr.
+    runner: 'local' (`num_workers` processes on this machine) or 'beam': one Apache Beam element
+      per unfinished shard, decoded clip by clip in a worker process of the Beam worker and written
+      by the same code (`avt_jax.prep.beam_runner`); this process then combines the per-shard
+      statistics. Same output either way.
+    beam_options: with runner='beam', Beam pipeline options as on a command line (e.g.
+      '--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp'); empty for the
+      embedded DirectRunner.
 
   Returns:
     The statistics written to `stats.json`: `logmel_mean` and `logmel_std` (over all values of the
@@ -217,6 +241,11 @@ def prepare_dataset(
   """
   if missing_audio not in MISSING_AUDIO_POLICIES:
     raise ValueError(f'missing_audio must be one of {MISSING_AUDIO_POLICIES}, got {missing_audio!r}.')
+  if runner not in RUNNERS:
+    raise ValueError(f'runner must be one of {RUNNERS}, got {runner!r}.')
+  if runner == 'beam':  # before any output: Beam missing or bad options stop the run here
+    from avt_jax.prep import beam_runner  # pylint: disable=g-import-not-at-top
+    options = beam_runner.parse_options(beam_options)
   if fps <= 0 or short_side <= 0 or short_side % 2 or (clip_seconds is not None and clip_seconds <= 0):
     raise ValueError(f'Expected fps > 0, an even short_side > 0 and clip_seconds > 0 or None; got '
                      f'fps={fps}, short_side={short_side}, clip_seconds={clip_seconds}.')
@@ -242,20 +271,38 @@ def prepare_dataset(
   gfile.makedirs(os.path.join(out_dir, INCOMPLETE_DIR))
   gfile.makedirs(os.path.join(out_dir, SHARD_STATS_DIR))
   _check_plan(out_dir, settings, label_names, plan)
-  pending = [name for name, clips in plan.items() if not _is_finished(out_dir, name)]
-  tasks = (_Task(spec, annotations.safe_join(video_dir, spec.path), settings)
-           for name in pending for spec in plan[name])
-  meter = _Progress(sum(len(plan[name]) for name in pending), enabled=progress)
-  results = _run_tasks(tasks, num_workers)
-  for name in pending:
-    _write_shard(out_dir, name, plan[name], results, settings, label_names, meter)
-  meter.finish()
+  pending = {name: plan[name] for name in plan if not _is_finished(out_dir, name)}
+  if runner == 'beam':
+    beam_runner.write_shards(pending, video_dir, out_dir, settings, label_names, options)
+  else:
+    meter = _Progress(sum(len(clips) for clips in pending.values()), enabled=progress)
+    results = _run_tasks(_tasks(pending, video_dir, settings), num_workers)
+    for name, clips in pending.items():
+      _write_shard(out_dir, name, clips, results, settings, label_names, meter)
+    meter.finish()
   gfile.rmtree(os.path.join(out_dir, INCOMPLETE_DIR))
   stats = _write_summary(out_dir, settings, label_names, plan)
   if progress:
     sys.stderr.write(f'prepare: {out_dir} holds {stats["num_clips"]} clips in {len(plan)} shards; skipped '
                      f'{stats["num_skipped"]}, degraded {stats["num_degraded"]} (see {REPORT_FILE}).\n')
   return stats
+
+
+def _tasks(shards: Mapping[str, Sequence[annotations.ClipSpec]], video_dir: str,
+           settings: _Settings) -> Iterator[_Task]:
+  """The clips of `shards` in shard order, as decoding tasks."""
+  for clips in shards.values():
+    for spec in clips:
+      yield _Task(spec, annotations.safe_join(video_dir, spec.path), settings)
+
+
+def write_one_shard(name: str, clips: Sequence[annotations.ClipSpec], video_dir: str, out_dir: str,
+                    settings: _Settings, label_names: Mapping[str, Sequence[str]]) -> None:
+  """Decodes the clips of shard `name` in one worker process (a decoder crash costs only its clip)
+  and writes the shard and its statistics, as the local runner does (used by the Beam runner)."""
+  results = _run_tasks(_tasks({name: clips}, video_dir, settings), num_workers=1)
+  _write_shard(out_dir, name, clips, results, settings, label_names,
+               _Progress(len(clips), enabled=False))
 
 
 def _check_specs(specs: Sequence[annotations.ClipSpec], video_dir: str,
