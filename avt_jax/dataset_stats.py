@@ -107,3 +107,10 @@ def _data_fields(config: ml_collections.ConfigDict, stats: dict, where: str,
       'input.audio_frames': audio_frames, 'input.image_size': image_size,
       'input.min_resize': short_side,
   }
+
+
+def class_names(config: ml_collections.ConfigDict, stats: dict) -> dict[str, list[str]]:
+  """Label head -> class names: stats.json's `label_names`, else the class indices as strings."""
+  names = stats.get('label_names') or {}
+  return {head: list(names.get(head) or map(str, range(int(config.data.num_classes[head]))))
+          for head in config.data.label_heads}

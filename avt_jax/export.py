@@ -38,7 +38,7 @@ import librosa  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
-from avt_jax import evaluate, train  # noqa: E402
+from avt_jax import dataset_stats, evaluate, train  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.predict import restore  # noqa: E402
@@ -94,10 +94,7 @@ class ServingModule(tf.Module):
     self._n_mels = int(stats['n_mels'])
     self._logits = jax2tf.convert(evaluate.make_eval_step(model, self._modalities), with_gradient=False,
                                   native_serialization_platforms=tuple(platforms))
-    heads = tuple(config.data.label_heads)
-    names = stats.get('label_names', {})
-    self._label_names = {head: names.get(head) or [str(i) for i in range(config.data.num_classes[head])]
-                         for head in heads}
+    self._label_names = dataset_stats.class_names(config, stats)
 
   @tf.function(autograph=False,  # the jax2tf call inside is not Python control flow to convert
                input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name='frames'),

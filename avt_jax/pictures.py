@@ -167,7 +167,7 @@ def _has_bottleneck_attention(model) -> bool:
 
 
 def make_eval_pictures(config: ml_collections.ConfigDict, model, data_dir: str, split: str,
-                       label_names: Mapping[str, Sequence[str]] | None = None
+                       class_names: Mapping[str, Sequence[str]]
                        ) -> Callable[[Any, MultiViewAccumulator], dict[str, np.ndarray]]:
   """Returns pictures(params, evaluated videos) -> name -> [1, H, W, 3] uint8 images.
 
@@ -178,11 +178,9 @@ def make_eval_pictures(config: ml_collections.ConfigDict, model, data_dir: str, 
     model: the AVT.
     data_dir: the records (the attention clips are read from `split`).
     split: the evaluation split.
-    label_names: head -> class names (default: the class ids).
+    class_names: head -> class names (`dataset_stats.class_names`).
   """
   heads = tuple(config.data.label_heads)
-  names = {head: list((label_names or {}).get(head) or map(str, range(config.data.num_classes[head])))
-           for head in heads}
   with_attention = _has_bottleneck_attention(model) and jax.process_count() == 1
   attention_maps = jax.jit(model.attention_maps)
 
@@ -194,8 +192,9 @@ def make_eval_pictures(config: ml_collections.ConfigDict, model, data_dir: str, 
         labelled = labels[head].sum(axis=1) > 0
         true, predicted = (np.argmax(x[labelled], axis=1) for x in (labels[head], logits[head]))
         if len(true):
-          images[f'confusion/{head}'] = confusion_image(true, predicted, names[head])
-          images[f'per_class_accuracy/{head}'] = per_class_accuracy_image(true, predicted, names[head])
+          images[f'confusion/{head}'] = confusion_image(true, predicted, class_names[head])
+          images[f'per_class_accuracy/{head}'] = per_class_accuracy_image(true, predicted,
+                                                                          class_names[head])
     if with_attention:
       inputs = first_views(input_lib.make_eval_iterator(config, data_dir, split), ATTENTION_CLIPS)
       maps = jax.device_get(attention_maps(params, inputs))

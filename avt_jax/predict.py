@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avt_jax import evaluate, records, train  # noqa: E402
+from avt_jax import dataset_stats, evaluate, records, train  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.prep import annotations, media, shards  # noqa: E402
@@ -91,9 +91,7 @@ class Predictor:
     self.config, self.stats = train.load_run(workdir)
     self.model = build_model(self.config)
     self.params = restore(self.config, workdir, checkpoint)
-    self.heads = tuple(self.config.data.label_heads)
-    self.label_names = {head: self.stats.get('label_names', {}).get(
-        head, [str(i) for i in range(int(self.config.data.num_classes[head]))]) for head in self.heads}
+    self.label_names = dataset_stats.class_names(self.config, self.stats)
     self.views = pipeline.record_views(self.config, self.stats, os.path.join(workdir, train.STATS_FILE))
     self.modalities = tuple(self.config.model.modalities)
     self._step = jax.jit(evaluate.make_eval_step(self.model, self.modalities))

@@ -11,7 +11,8 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from avt_jax import checkpointing, evaluate, input as input_lib, pictures, pretrained, sharding
+from avt_jax import (checkpointing, dataset_stats, evaluate, input as input_lib, pictures,
+                     pretrained, sharding)
 from avt_jax.models.build import objectives as config_objectives
 from avt_jax.train_step import check_finite, make_train_step, setup
 
@@ -175,8 +176,9 @@ def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str
   kind = evaluate.metric_kind(config)
   draw = None
   if config.train.eval_pictures and jax.process_index() == 0:
-    draw = pictures.make_eval_pictures(config, model, data_dir, split,
-                                       input_lib.load_stats(data_dir).get('label_names'))
+    draw = pictures.make_eval_pictures(
+        config, model, data_dir, split,
+        dataset_stats.class_names(config, input_lib.load_stats(data_dir)))
 
   def run(params):
     videos = score(params)
