@@ -234,25 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
                                   save_every=config.train.checkpoint_every) as ckpt, \
        _open_best(config, workdir, best_metric, best_mode) as best, \
        jax.set_mesh(mesh):
-    meta = {}
-    if ckpt.latest_step() is None:
-      init_from = pretrained.prepare(config, abstract.params)  # config.init: read and map, no compile
-      state = jax.jit(init, out_shardings=state_shardings)(rng)
-      state = _start_from_pretrained(init_from, state, state_shardings, tx, workdir)
-      print(f'Initialised {model.__class__.__name__}: '
-            f'{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,} parameters.', flush=True)
-    else:
-      target = jax.tree_util.tree_map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-      # A config that differs from the checkpoint's is adapted to, or refused naming the field.
-      state, meta, notes = checkpointing.restore_adapted(
-          ckpt, target, init=lambda: jax.jit(init, out_shardings=state_shardings)(rng), config=config,
-          fresh_ok=('opt_state',) if config.train.eval_only else ())
-      position = {k: v for k, v in meta.items() if k in ('step', 'examples_seen')}
-      print(f'Resumed from {workdir} at step {int(state.step)} ({position}).', flush=True)
-      for note in notes:
-        print(f'  restore: {note}', flush=True)
-
+    state, meta = _initial_state(config, model, init, rng, abstract, state_shardings, tx, ckpt,
+                                 workdir)
     start = int(state.step)
     summary = {'train': {}, 'steps': start, 'train_seconds': 0.0, 'eval_seconds': 0.0,
                **pretrained.saved_report(workdir)}
@@ -269,18 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       summary['eval_seconds'] = summary['train'].pop('eval_seconds')
       last_eval = summary['train'].pop('last_eval')
       summary['steps'] = int(state.step)
-    reused = last_eval is not None and last_eval[0] == summary['steps']
-    images = {}
-    if reused:  # the loop has just evaluated (and logged) the last step
-      summary['eval'] = last_eval[1]
-    elif 'classification' not in config_objectives(config):  # self-supervised only: no classifier
-      print('No classification objective (config.loss.weights.classification = 0): the run has no '
-            'classifier to evaluate; fine-tune from this workdir with config.init.', flush=True)
-      summary['eval'], reused = {}, True
-    else:
-      summary['eval'], images = evaluator(state.params)
-      if best is not None and not config.train.eval_only:
-        best.update(summary['steps'], state.params, summary['eval'])
+    images, reused = _final_evaluation(config, evaluator, state, best, summary, last_eval)
     if best is not None and best.summary() is not None:
       summary['best'] = best.summary()
   if jax.process_index() == 0 and not reused:
@@ -289,6 +261,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     writer.write_images(summary['steps'], images)
     writer.close()
   return summary
+
+
+def _initial_state(config, model, init, rng, abstract, state_shardings, tx, ckpt, workdir: str):
+  """The run's starting TrainState: a fresh init (plus `config.init`'s pretrained values) when the
+  workdir holds no checkpoint, else the latest checkpoint adapted to `config`.
+
+  Returns:
+    (state, meta): `meta` is the checkpoint's metadata (empty for a fresh run).
+  """
+  if ckpt.latest_step() is None:
+    init_from = pretrained.prepare(config, abstract.params)  # config.init: read and map, no compile
+    state = jax.jit(init, out_shardings=state_shardings)(rng)
+    state = _start_from_pretrained(init_from, state, state_shardings, tx, workdir)
+    print(f'Initialised {model.__class__.__name__}: '
+          f'{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,} parameters.', flush=True)
+    return state, {}
+  target = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+  # A config that differs from the checkpoint's is adapted to, or refused naming the field.
+  state, meta, notes = checkpointing.restore_adapted(
+      ckpt, target, init=lambda: jax.jit(init, out_shardings=state_shardings)(rng), config=config,
+      fresh_ok=('opt_state',) if config.train.eval_only else ())
+  position = {k: v for k, v in meta.items() if k in ('step', 'examples_seen')}
+  print(f'Resumed from {workdir} at step {int(state.step)} ({position}).', flush=True)
+  for note in notes:
+    print(f'  restore: {note}', flush=True)
+  return state, meta
+
+
+def _final_evaluation(config, evaluator, state, best, summary: dict, last_eval
+                      ) -> tuple[dict, bool]:
+  """Puts the evaluation of the final (or chosen best) state into `summary['eval']`.
+
+  Reuses the training loop's evaluation of the same step when there is one; a run without a
+  classification objective has nothing to evaluate.
+
+  Returns:
+    (images to log, reused): `reused` is True when nothing new was evaluated (nothing to log).
+  """
+  if last_eval is not None and last_eval[0] == summary['steps']:  # evaluated (and logged) already
+    summary['eval'] = last_eval[1]
+    return {}, True
+  if 'classification' not in config_objectives(config):  # self-supervised only: no classifier
+    print('No classification objective (config.loss.weights.classification = 0): the run has no '
+          'classifier to evaluate; fine-tune from this workdir with config.init.', flush=True)
+    summary['eval'] = {}
+    return {}, True
+  summary['eval'], images = evaluator(state.params)
+  if best is not None and not config.train.eval_only:
+    best.update(summary['steps'], state.params, summary['eval'])
+  return images, False
 
 
 def _start_from_pretrained(init_from, state, state_shardings, tx, workdir: str):
