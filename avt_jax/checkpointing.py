@@ -44,6 +44,8 @@ catches SIGTERM and agrees on a step at which every process saves; there
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -590,7 +592,6 @@ def restore_adapted(ckpt: Checkpointer, state_template: PyTree, *,
     IncompatibleCheckpointError: the checkpoint cannot be adapted to this config.
   """
   from avt_jax.models import scan  # pylint: disable=g-import-not-at-top
-  from avt_jax.models.tokenizers import resize_posemb  # pylint: disable=g-import-not-at-top
 
   step = ckpt._check_step(step)  # pylint: disable=protected-access
   saved_tree = ckpt.saved_structure(step)
@@ -608,9 +609,9 @@ def restore_adapted(ckpt: Checkpointer, state_template: PyTree, *,
       saved_tree)
   restored, _ = ckpt.restore(read_template, step)
 
-  notes = []
   saved_fusion_start = _fusion_start(restored.get('params', {}))
   target_fusion_start = _fusion_start(getattr(state_template, 'params', {}))
+  notes = []
   if (saved_fusion_start is None) != (target_fusion_start is None):
     notes.append('converted the encoder layers from the '
                  f'{"unrolled" if saved_fusion_start is None else "scanned"} layout')
@@ -618,63 +619,12 @@ def restore_adapted(ckpt: Checkpointer, state_template: PyTree, *,
   want_tree = jax.eval_shape(scan.scanned_to_unrolled, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_template))
   want = _flatten(want_tree)
-
-  fits = lambda path: path in have and _stored_shape(have[path]) == _stored_shape(want[path])
-  params = lambda paths: {path[1:] for path in paths if path[0] == 'params'}
-  added = params(want) - params(have)
-  dropped = params(have) - params(want)
-  resized = {path for path in params(want) & params(have)
-             if not fits(('params',) + path) and path[-1] == 'posembed_input'
-             and len(have[('params',) + path].shape) == len(want[('params',) + path].shape)
-             and have[('params',) + path].shape[0] == 1
-             and have[('params',) + path].shape[-1] == want[('params',) + path].shape[-1]}
-  explained = added | dropped | resized
-  fresh_state, renewed, unfit = [], set(), []
-
-  def fresh(path):
-    if not fresh_state:
-      fresh_state.append(_flatten(scan.scanned_to_unrolled(init())))
-    return fresh_state[0][path]
-
-  leaves = []
-  for path, new in want.items():
-    if fits(path):
-      old = have[path]
-      keep_dtype = jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) or old.dtype == new.dtype
-      leaves.append(old if keep_dtype else old.astype(new.dtype))
-    elif path[0] == 'params' and path[1:] in resized:
-      leaves.append(resize_posemb(have[path], new.shape[1:-1]).astype(new.dtype))
-    elif path[0] == 'params' and path[1:] in added:
-      leaves.append(fresh(path))
-    elif path[0] != 'params' and (_ends_with(path, explained) or path[0] in fresh_ok):
-      leaves.append(fresh(path))
-      if not _ends_with(path, explained):
-        renewed.add(path[0])
-    else:
-      unfit.append(path)
-  unfit += [path for path in have if path not in want and path[0] != 'params'
-            and not _ends_with(path, explained) and path[0] not in fresh_ok]
+  changes = _ParamChanges.between(have, want)
+  leaves, renewed, unfit = _adapted_leaves(
+      have, want, changes, fresh_ok, lambda: _flatten(scan.scanned_to_unrolled(init())))
   if unfit:
-    example = unfit[0]
-    shape = lambda tree: (f'{_stored_shape(tree[example])}' if example in tree else 'absent')
-    first = f'{"/".join(map(str, example))}: {shape(have)} in the checkpoint, {shape(want)} now'
-    fields = _PARAM_FIELDS if any(path[0] == 'params' for path in unfit) else _OPTIMIZER_FIELDS
-    changes = _config_changes(meta.get('config'), config, fields)
-    raise IncompatibleCheckpointError(
-        f'Cannot restore {ckpt.directory} step {step} into this config: '
-        + ('; '.join(changes) if changes else 'the saved state differs') +
-        f' ({len(unfit)} arrays differ, e.g. {first}). Use the checkpoint\'s values or a new '
-        'workdir.')
-
-  for path in sorted(resized):
-    notes.append(f'resized {"/".join(path)} from a {have[("params",) + path].shape[1:-1]} to a '
-                 f'{want[("params",) + path].shape[1:-1]} token grid')
-  for verb, paths, where in (('dropped', dropped, 'config'), ('initialised', added, 'checkpoint')):
-    if paths:
-      notes.append(f'{verb} the parameters not in the {where}: '
-                   f'{", ".join(sorted({str(path[0]) for path in paths}))}')
-  if renewed:
-    notes.append(f'initialised {", ".join(sorted(renewed))} afresh')
+    raise _incompatible(ckpt.directory, step, unfit, have, want, meta.get('config'), config)
+  notes += changes.notes(have, want, renewed)
 
   state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(want_tree), leaves)
   if target_fusion_start is not None:
@@ -683,3 +633,90 @@ def restore_adapted(ckpt: Checkpointer, state_template: PyTree, *,
       lambda x, t: jax.device_put(x, t.sharding) if getattr(t, 'sharding', None) is not None else x,
       state, state_template)
   return state, meta, notes
+
+
+@dataclasses.dataclass(frozen=True)
+class _ParamChanges:
+  """Parameter paths (without the leading 'params') that differ between a checkpoint and a config:
+  only in the config (`added`), only in the checkpoint (`dropped`), position embeddings on another
+  token grid (`resized`)."""
+  added: frozenset
+  dropped: frozenset
+  resized: frozenset
+
+  @classmethod
+  def between(cls, have: dict, want: dict) -> '_ParamChanges':
+    params = lambda paths: {path[1:] for path in paths if path[0] == 'params'}
+
+    def resizable(path):
+      old, new = have[('params',) + path], want[('params',) + path]
+      return (path[-1] == 'posembed_input' and _stored_shape(old) != _stored_shape(new)
+              and len(old.shape) == len(new.shape) and old.shape[0] == 1
+              and old.shape[-1] == new.shape[-1])
+
+    return cls(frozenset(params(want) - params(have)), frozenset(params(have) - params(want)),
+               frozenset(p for p in params(want) & params(have) if resizable(p)))
+
+  @property
+  def explained(self) -> frozenset:
+    return self.added | self.dropped | self.resized
+
+  def notes(self, have: dict, want: dict, renewed: set) -> list[str]:
+    """One line per kind of adaptation, for the restore report."""
+    notes = [f'resized {"/".join(path)} from a {have[("params",) + path].shape[1:-1]} to a '
+             f'{want[("params",) + path].shape[1:-1]} token grid' for path in sorted(self.resized)]
+    for verb, paths, where in (('dropped', self.dropped, 'config'),
+                               ('initialised', self.added, 'checkpoint')):
+      if paths:
+        notes.append(f'{verb} the parameters not in the {where}: '
+                     f'{", ".join(sorted({str(path[0]) for path in paths}))}')
+    if renewed:
+      notes.append(f'initialised {", ".join(sorted(renewed))} afresh')
+    return notes
+
+
+def _adapted_leaves(have: dict, want: dict, changes: _ParamChanges, fresh_ok: tuple[str, ...],
+                    fresh_state: Callable[[], dict]) -> tuple[list, set, list]:
+  """The leaves of the wanted (unrolled, flattened) state, each kept, cast, resized or fresh.
+
+  Returns:
+    (leaves in `want`'s order, top-level fields renewed only because of `fresh_ok`, the paths that
+    could not be adapted).
+  """
+  from avt_jax.models.tokenizers import resize_posemb  # pylint: disable=g-import-not-at-top
+  fresh = functools.cache(fresh_state)  # called only when some leaf needs it
+  explained = changes.explained
+  leaves, renewed, unfit = [], set(), []
+  for path, new in want.items():
+    if path in have and _stored_shape(have[path]) == _stored_shape(new):
+      old = have[path]
+      keep_dtype = jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) or old.dtype == new.dtype
+      leaves.append(old if keep_dtype else old.astype(new.dtype))
+    elif path[0] == 'params' and path[1:] in changes.resized:
+      leaves.append(resize_posemb(have[path], new.shape[1:-1]).astype(new.dtype))
+    elif path[0] == 'params' and path[1:] in changes.added:
+      leaves.append(fresh()[path])
+    elif path[0] != 'params' and (_ends_with(path, explained) or path[0] in fresh_ok):
+      leaves.append(fresh()[path])
+      if not _ends_with(path, explained):
+        renewed.add(path[0])
+    else:
+      unfit.append(path)
+  unfit += [path for path in have if path not in want and path[0] != 'params'
+            and not _ends_with(path, explained) and path[0] not in fresh_ok]
+  return leaves, renewed, unfit
+
+
+def _incompatible(directory: str, step: int, unfit: list, have: dict, want: dict,
+                  saved_config: Any, config: Any) -> 'IncompatibleCheckpointError':
+  """The error for arrays that cannot be adapted: the config fields that differ, one example."""
+  example = unfit[0]
+  shape = lambda tree: (f'{_stored_shape(tree[example])}' if example in tree else 'absent')
+  first = f'{"/".join(map(str, example))}: {shape(have)} in the checkpoint, {shape(want)} now'
+  fields = _PARAM_FIELDS if any(path[0] == 'params' for path in unfit) else _OPTIMIZER_FIELDS
+  changes = _config_changes(saved_config, config, fields)
+  return IncompatibleCheckpointError(
+      f'Cannot restore {directory} step {step} into this config: '
+      + ('; '.join(changes) if changes else 'the saved state differs') +
+      f' ({len(unfit)} arrays differ, e.g. {first}). Use the checkpoint\'s values or a new '
+      'workdir.')
