@@ -149,28 +149,19 @@ def train_run(config: str, data_dir: str, workdir: str, overrides: Sequence[str]
 
 
 def load_config(config_path: str, data_dir: str, overrides: Sequence[str] = ()):
-  """The config of a run as `python -m avt_jax.main` builds it: the file (`path[:arg]`), the
-  `--config.a.b=value` overrides (values as Python literals) and stats.json applied."""
-  import ast  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  """The config of a run as `python -m avt_jax.main` builds it: the file (`path[:arg]`) and the
+  `--config.a.b=value` overrides parsed by `config_flags` as main's flags are, then stats.json
+  applied."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from avt_jax import dataset_stats  # pylint: disable=g-import-not-at-top
 
-  path, _, arg = config_path.partition(':')
-  spec = importlib.util.spec_from_file_location('run_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
+  argv = ['learning_benchmark', f'--config={config_path}', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  config = flag_values.config
   config.data.data_dir = data_dir
-  for flag in overrides:
-    key, value = flag.removeprefix('--config.').split('=', 1)
-    *parents, leaf = key.split('.')
-    node = config
-    for name in parents:
-      node = node[name]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value
   dataset_stats.apply_stats(config, data_dir)
   return config
 
