@@ -46,7 +46,7 @@ AUDIO_FRAMES_PER_SECOND = 100.0
 LABEL_PREFIX = 'labels/'
 STATS_FILE = 'stats.json'
 REQUIRED_STATS_KEYS = ('logmel_mean', 'logmel_std', 'n_mels', 'num_classes')
-_SHARD_RE = re.compile(r'^(?P<split>.+)-(?P<index>\d{5})-of-(?P<num_shards>\d{5})\.tfrecord$')
+_SHARD_RE = re.compile(r'^(?P<split>.+)-(?P<index>\d{5,})-of-(?P<num_shards>\d{5,})\.tfrecord$')
 
 Value = TypeVar('Value')
 

@@ -19,6 +19,7 @@ def test_shard_name_round_trip():
   assert name == 'train_2-00003-of-00064.tfrecord'
   assert data_format.parse_shard_name(name) == ('train_2', 3, 64)
   assert data_format.parse_shard_name(name).split == 'train_2'
+  assert data_format.parse_shard_name(data_format.shard_name('a', 7, 123456)) == ('a', 7, 123456)
   pattern = data_format.split_pattern('/data', 'train_2')
   assert pattern == '/data/train_2-*-of-*.tfrecord'
   with pytest.raises(ValueError, match='stats.json'):
