@@ -7,21 +7,18 @@ so a user gives only `--config.data.data_dir`. Our design:
 * `data.num_classes`, `data.label_heads`, `input.n_mels` come from the file.
 * The video window spans the clip: `input.frame_stride = max(1, round(clip_frames / num_frames))`
   with `clip_frames = clip_seconds * fps`; the audio window covers the same seconds, rounded down to
-  whole audio patches (100 log-mel frames per second).
+  whole audio patches (`data_format.AUDIO_FRAMES_PER_SECOND` log-mel frames per second).
 * `input.min_resize` is the stored short side and `input.image_size` the largest multiple of the
   video patch not above it nor above the configured `input.image_size` (a cap).
 * With `train.epochs > 0`, `train.steps = ceil(epochs * train clips / batch_size)` and
   `optim.warmup_steps = round(optim.warmup_epochs * steps per epoch)`.
 """
 
-import json
 import math
-import os
 
 import ml_collections
 
-STATS_FILE = 'stats.json'
-AUDIO_FRAMES_PER_SECOND = 100
+from avt_jax import data_format
 
 
 class DatasetStatsError(ValueError):
@@ -29,23 +26,21 @@ class DatasetStatsError(ValueError):
 
 
 def read_stats(data_dir: str) -> dict:
-  """Reads `{data_dir}/stats.json`.
+  """Reads `{data_dir}/stats.json` (`data_format.read_stats`, no required keys: `_field` checks them).
 
   Raises:
     DatasetStatsError: the folder or file is missing or unreadable; the message says what to run.
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
-
-  path = epath.Path(data_dir) / STATS_FILE
-  if not path.exists():
-    raise DatasetStatsError(
-        f'config.data.data_dir={data_dir!r} is not a prepared dataset: {path} does not exist. '
-        'Prepare videos with `python -m avt_jax.prepare --dataset=manifest --annotations=FILE '
-        '--videos=DIR --output=DIR` and pass that output folder.')
   try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise DatasetStatsError(f'{path}: cannot read JSON ({e}).') from e
+    return data_format.read_stats(data_dir, required=())
+  except FileNotFoundError as e:
+    raise DatasetStatsError(
+        f'config.data.data_dir={data_dir!r} is not a prepared dataset: '
+        f'{data_format.stats_path(data_dir)} does not exist. Prepare videos with `python -m '
+        'avt_jax.prepare --dataset=manifest --annotations=FILE --videos=DIR --output=DIR` and pass '
+        'that output folder.') from e
+  except ValueError as e:
+    raise DatasetStatsError(str(e)) from e
 
 
 def _field(stats: dict, key: str, path: str):
@@ -65,7 +60,7 @@ def apply_stats(config: ml_collections.ConfigDict, data_dir: str) -> dict:
     DatasetStatsError: missing folder, file or field; a split without training clips.
   """
   stats = read_stats(data_dir)
-  where = os.path.join(data_dir, STATS_FILE)
+  where = data_format.stats_path(data_dir)
   num_classes = {head: int(n) for head, n in _field(stats, 'num_classes', where).items()}
   train_clips = int(_field(stats, 'num_clips', where).get(config.data.train_split, 0))
   if train_clips < 1:
@@ -95,7 +90,8 @@ def _data_fields(config: ml_collections.ConfigDict, stats: dict, where: str,
   stride = max(1, round(clip_seconds * fps / num_frames))
   window_seconds = min(clip_seconds, num_frames * stride / fps)
   patch_time = int(config.model.audio_patch[0])
-  audio_frames = max(patch_time, int(window_seconds * AUDIO_FRAMES_PER_SECOND) // patch_time * patch_time)
+  audio_frames = int(window_seconds * data_format.AUDIO_FRAMES_PER_SECOND)
+  audio_frames = max(patch_time, audio_frames // patch_time * patch_time)
   patch_side = int(config.model.video_patch[1])
   image_size = min(int(inp.image_size), short_side) // patch_side * patch_side
   if image_size < patch_side:

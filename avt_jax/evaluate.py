@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from avt_jax import input as input_lib, metrics, sharding
+from avt_jax import data_format, input as input_lib, metrics, sharding
 
 
 def metric_kind(config: ml_collections.ConfigDict) -> str:
@@ -65,7 +65,7 @@ def make_video_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: 
         break
       template = batch
       logits = step(params, sharding.global_batch({k: batch[k] for k in (*modalities, 'mask')}, mesh))
-      labels = {k.removeprefix('labels/'): v for k, v in batch.items() if k.startswith('labels/')}
+      labels = data_format.batch_labels(batch)
       local = (labels, batch['index'], batch['mask'])  # indices are unique across processes
       if nproc > 1:
         logits, local = multihost_utils.process_allgather((logits, local), tiled=True)

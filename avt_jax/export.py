@@ -38,17 +38,17 @@ import librosa  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
-from avt_jax import dataset_stats, evaluate, train  # noqa: E402
+from avt_jax import data_format, dataset_stats, evaluate, train  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.predict import restore  # noqa: E402
-from avt_jax.prep import logmel, media, shards  # noqa: E402
+from avt_jax.prep import logmel, media  # noqa: E402
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
 def tf_log_mel(waveform: tf.Tensor, n_mels: int, sample_rate: int = media.AUDIO_SAMPLE_RATE,
-               window_s: float = 0.025, hop_s: float = 1.0 / shards.AUDIO_FRAMES_PER_SECOND
+               window_s: float = 0.025, hop_s: float = 1.0 / data_format.AUDIO_FRAMES_PER_SECOND
                ) -> tf.Tensor:
   """`avt_jax.prep.logmel.log_mel` in TensorFlow ops (the same frames, window and filterbank).
 
@@ -89,7 +89,7 @@ class ServingModule(tf.Module):
     self.params = tf.nest.map_structure(tf.Variable, params)
     self._multi_label = bool(config.data.multi_label)
     self._modalities = tuple(config.model.modalities)
-    self._decoder = pipeline.ClipDecoder(config, stats, os.path.join(workdir, train.STATS_FILE))
+    self._decoder = pipeline.ClipDecoder(config, stats, data_format.stats_path(workdir))
     self._fps = float(stats['fps'])
     self._n_mels = int(stats['n_mels'])
     self._logits = jax2tf.convert(evaluate.make_eval_step(model, self._modalities), with_gradient=False,
@@ -102,7 +102,7 @@ class ServingModule(tf.Module):
   def serve(self, frames: tf.Tensor, waveform: tf.Tensor) -> dict[str, tf.Tensor]:
     """uint8 [T, H, W, 3] frames and float32 [samples] 16 kHz audio -> head -> [C] probabilities."""
     clip = {'logmel': tf_log_mel(waveform, self._n_mels), 'fps': self._fps,
-            'audio_fps': shards.AUDIO_FRAMES_PER_SECOND}
+            'audio_fps': data_format.AUDIO_FRAMES_PER_SECOND}
     views = self._decoder.views(lambda ids: tf.gather(frames, ids), tf.shape(frames)[0],
                                 tf.shape(frames)[1:3], clip)
     views['mask'] = tf.ones([self._decoder.views_per_video], tf.float32)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from avt_jax import data_format
+
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -129,7 +131,7 @@ def total_loss(outputs: Mapping, batch: Mapping[str, jax.Array], weights: Mappin
     if not weight:
       continue
     if name == 'classification':
-      labels = {h: batch[f'labels/{h}'] for h in outputs['logits']}
+      labels = {h: batch[data_format.label_key(h)] for h in outputs['logits']}
       options = dict(multi_label=multi_label, label_smoothing=label_smoothing)
       terms[name] = classification_loss(outputs['logits'], labels, mask, **options)
       per_modality = outputs.get('modality_logits', {})

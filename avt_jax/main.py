@@ -133,10 +133,10 @@ def main(argv):
   start = time.time()
   data_dir = resolve_data_dir(config)
   if config.data.from_stats or config.train.epochs:
-    from avt_jax import dataset_stats  # pylint: disable=g-import-not-at-top
+    from avt_jax import data_format, dataset_stats  # pylint: disable=g-import-not-at-top
     fields = dataset_stats.apply_stats(config, data_dir)
     validate(config)
-    print('From ' + os.path.join(data_dir, 'stats.json') + ': ' +
+    print('From ' + data_format.stats_path(data_dir) + ': ' +
           ', '.join(f'{k}={v}' for k, v in fields.items()), flush=True)
   workdir = epath.Path(FLAGS.workdir)
   workdir.mkdir(parents=True, exist_ok=True)

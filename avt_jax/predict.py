@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avt_jax import dataset_stats, evaluate, records, train  # noqa: E402
+from avt_jax import data_format, dataset_stats, evaluate, records, train  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.prep import annotations, media, shards  # noqa: E402
@@ -92,14 +92,15 @@ class Predictor:
     self.model = build_model(self.config)
     self.params = restore(self.config, workdir, checkpoint)
     self.label_names = dataset_stats.class_names(self.config, self.stats)
-    self.views = pipeline.record_views(self.config, self.stats, os.path.join(workdir, train.STATS_FILE))
+    self.views = pipeline.record_views(self.config, self.stats, data_format.stats_path(workdir))
     self.modalities = tuple(self.config.model.modalities)
     self._step = jax.jit(evaluate.make_eval_step(self.model, self.modalities))
     inp = self.config.input
     # What one view covers: stored video frames and spectrogram frames.
-    self.view_frames = (int(inp.num_frames) - 1) * int(inp.frame_stride) + 1
-    self.view_seconds = max(self.view_frames / float(self.stats['fps']),
-                            int(inp.audio_frames) / shards.AUDIO_FRAMES_PER_SECOND)
+    window = (int(inp.num_frames), int(inp.frame_stride))
+    self.view_frames = data_format.window_frames(*window)
+    self.view_seconds = data_format.view_seconds(*window, float(self.stats['fps']),
+                                                 int(inp.audio_frames))
 
   def decode(self, path: str) -> Decoded:
     """Decodes a whole file as `prepare` does (see the module docstring).
@@ -128,7 +129,7 @@ class Predictor:
     clip = records.Clip(
         clip_id=path, source=path, start=decoded.start, end=decoded.end, labels={},
         jpeg_frames=decoded.jpeg_frames, fps=decoded.fps, height=decoded.height, width=decoded.width,
-        logmel=logmel, audio_fps=shards.AUDIO_FRAMES_PER_SECOND,
+        logmel=logmel, audio_fps=data_format.AUDIO_FRAMES_PER_SECOND,
         audio_missing=decoded.waveform is None)
     return Decoded(records.encode_clip(clip), seconds, issues, notes)
 

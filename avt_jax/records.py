@@ -14,7 +14,7 @@ context features
   `video/height`      int64    size of the stored (resized) frames
   `video/width`       int64
   `audio/logmel`      bytes    log-mel spectrogram, float16 little-endian, C order [num_frames, n_mels]
-  `audio/num_frames`  int64    spectrogram frames (100 per second at the default 10 ms hop)
+  `audio/num_frames`  int64    spectrogram frames (`data_format.AUDIO_FRAMES_PER_SECOND` per second)
   `audio/n_mels`      int64
   `audio/frames_per_second` float
   `audio/missing`     int64    1 when the source had no audio stream and silence was substituted
@@ -22,7 +22,8 @@ feature lists
   `video/jpeg`        bytes    one JPEG-encoded RGB frame per step
 
 The spectrogram frame at time t seconds is `round(t * audio/frames_per_second)` and the video frame is
-`round(t * video/fps)`, both measured from `clip/start`, so readers can cut synchronised windows.
+`round(t * video/fps)`, both measured from `clip/start` (`data_format.frame_count`), so readers can cut
+synchronised windows. File names, stats.json and the label key prefix: `avt_jax.data_format`.
 """
 
 import dataclasses
@@ -31,7 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-LABEL_PREFIX = 'labels/'
+from avt_jax import data_format
 
 
 @dataclasses.dataclass
@@ -101,7 +102,7 @@ def encode_clip(clip: Clip) -> bytes:
       'audio/missing': _ints([int(clip.audio_missing)]),
   }
   for head, indices in clip.labels.items():
-    context[LABEL_PREFIX + head] = _ints(indices)
+    context[data_format.label_key(head)] = _ints(indices)
   frames = tf.train.FeatureList(feature=[_bytes([f]) for f in clip.jpeg_frames])
   example = tf.train.SequenceExample(
       context=tf.train.Features(feature=context),
@@ -130,7 +131,7 @@ def parse_clip(serialized: tf.Tensor, label_heads: Sequence[str] = ('class',)) -
       'audio/missing': tf.io.FixedLenFeature([], tf.int64, default_value=0),
   }
   for head in label_heads:
-    context_spec[LABEL_PREFIX + head] = tf.io.VarLenFeature(tf.int64)
+    context_spec[data_format.label_key(head)] = tf.io.VarLenFeature(tf.int64)
   context, sequence = tf.io.parse_single_sequence_example(
       serialized, context_features=context_spec,
       sequence_features={'video/jpeg': tf.io.FixedLenSequenceFeature([], tf.string)})
@@ -145,5 +146,5 @@ def parse_clip(serialized: tf.Tensor, label_heads: Sequence[str] = ('class',)) -
       'audio_missing': context['audio/missing'],
   }
   for head in label_heads:
-    out[LABEL_PREFIX + head] = tf.sparse.to_dense(context[LABEL_PREFIX + head])
+    out[data_format.label_key(head)] = tf.sparse.to_dense(context[data_format.label_key(head)])
   return out

@@ -11,8 +11,8 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from avt_jax import (checkpointing, dataset_stats, evaluate, input as input_lib, pictures,
-                     pretrained, sharding)
+from avt_jax import (checkpointing, data_format, dataset_stats, evaluate, input as input_lib,
+                     pictures, pretrained, sharding)
 from avt_jax.models.build import objectives as config_objectives
 from avt_jax.train_step import check_finite, make_train_step, setup
 
@@ -51,16 +51,15 @@ class ProgressLog:
 
 
 CONFIG_FILE = 'config.json'  # in the workdir: the run's config (what `load_run` rebuilds)
-STATS_FILE = 'stats.json'  # in the workdir: the training data's stats.json (label names, decoding)
 
 
 def save_run(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> None:
   """Writes `<workdir>/config.json` (the config as JSON) and a copy of the data's `stats.json`
   (class names, frame rate, frame size, mel bins, log-mel normalisation): what `load_run` needs to use
   the model on new videos without the training data (`avt_jax.predict`, `avt_jax.export`)."""
-  workdir = epath.Path(workdir)
-  (workdir / CONFIG_FILE).write_text(json.dumps(checkpointing.config_snapshot(config), indent=2))
-  (workdir / STATS_FILE).write_text(json.dumps(input_lib.load_stats(data_dir), indent=2))
+  config_json = json.dumps(checkpointing.config_snapshot(config), indent=2)
+  (epath.Path(workdir) / CONFIG_FILE).write_text(config_json)
+  data_format.write_stats(workdir, input_lib.load_stats(data_dir))
 
 
 def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -71,7 +70,7 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
       write the config with `checkpointing.config_snapshot` and copy the records' stats.json).
   """
   loaded = []
-  for name in (CONFIG_FILE, STATS_FILE):
+  for name in (CONFIG_FILE, data_format.STATS_FILE):
     path = epath.Path(workdir) / name
     if not path.exists():
       raise FileNotFoundError(f'{path} not found: training writes it into the workdir (runs that '

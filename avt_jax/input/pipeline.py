@@ -1,7 +1,7 @@
 """tf.data input pipeline: sharded clip records (see `avt_jax.records`) -> numpy batches.
 
 Files are `{data_dir}/{split}-{i:05d}-of-{n:05d}.tfrecord`; `{data_dir}/stats.json` gives the
-log-mel normalisation and the label space. Processes yield per-host batches of
+log-mel normalisation and the label space (both `avt_jax.data_format`). Processes yield per-host batches of
 `batch_size // process_count` examples and divide a split in one of two ways (our design;
 `config.input.shard_by`, default 'auto': by files when the split has at least one file per process,
 else by examples):
@@ -32,13 +32,20 @@ an uninterrupted run yields. `stream_identity` lists what else fixes the order (
 shuffle buffer, interleave cycle, number of readers); `check_same_stream` refuses to resume when
 one of them changed.
 
-Temporal sampling: `num_frames` stored frames `frame_stride` apart. Training starts the window at a
-uniformly random frame; evaluation uses `eval_clips` starts evenly spaced from the first to the last
-possible one (one clip: the centre). The audio window starts at the same time,
-`round(start_frame / fps * audio_fps)`, and has `audio_frames` frames. Windows that run past the
-end of a clip repeat its last video frame and pad the raw log-mel with the clip's minimum value
-(its quietest frame, i.e. silence) before normalisation `(x - logmel_mean) / logmel_std`. Only
-the selected JPEGs are decoded (training decodes only the crop window).
+Temporal sampling (our design): the video window is `num_frames` stored frames `frame_stride` apart
+from a start frame `s`; it reads `data_format.window_frames` = `(num_frames - 1) * frame_stride + 1`
+stored frames. Training draws `s` uniformly from [0, max_start], max_start = max(0, stored frames -
+window_frames); evaluation uses `eval_clips` starts `round(i * max_start / (eval_clips - 1))`
+(halves up), one clip: `max_start // 2`. The audio window of `audio_frames` spectrogram frames is
+centred on the video window, not aligned with its start: the video window stands for the stored
+frames [s, s + num_frames * frame_stride), whose centre is `c = (s + num_frames * frame_stride / 2)
+/ fps` seconds, and the audio window's first frame is `round(c * audio_fps - audio_frames / 2)`
+(halves up), clipped to [0, max(0, spectrogram frames - audio_frames)], so a window longer than the
+video one extends equally on both sides and is shifted to stay inside the clip where the clip is
+long enough. Windows that run past the end of a clip repeat its last video frame and pad the raw
+log-mel with the clip's minimum value (its quietest frame, i.e. silence; `logmel_mean` for a clip
+without spectrogram frames) before normalisation `(x - logmel_mean) / logmel_std`. Only the
+selected JPEGs are decoded (training decodes only the crop window).
 
 Evaluation (`make_eval_iterator`) yields every video of this host's share once, as
 `eval_clips x eval_crops` consecutive views (clip-major), with `index` = a number unique to the
@@ -56,7 +63,6 @@ Config fields read besides the documented `config.data.*` / `config.input.*` one
 """
 
 import functools
-import json
 import math
 import os
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -66,11 +72,10 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from avt_jax import data_format
 from avt_jax import records
 from avt_jax.input import augment
 
-STATS_FILE = 'stats.json'
-REQUIRED_STATS_KEYS = ('logmel_mean', 'logmel_std', 'n_mels', 'num_classes')
 DEFAULT_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 DEFAULT_INTERLEAVE_CYCLE_LENGTH = 16
 SHARD_BY = ('auto', 'files', 'examples')
@@ -84,16 +89,11 @@ _EPOCH_LIMIT = 2**62
 Batch = dict[str, np.ndarray]
 
 
-def split_pattern(data_dir: str, split: str) -> str:
-  """The glob matching the record files of `split`."""
-  return os.path.join(data_dir, f'{split}-*-of-*.tfrecord')
-
-
 def list_split_files(data_dir: str, split: str) -> list[str]:
   """Sorted record files of `split`; raises FileNotFoundError naming the directory or glob."""
   if not tf.io.gfile.isdir(data_dir):
     raise FileNotFoundError(f'Data directory {data_dir!r} does not exist.')
-  pattern = split_pattern(data_dir, split)
+  pattern = data_format.split_pattern(data_dir, split)
   files = sorted(tf.io.gfile.glob(pattern))
   if not files:
     raise FileNotFoundError(f'No record files for split {split!r}: nothing matches {pattern!r}.')
@@ -101,17 +101,15 @@ def list_split_files(data_dir: str, split: str) -> list[str]:
 
 
 def load_stats(data_dir: str) -> dict[str, Any]:
-  """Reads `{data_dir}/stats.json` and checks the keys the pipeline needs."""
-  path = os.path.join(data_dir, STATS_FILE)
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f'Dataset statistics {path!r} not found (written by data preparation).')
-  with tf.io.gfile.GFile(path) as f:
-    stats = json.load(f)
-  missing = [key for key in REQUIRED_STATS_KEYS if key not in stats]
-  if missing:
-    raise ValueError(f'{path} lacks keys {missing}; expected at least {list(REQUIRED_STATS_KEYS)}.')
+  """Reads `{data_dir}/stats.json` (`data_format.read_stats`) and checks that `logmel_std` > 0.
+
+  Raises:
+    FileNotFoundError: no stats.json; ValueError: missing keys or `logmel_std` <= 0 (naming the file).
+  """
+  stats = data_format.read_stats(data_dir)
   if not stats['logmel_std'] > 0:
-    raise ValueError(f'{path}: logmel_std must be > 0, got {stats["logmel_std"]}.')
+    raise ValueError(f'{data_format.stats_path(data_dir)}: logmel_std must be > 0, got '
+                     f'{stats["logmel_std"]}.')
   return stats
 
 
@@ -120,7 +118,7 @@ def num_eval_videos(data_dir: str, split: str) -> int:
   stats = load_stats(data_dir)
   num_clips = stats.get('num_clips', {})
   if split not in num_clips:
-    raise ValueError(f'{os.path.join(data_dir, STATS_FILE)}: num_clips has no entry for split '
+    raise ValueError(f'{data_format.stats_path(data_dir)}: num_clips has no entry for split '
                      f'{split!r} (has {sorted(num_clips)}).')
   return int(num_clips[split])
 
@@ -208,7 +206,7 @@ class ClipDecoder:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, stats: dict[str, Any],
-               stats_path: str = STATS_FILE):
+               stats_path: str = data_format.STATS_FILE):
     cfg = config.input
     for field in ('num_frames', 'frame_stride', 'image_size', 'min_resize', 'audio_frames',
                   'n_mels', 'shuffle_buffer'):
@@ -235,7 +233,7 @@ class ClipDecoder:
     self.logmel_std = float(stats['logmel_std'])
     self.num_frames = int(cfg.num_frames)
     self.frame_stride = int(cfg.frame_stride)
-    self.span = (self.num_frames - 1) * self.frame_stride + 1  # stored frames covered by a window
+    self.span = data_format.window_frames(self.num_frames, self.frame_stride)  # stored frames read
     self.image_size = int(cfg.image_size)
     self.min_resize = int(cfg.min_resize)
     self.audio_frames = int(cfg.audio_frames)
@@ -274,7 +272,7 @@ class ClipDecoder:
         [f'Record log-mel has the wrong number of mel bins (config.input.n_mels={self.n_mels}); '
          'clip id:', clip_id, 'n_mels:', num_mels])]
     for head in self.heads:
-      indices = clip[records.LABEL_PREFIX + head]
+      indices = clip[data_format.label_key(head)]
       checks.append(tf.debugging.Assert(
           tf.reduce_all((indices >= 0) & (indices < self.num_classes[head])),
           [f'Record label {head!r} outside [0, {self.num_classes[head]}); clip id:', clip_id,
@@ -291,8 +289,8 @@ class ClipDecoder:
     """One-hot / multi-hot float32 [C] per head (all zeros when unlabelled)."""
     out = {}
     for head in self.heads:
-      hot = tf.one_hot(clip[records.LABEL_PREFIX + head], self.num_classes[head])  # [n, C]
-      out[records.LABEL_PREFIX + head] = tf.minimum(tf.reduce_sum(hot, axis=0), 1.0)
+      hot = tf.one_hot(clip[data_format.label_key(head)], self.num_classes[head])  # [n, C]
+      out[data_format.label_key(head)] = tf.minimum(tf.reduce_sum(hot, axis=0), 1.0)
     return out
 
   def _frame_ids(self, start: tf.Tensor, num_stored: tf.Tensor) -> tf.Tensor:
@@ -408,7 +406,7 @@ class ClipDecoder:
 
 
 def record_views(config: ml_collections.ConfigDict, stats: dict[str, Any],
-                 stats_path: str = STATS_FILE) -> Callable[[bytes], Batch]:
+                 stats_path: str = data_format.STATS_FILE) -> Callable[[bytes], Batch]:
   """Returns views(serialized record) -> the eval views of that one clip as numpy arrays.
 
   They are the rows `make_eval_iterator` yields for the record (same `ClipDecoder.eval_views`), with
@@ -475,8 +473,8 @@ def _check_has_records(files: Sequence[str]) -> None:
 def _train_sharding(config: ml_collections.ConfigDict, data_dir: str, process_index: int,
                     process_count: int) -> SplitSharding:
   split = config.data.train_split
-  return plan_sharding(config, list_split_files(data_dir, split), split_pattern(data_dir, split),
-                       process_index, process_count)
+  return plan_sharding(config, list_split_files(data_dir, split),
+                       data_format.split_pattern(data_dir, split), process_index, process_count)
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, seed: int,
@@ -510,7 +508,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
                      f'{shards.readers}, got {start_example} (sharding by files).')
   reader_batch = batch_size * shards.shares  # the examples of all processes sharing the stream
   stats = load_stats(data_dir)
-  decoder = ClipDecoder(config, stats, os.path.join(data_dir, STATS_FILE))
+  decoder = ClipDecoder(config, stats, data_format.stats_path(data_dir))
   _check_has_records(shards.files)
   cycle_length = _cycle_length(config, len(shards.files))
   shuffle_buffer = int(config.input.shuffle_buffer)
@@ -548,7 +546,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
   dataset = dataset.batch(batch_size, drop_remainder=True)
   alpha = float(config.input.mixup_alpha)
   if alpha > 0:
-    mix_keys = ['video', 'audio'] + [records.LABEL_PREFIX + head for head in decoder.heads]
+    mix_keys = ['video', 'audio'] + [data_format.label_key(head) for head in decoder.heads]
     mixup_seed = augment.derive_seed(reader_seed, _MIXUP_STREAM)
     dataset = dataset.enumerate().map(  # seeded by the counter of the reader batch's first record
         lambda index, batch: augment.mixup(
@@ -557,7 +555,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.map(lambda batch: {**batch, 'mask': tf.ones([batch_size], tf.float32)})
   dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return _numpy_batches(dataset, split_pattern(data_dir, config.data.train_split))
+  return _numpy_batches(dataset, data_format.split_pattern(data_dir, config.data.train_split))
 
 
 def stream_identity(config: ml_collections.ConfigDict, data_dir: str, *, seed: int,
@@ -641,12 +639,12 @@ def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str, split: 
   """
   process_index, process_count = _resolve_processes(process_index, process_count)
   batch_size = _per_host_batch(int(config.input.eval_batch_size), process_count, 'eval_batch_size')
-  files, pattern = list_split_files(data_dir, split), split_pattern(data_dir, split)
+  files, pattern = list_split_files(data_dir, split), data_format.split_pattern(data_dir, split)
   hosts = [plan_sharding(config, files, pattern, host, process_count)
            for host in range(process_count)]
   shards = hosts[process_index]
   stats = load_stats(data_dir)
-  decoder = ClipDecoder(config, stats, os.path.join(data_dir, STATS_FILE))
+  decoder = ClipDecoder(config, stats, data_format.stats_path(data_dir))
   videos = _interleave(list(shards.files), _cycle_length(config, len(shards.files))).enumerate()
   if shards.shares > 1:
     videos = videos.filter(lambda position, _: position % shards.shares == shards.share)

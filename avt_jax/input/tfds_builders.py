@@ -31,6 +31,7 @@ import tensorflow as tf
 from etils import epath
 import tensorflow_datasets as tfds
 
+from avt_jax import data_format
 from avt_jax import records
 
 _MANUAL_INSTRUCTIONS = ('Prepare the dataset with `python -m avt_jax.prepare --dataset={dataset} ... '
@@ -75,7 +76,7 @@ class _PreparedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     prepared = os.fspath(dl_manager.manual_dir)
-    stats_path = os.path.join(prepared, 'stats.json')
+    stats_path = data_format.stats_path(prepared)
     if not tf.io.gfile.exists(stats_path):
       raise FileNotFoundError(f'{stats_path} not found: the manual folder must be the --output of '
                               f'`python -m avt_jax.prepare --dataset={self.DATASET}`.')
@@ -88,7 +89,7 @@ class _PreparedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                          f'found {None if names is None else len(names)}.')
       self.info.features[name].names = names
     return {split: self._generate_examples(sorted(tf.io.gfile.glob(
-        os.path.join(prepared, f'{split}-*-of-*.tfrecord')))) for split in sorted(stats['num_clips'])}
+        data_format.split_pattern(prepared, split)))) for split in sorted(stats['num_clips'])}
 
   def _generate_examples(self, files: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     heads = tuple(head for head, _ in self.LABELS.values())
@@ -105,7 +106,7 @@ class _PreparedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             'audio_missing': bool(clip['audio_missing'].numpy()),
         }
         for name, (head, _) in self.LABELS.items():
-          indices = clip[records.LABEL_PREFIX + head].numpy().tolist()
+          indices = clip[data_format.label_key(head)].numpy().tolist()
           if len(indices) > 1:
             raise ValueError(f'{path}: clip {clip_id!r} has several {head!r} labels {indices}; the '
                              'TFDS builders hold one label per head.')

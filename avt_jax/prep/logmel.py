@@ -1,16 +1,19 @@
 """Log-mel spectrograms (librosa) aligned with the video timeline.
 
-Defaults follow DESIGN.md: 16 kHz mono, 128 mel bins, 25 ms Hann window, 10 ms hop (100 frames per
-second). Frame `i` is centred at `i * hop_s` seconds (librosa's `center=True` with zero padding), so the
-frame at time t is `round(t / hop_s)`, as `avt_jax.records` specifies; a waveform of duration d seconds
-gives exactly `round(d / hop_s)` frames. Values are `log(mel_power + LOG_OFFSET)` with the power
-spectrum of the waveform in [-1, 1] (Slaney mel scale and area normalisation, librosa's defaults).
+Defaults follow docs/method.md: 16 kHz mono, 128 mel bins, 25 ms Hann window, 10 ms hop
+(`data_format.AUDIO_FRAMES_PER_SECOND` = 100 frames per second, the convention of AST). Frame `i` is
+centred at `i * hop_s` seconds (librosa's `center=True` with zero padding), so the frame at time t is
+`round(t / hop_s)`, as `avt_jax.records` specifies; a waveform of duration d seconds gives exactly
+`round(d / hop_s)` frames. Values are `log(mel_power + LOG_OFFSET)` with the power spectrum of the
+waveform in [-1, 1] (Slaney mel scale and area normalisation, librosa's defaults).
 """
 
 import functools
 
 import librosa
 import numpy as np
+
+from avt_jax import data_format
 
 LOG_OFFSET = 1e-6  # log(LOG_OFFSET) ~= -13.8 is the value of digital silence.
 
@@ -22,7 +25,7 @@ def _mel_basis_transposed(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarr
 
 
 def log_mel(waveform: np.ndarray, sample_rate: int = 16000, n_mels: int = 128, window_s: float = 0.025,
-            hop_s: float = 0.010) -> np.ndarray:
+            hop_s: float = 1.0 / data_format.AUDIO_FRAMES_PER_SECOND) -> np.ndarray:
   """Computes the log-mel spectrogram of a mono waveform.
 
   Args:

@@ -3,10 +3,11 @@
 Times are seconds on the file's presentation timeline, measured from the container start, for both
 streams, so the returned frames and waveform cover the same [start, end) window:
 
-* video: the frames at `start + k / fps` for `k = 0 .. round((end - start) * fps) - 1`, each the
-  decoded frame whose timestamp is nearest (the earlier one on a tie; works for variable frame rate
-  sources); resized so the short side is `short_side` (aspect kept, long side rounded to an even size,
-  sample aspect ratio and rotation metadata applied); JPEG-encoded.
+* video: the frames at `start + k / fps` for `k = 0 .. round((end - start) * fps) - 1`
+  (`data_format.frame_count`), each the decoded frame whose timestamp is nearest (the earlier one on
+  a tie; works for variable frame rate sources); resized so the short side is `short_side` (aspect
+  kept, long side rounded to an even size, sample aspect ratio and rotation metadata applied);
+  JPEG-encoded.
 * audio: all channels averaged with equal weights (a plain mean, not ffmpeg's downmix matrix), for any
   channel count, layout and sample format, resampled to 16 kHz with soxr (through librosa),
   `round((end - start) * 16000)` float32 samples. Sample rate, channel layout and sample format may
@@ -41,6 +42,8 @@ from typing import Any, Callable, Iterator
 import av
 import librosa
 import numpy as np
+
+from avt_jax import data_format
 
 AUDIO_SAMPLE_RATE = 16000
 # Gaps or overlaps between consecutive audio frames below this are timestamp rounding, not real gaps.
@@ -322,7 +325,7 @@ def _decode_video(path: str, origin: float, start: float, end: float, fps: float
     decoded video in seconds, or `end` when the source covers the whole window; (height, width) of the
     frames; report lines).
   """
-  num_frames = max(1, round((end - start) * fps))
+  num_frames = max(1, data_format.frame_count(start, end, fps))
   targets = start + np.arange(num_frames) / fps
   seek_points = _seek_points(start)
   for attempt, seek_point in enumerate(seek_points):
@@ -463,7 +466,7 @@ class _AudioTimeline:
 
   def __init__(self, start: float, end: float):
     self._start = start
-    self._duration = end - start
+    self._end = end
     self._buffers: dict[int, np.ndarray] = {}  # rate -> [samples] mono
     self._cursor: tuple[int, int] | None = None  # (rate, sample index just after the previous frame)
     self.covered = 0.0  # seconds of the window up to the end of the last placed sample
@@ -473,7 +476,8 @@ class _AudioTimeline:
     """Places `samples` [n] at `time` (seconds from the container start; None: after the previous)."""
     buffer = self._buffers.get(rate)
     if buffer is None:
-      buffer = self._buffers[rate] = np.zeros(round(self._duration * rate), np.float32)
+      samples_in_window = data_format.frame_count(self._start, self._end, rate)
+      buffer = self._buffers[rate] = np.zeros(samples_in_window, np.float32)
     expected = None  # where the previous frame ended, in samples at `rate`
     if self._cursor is not None:
       cursor_rate, cursor = self._cursor
@@ -500,7 +504,7 @@ class _AudioTimeline:
 
   def waveform(self) -> np.ndarray:
     """[round(duration * 16000)] float32 mono waveform."""
-    num_samples = round(self._duration * AUDIO_SAMPLE_RATE)
+    num_samples = data_format.frame_count(self._start, self._end, AUDIO_SAMPLE_RATE)
     mono = np.zeros(num_samples, np.float32)
     for rate, buffer in self._buffers.items():
       if rate != AUDIO_SAMPLE_RATE:

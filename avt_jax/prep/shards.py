@@ -2,15 +2,15 @@
 
 Output folder layout (`out_dir`, local or any path `tf.io.gfile` can write):
 
-* `{split}-{i:05d}-of-{n:05d}.tfrecord`: records of `avt_jax.records` (`encode_clip`). A shard is
-  written under `.incomplete/` and renamed into place when complete, so a shard file that exists is
-  complete.
+* `{split}-{i:05d}-of-{n:05d}.tfrecord` (`data_format.shard_name`): records of `avt_jax.records`. A
+  shard is written under `.incomplete/` and renamed into place when complete, so a shard file that
+  exists is complete.
 * `shard_stats/{shard name}.json`: per-shard counts, log-mel sums and report lines, written just before
   the shard is renamed; a shard counts as finished only when both files exist.
 * `prepare_plan.json`: settings and a fingerprint of the clip-to-shard assignment. A rerun with the same
   clips and settings keeps finished shards and only writes the missing ones; a rerun with different ones
   is refused instead of mixing two datasets in one folder.
-* `stats.json`: dataset statistics (see `prepare_dataset`), rewritten at the end of every run.
+* `stats.json`: dataset statistics (`avt_jax.data_format`), rewritten at the end of every run.
 * `report.jsonl`: one JSON line per skipped or degraded clip: `clip_id`, `path`, `split`, `status`
   (`skipped` or `degraded`) and `reason`.
 
@@ -37,13 +37,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from avt_jax import data_format
 from avt_jax.prep import annotations
 from avt_jax.prep import logmel as logmel_lib
 from avt_jax.prep import media
 
 MISSING_AUDIO_POLICIES = ('silence', 'skip')
 RUNNERS = ('local', 'beam')
-AUDIO_FRAMES_PER_SECOND = 100.0  # 10 ms hop
 TARGET_CLIPS_PER_SHARD = 256
 # `multihost_num_shards`: at least this many files per split, each of at least MIN_CLIPS_PER_SHARD
 # clips (our choice: 64 files let 16 hosts read 4 each, or 64 hosts one).
@@ -53,7 +53,6 @@ SHUFFLE_SEED = 0
 INCOMPLETE_DIR = '.incomplete'
 SHARD_STATS_DIR = 'shard_stats'
 PLAN_FILE = 'prepare_plan.json'
-STATS_FILE = 'stats.json'
 REPORT_FILE = 'report.jsonl'
 _SPLIT_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.]*$')
 _CRASH_RETRIES = 1  # a clip whose decoding process dies is decoded again once in a fresh process
@@ -132,18 +131,13 @@ def _process_clip(task: _Task) -> _Result:
 
 
 def clip_log_mel(decoded: media.DecodedClip, n_mels: int) -> np.ndarray:
-  """[round(duration * AUDIO_FRAMES_PER_SECOND), n_mels] float32 log-mel of a decoded clip's audio,
-  or of silence (zeros) when it has none (`decoded.waveform` is None); see `avt_jax.prep.logmel`."""
+  """[round(duration * AUDIO_FRAMES_PER_SECOND), n_mels] float32 log-mel (`data_format`) of a decoded
+  clip's audio, or of silence (zeros) when it has none (`decoded.waveform` is None); see `prep.logmel`."""
   waveform = decoded.waveform
   if waveform is None:
-    waveform = np.zeros(round((decoded.end - decoded.start) * decoded.sample_rate), np.float32)
+    waveform = np.zeros(data_format.frame_count(decoded.start, decoded.end, decoded.sample_rate), np.float32)
   return logmel_lib.log_mel(waveform, sample_rate=decoded.sample_rate, n_mels=n_mels,
-                            hop_s=1.0 / AUDIO_FRAMES_PER_SECOND)
-
-
-def shard_name(split: str, index: int, num_shards: int) -> str:
-  """File name of shard `index` of `num_shards` of `split`."""
-  return f'{split}-{index:05d}-of-{num_shards:05d}.tfrecord'
+                            hop_s=1.0 / data_format.AUDIO_FRAMES_PER_SECOND)
 
 
 def assign_shards(specs: Sequence[annotations.ClipSpec],
@@ -265,7 +259,7 @@ def prepare_dataset(
               else num_shards_per_split)
     parts = assign_shards(by_split[split], wanted)
     for index, clips in enumerate(parts):
-      plan[shard_name(split, index, len(parts))] = clips
+      plan[data_format.shard_name(split, index, len(parts))] = clips
 
   gfile = _tf().io.gfile
   gfile.makedirs(os.path.join(out_dir, INCOMPLETE_DIR))
@@ -347,7 +341,7 @@ def _check_plan(out_dir: str, settings: _Settings, label_names: Mapping[str, Seq
       raise ValueError(f'{out_dir} holds records prepared from other clips or settings '
                        f'({path}: {previous.get("settings")}); use a new output folder or delete it.')
   else:
-    _write_json_atomically(path, summary)
+    data_format.write_json(path, summary)
 
 
 def _tf():
@@ -504,21 +498,13 @@ def _write_shard(out_dir: str, name: str, clips: Sequence[annotations.ClipSpec],
           clip_id=spec.clip_id, source=spec.path, start=result.start, end=result.end,
           labels=spec.labels, jpeg_frames=result.jpeg_frames, fps=settings.fps,
           height=result.height, width=result.width, logmel=result.logmel,
-          audio_fps=AUDIO_FRAMES_PER_SECOND, audio_missing=result.audio_missing)))
+          audio_fps=data_format.AUDIO_FRAMES_PER_SECOND, audio_missing=result.audio_missing)))
       num_written += 1
       meter.update(skipped=False)
-  _write_json_atomically(_shard_stats_path(out_dir, name), {
+  data_format.write_json(_shard_stats_path(out_dir, name), {
       'num_clips': num_written, 'class_counts': counts, 'logmel_sum': total, 'logmel_sum_sq': total_sq,
       'logmel_count': num_values, 'report': report})
   tf.io.gfile.rename(temporary, os.path.join(out_dir, name), overwrite=True)
-
-
-def _write_json_atomically(path: str, content: Any) -> None:
-  gfile = _tf().io.gfile
-  temporary = f'{path}.tmp'
-  with gfile.GFile(temporary, 'w') as f:
-    json.dump(content, f, indent=1)
-  gfile.rename(temporary, path, overwrite=True)
 
 
 def _read_json(path: str) -> Any:
@@ -531,7 +517,7 @@ def _write_summary(out_dir: str, settings: _Settings, label_names: Mapping[str, 
   """Aggregates the per-shard stats into `stats.json` and `report.jsonl`."""
   shard_stats = collections.defaultdict(list)  # split -> per-shard stats
   for name in plan:
-    shard_stats[name.rsplit('-', 3)[0]].append(_read_json(_shard_stats_path(out_dir, name)))
+    shard_stats[data_format.parse_shard_name(name).split].append(_read_json(_shard_stats_path(out_dir, name)))
   splits = sorted(shard_stats)
   stats_splits = ['train'] if 'train' in shard_stats else splits
   moments = np.array([[s['logmel_sum'], s['logmel_sum_sq'], s['logmel_count']]
@@ -557,14 +543,14 @@ def _write_summary(out_dir: str, settings: _Settings, label_names: Mapping[str, 
       'fps': settings.fps,
       'short_side': settings.short_side,
       'n_mels': settings.n_mels,
-      'audio_frames_per_second': AUDIO_FRAMES_PER_SECOND,
+      'audio_frames_per_second': data_format.AUDIO_FRAMES_PER_SECOND,
       'audio_sample_rate': media.AUDIO_SAMPLE_RATE,
       'logmel_log_offset': logmel_lib.LOG_OFFSET,
       'clip_seconds': settings.clip_seconds,
       'jpeg_quality': settings.jpeg_quality,
       'missing_audio': settings.missing_audio,
   }
-  _write_json_atomically(os.path.join(out_dir, STATS_FILE), stats)
+  data_format.write_stats(out_dir, stats)
   gfile = _tf().io.gfile
   temporary = os.path.join(out_dir, REPORT_FILE + '.tmp')
   with gfile.GFile(temporary, 'w') as f:
