@@ -38,7 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.input.frame_stride = 2
   c.input.image_size = 224
   c.input.min_resize = 256
-  c.input.audio_frames = 800  # 8 s at 100 frames/s
+  c.input.audio_frames = 800  # 8 s at data_format.AUDIO_FRAMES_PER_SECOND = 100 frames/s
   c.input.n_mels = 128
   c.input.shuffle_buffer = 1024
   # How processes share a split: 'files' (each reads its own), 'examples' (all read every file and

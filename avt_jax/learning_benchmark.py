@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from avt_jax import data_format
+
 FLOOR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 VIDEO_FEATURE_SIZE = 16
 AUDIO_FEATURE_CELLS = (20, 16)
@@ -47,7 +49,7 @@ def clip_features(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, np
     frames = tf.cast(tf.map_fn(lambda j: tf.io.decode_jpeg(j, channels=1), clip['jpeg'],
                                fn_output_signature=tf.uint8), tf.float32)  # [T, H, W, 1]
     mean = tf.image.resize(tf.reduce_mean(frames, 0), [VIDEO_FEATURE_SIZE] * 2, method='area')
-    return tf.reshape(mean, [-1]) / 255.0, clip['logmel'], clip['labels/class'][0]
+    return tf.reshape(mean, [-1]) / 255.0, clip['logmel'], clip[data_format.label_key('class')][0]
 
   dataset = tf.data.TFRecordDataset(pipeline.list_split_files(data_dir, split)).map(
       features, num_parallel_calls=tf.data.AUTOTUNE)
@@ -113,7 +115,7 @@ def encoder_features(config, params, data_dir: str, split: str) -> tuple[np.ndar
     final = apply(params, {k: batch[k] for k in (*modalities, 'mask')})
     keep = batch['mask'] > 0
     features.append(np.concatenate([np.asarray(final[m]) for m in modalities], -1)[keep])
-    labels.append(batch['labels/class'].argmax(-1)[keep])
+    labels.append(batch[data_format.label_key('class')].argmax(-1)[keep])
   return np.concatenate(features), np.concatenate(labels)
 
 
