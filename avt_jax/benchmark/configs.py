@@ -23,9 +23,8 @@ class Benchmark:
   batch_size: int
 
 
-# The configurations of the issue that asked for the benchmark (our design). `tiny` is specified
-# with 200 audio frames, which 16-frame patches do not tile: we pad to 208 (13 x 8 = 104 patches;
-# `--audio_frames` changes it). A stride would give overlapping patches instead, more tokens and no
+# The benchmark configurations (our design). `tiny` is specified with 200 audio frames, which
+# 16-frame patches do not tile: we pad to 208 (13 x 8 = 104 patches; `--audio_frames` changes it). A stride would give overlapping patches instead, more tokens and no
 # masked-audio objectives.
 BENCHMARKS = {
     'tiny': Benchmark('tiny', 3, 8, 112, 208, 2),  # 192 / 3 heads / 768 MLP / 6 layers

@@ -8,9 +8,11 @@ import dataclasses
 import os
 import sys
 import time
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
 from avt_jax.benchmark.configs import (BENCHMARKS, FUSION_STUDY_AUDIO_FRAMES, FUSION_STUDY_VIDEO,
@@ -23,12 +25,12 @@ from avt_jax.benchmark.synthetic_data import write_synthetic_records
 from avt_jax.models.fusion import FUSIONS
 
 
-def _controls(args) -> Controls:
+def _controls(args: SimpleNamespace) -> Controls:
   return Controls(args.dtype, args.attention, args.attention_chunk_size, args.remat_policy,
                   args.scan_layers)
 
 
-def _override(bench: Benchmark, args) -> Benchmark:
+def _override(bench: Benchmark, args: SimpleNamespace) -> Benchmark:
   changes = {k: getattr(args, k) for k in ('batch_size', 'audio_frames') if getattr(args, k)}
   return dataclasses.replace(bench, **changes)
 
@@ -43,7 +45,7 @@ def _log_result(r: dict, log: Callable[[str], None]) -> None:
   log(text)
 
 
-def run_train(args, log: Callable[[str], None] = print) -> dict:
+def run_train(args: SimpleNamespace, log: Callable[[str], None] = print) -> dict:
   """The `train` mode: peak, then every requested benchmark config."""
   controls = _controls(args)
   log(f'Measuring the {args.dtype} matmul peak ...')
@@ -72,7 +74,7 @@ def run_train(args, log: Callable[[str], None] = print) -> dict:
           'nominal_peak': nominal, 'command': ' '.join(sys.argv), 'results': results}
 
 
-def run_fusion(args, log: Callable[[str], None] = print) -> dict:
+def run_fusion(args: SimpleNamespace, log: Callable[[str], None] = print) -> dict:
   """The `fusion` mode: bottleneck vs concat vs late as the video grows, fixed audio."""
   controls = _controls(args)
   probe = PeakProbe(args.dtype)
@@ -123,7 +125,7 @@ def fusion_ratios(results: Sequence[dict]) -> dict[str, dict[str, float]]:
   return ratios
 
 
-def _input_data_dir(args) -> str:
+def _input_data_dir(args: SimpleNamespace) -> str:
   """The records `--mode=input` reads: synthetic, `--data_dir`, the config's, or demo data.
 
   Raises:
@@ -143,7 +145,7 @@ def _input_data_dir(args) -> str:
   return data_dir
 
 
-def _input_seconds_per_batch(config, data_dir: str, batches: int) -> float:
+def _input_seconds_per_batch(config: ml_collections.ConfigDict, data_dir: str, batches: int) -> float:
   """Seconds per batch of the training input pipeline, after building it and filling its buffer."""
   from avt_jax import input as input_lib  # pylint: disable=g-import-not-at-top
   iterator = input_lib.make_train_iterator(config, data_dir, seed=0)
@@ -154,7 +156,7 @@ def _input_seconds_per_batch(config, data_dir: str, batches: int) -> float:
   return (time.perf_counter() - start) / batches
 
 
-def run_input(args, log: Callable[[str], None] = print) -> dict:
+def run_input(args: SimpleNamespace, log: Callable[[str], None] = print) -> dict:
   """The `input` mode: examples/s of the training input pipeline vs the train step's consumption."""
   config = args.config
   if args.batch_size:
