@@ -98,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
     if fv['config'].present:
       _usage_error('pass either --config or --config_file / --config_arg')
     spec = (fv.config_file or DEFAULT_CONFIG) + (f':{fv.config_arg}' if fv.config_arg else '')
-    fv = _parse([*argv, f'--config={spec}'])
+    fv = _parse([argv[0], f'--config={spec}', *argv[1:]])  # before any --config.<field>
   args = types.SimpleNamespace(**{name: fv[name].value for name in fv if '.' not in name})
   args.config_file, _, arg = fv['config'].config_filename.partition(':')
   args.config_arg = arg or None
