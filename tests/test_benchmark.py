@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from avt_jax import benchmark
+from avt_jax.benchmark import cli, configs, measure, modes, peak, synthetic_data
 from avt_jax.models import build
 from conftest import tiny_config
 
@@ -16,20 +16,20 @@ from conftest import tiny_config
 @pytest.mark.parametrize('name,tokens,width', [('tiny', (197, 105), 192), ('small', (801, 201), 384),
                                                ('base', (3137, 401), 768)])
 def test_benchmark_configs_have_the_documented_sizes(name, tokens, width):
-  config = benchmark.benchmark_config(benchmark.BENCHMARKS[name])
-  assert benchmark.token_counts(config) == {'video': tokens[0], 'audio': tokens[1]}
+  config = configs.benchmark_config(configs.BENCHMARKS[name])
+  assert configs.token_counts(config) == {'video': tokens[0], 'audio': tokens[1]}
   assert build.encoder_size(config.model)['hidden_size'] == width
   assert config.model.n_bottlenecks == 4 and config.model.fusion == 'bottleneck'
   assert build.objectives(config) == ('classification',)
-  everything = benchmark.benchmark_config(benchmark.BENCHMARKS[name], objectives='all')
+  everything = configs.benchmark_config(configs.BENCHMARKS[name], objectives='all')
   assert len(build.objectives(everything)) == 6
 
 
 def test_model_flops_match_a_hand_count_of_the_tiny_step():
   """Model FLOPs = 3 x the forward's matrix products (forward + both backward products; the patch
   embeddings need no input gradient: 2 x), counted by hand."""
-  bench = benchmark.BENCHMARKS['tiny']
-  config = benchmark.benchmark_config(bench)
+  bench = configs.BENCHMARKS['tiny']
+  config = configs.benchmark_config(bench)
   width, mlp, layers, fusion_layer = 192, 768, 6, 3
   per_clip = 0.0  # training FLOPs of one clip
   for tokens, patch_values in ((197, 2 * 16 * 16 * 3), (105, 16 * 16)):
@@ -37,32 +37,32 @@ def test_model_flops_match_a_hand_count_of_the_tiny_step():
     for layer in range(layers):
       n = tokens + (4 if layer >= fusion_layer else 0)  # 4 bottleneck tokens in fused layers
       per_clip += 3 * n * (2 * (4 * width * width + 2 * width * mlp) + 4 * n * width)
-  lowered, *_ = benchmark.lower_train_step(config)
+  lowered, *_ = measure.lower_train_step(config)
   ratio = lowered.cost_analysis()['flops'] / (bench.batch_size * per_clip)
   assert 1.0 <= ratio <= 1.05  # the rest: softmax, norms, GELU, AdamW
 
 
 def test_controls_reach_the_model_and_plain_drops_them():
-  controls = benchmark.Controls('bfloat16', 'chunked', 64, 'dots', True)
-  model = build.build_model(benchmark.benchmark_config(benchmark.BENCHMARKS['tiny'], controls))
+  controls = configs.Controls('bfloat16', 'chunked', 64, 'dots', True)
+  model = build.build_model(configs.benchmark_config(configs.BENCHMARKS['tiny'], controls))
   assert (model.dtype, model.attention_implementation, model.attention_chunk_size,
           model.remat_policy, model.scan_layers) == (build.DTYPES['bfloat16'], 'chunked', 64, 'dots',
                                                       True)
-  assert controls.plain() == benchmark.Controls('bfloat16')
+  assert controls.plain() == configs.Controls('bfloat16')
   assert controls.describe() == 'bfloat16, attention=chunked/64, remat=dots, scan'
 
 
 def test_bad_arguments_are_rejected():
   with pytest.raises(SystemExit):
-    benchmark.parse_args(['--configs=tiny,huge'])
+    cli.parse_args(['--configs=tiny,huge'])
   with pytest.raises(ValueError, match='objectives'):
-    benchmark.benchmark_config(benchmark.BENCHMARKS['tiny'], objectives='some')
+    configs.benchmark_config(configs.BENCHMARKS['tiny'], objectives='some')
 
 
 def test_memory_stats_count_arguments_outputs_and_donation():
   x = jax.ShapeDtypeStruct((1000,), np.float32)
   compiled = jax.jit(lambda a, b: (a * 2, a + b), donate_argnums=(0,)).lower(x, x).compile()
-  stats = benchmark.memory_stats(compiled)
+  stats = measure.memory_stats(compiled)
   assert stats['arguments'] == 8000 and stats['outputs'] >= 8000  # (+ the output tuple)
   assert stats['aliased'] == 4000  # the donated argument holds the first output
   assert stats['peak'] >= stats['arguments'] + stats['outputs'] - stats['aliased']
@@ -75,8 +75,8 @@ def test_fusion_costs_order_concat_above_bottleneck_above_late():
   for fusion in ('bottleneck', 'concat', 'late'):
     config = tiny_config(**{'model.fusion': fusion, 'model.fusion_layer': 0, 'input.image_size': 64,
                             'input.audio_frames': 128, 'loss.weights': {'classification': 1.0}})
-    assert benchmark.token_counts(config) == {'video': 33, 'audio': 17}
-    costs[fusion] = benchmark.compile_train_step(config)
+    assert configs.token_counts(config) == {'video': 33, 'audio': 17}
+    costs[fusion] = measure.compile_train_step(config)
   assert costs['concat'].flops > costs['bottleneck'].flops > costs['late'].flops
 
 
@@ -92,7 +92,7 @@ def test_fusion_ratios_are_relative_to_bottleneck():
   results = [_result('small', 'bottleneck', 10.0, 4.0, 2.0), _result('small', 'concat', 25.0, 8.0, 5.0),
              _result('small', 'late', 9.0, 3.0, 1.5), _result('paper', 'bottleneck', 100.0, 10.0),
              _result('paper', 'concat', 300.0, 40.0)]
-  ratios = benchmark.fusion_ratios(results)
+  ratios = modes.fusion_ratios(results)
   assert ratios['small:100 concat/bottleneck'] == {'flops': 2.5, 'peak_memory': 2.0, 'step_time': 2.5}
   assert ratios['small:100 late/bottleneck'] == {'flops': 0.9, 'peak_memory': 0.75, 'step_time': 0.75}
   assert ratios['paper concat/bottleneck'] == {'flops': 3.0, 'peak_memory': 4.0}
@@ -100,14 +100,14 @@ def test_fusion_ratios_are_relative_to_bottleneck():
 
 def test_mfu_uses_the_highest_peak_of_the_run():
   results = [{'rounds': [{'achieved_flops': 30.0}, {'achieved_flops': 50.0}]}, {'name': 'untimed'}]
-  benchmark.add_mfu(results, peak=100.0, float32_peak=200.0)
+  measure.add_mfu(results, peak=100.0, float32_peak=200.0)
   assert results[0]['mfu'] == {'median': 0.4, 'min': 0.3, 'max': 0.5}
   assert results[0]['mfu_vs_float32_peak'] == {'median': 0.2, 'min': 0.15, 'max': 0.25}
   assert 'mfu' not in results[1]
 
 
 def test_peak_probe_keeps_the_best_sustained_throughput():
-  probe = benchmark.PeakProbe('float32', sizes=(64, 128), repeats=1, block_seconds=0.01)
+  probe = peak.PeakProbe('float32', sizes=(64, 128), repeats=1, block_seconds=0.01)
   assert set(probe.by_product) == {'64', '128'} and probe.product in ('64', '128')
   assert probe.samples == [probe.by_product[probe.product]] == [max(probe.by_product.values())]
   for _ in range(3):
@@ -116,10 +116,10 @@ def test_peak_probe_keeps_the_best_sustained_throughput():
 
 
 def test_bfloat16_peak_also_measures_float32_accumulation():
-  probe = benchmark.PeakProbe('bfloat16', sizes=(64,), repeats=1, block_seconds=0.01)
+  probe = peak.PeakProbe('bfloat16', sizes=(64,), repeats=1, block_seconds=0.01)
   assert set(probe.by_product) == {'64', '64->float32'}
   assert probe.peak == max(probe.by_product.values())
-  product, _ = benchmark._matmul(64, 'bfloat16', 'float32')
+  product, _ = peak._matmul(64, 'bfloat16', 'float32')
   out = product()
   a = jax.random.normal(jax.random.key(0), (64, 64), jnp.bfloat16).astype(jnp.float32)
   b = jax.random.normal(jax.random.key(1), (64, 64), jnp.bfloat16).astype(jnp.float32)
@@ -131,10 +131,10 @@ def test_train_mode_end_to_end_writes_json_markdown_and_plot(tmp_path, monkeypat
   """A real run of the command on a micro benchmark (2 layers of width 32, 2 x 32^2 video, 32 x 128
   audio)."""
   monkeypatch.setitem(build.SIZES, 'micro', dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64))
-  monkeypatch.setitem(benchmark.BENCHMARKS, 'micro', benchmark.Benchmark('micro', 1, 2, 32, 32, 2))
-  monkeypatch.setattr(benchmark, 'PEAK_SIZES', {'cpu': (128,), 'gpu': (512,), 'tpu': (512,)})
-  report = benchmark.main(['--configs=micro', '--steps=1', '--repeats=3', '--attention=chunked',
-                           '--attention_chunk_size=2', f'--output_dir={tmp_path}'])
+  monkeypatch.setitem(configs.BENCHMARKS, 'micro', configs.Benchmark('micro', 1, 2, 32, 32, 2))
+  monkeypatch.setattr(peak, 'PEAK_SIZES', {'cpu': (128,), 'gpu': (512,), 'tpu': (512,)})
+  report = cli.main(['--configs=micro', '--steps=1', '--repeats=3', '--attention=chunked',
+                     '--attention_chunk_size=2', f'--output_dir={tmp_path}'])
   (result,) = report['results']
   assert result['tokens'] == {'video': 5, 'audio': 17}
   assert result['model_flops'] > 0 and len(result['rounds']) == 3
@@ -155,7 +155,7 @@ def test_synthetic_records_feed_the_training_pipeline(tmp_path):
   pytest.importorskip('tensorflow')  # absent on accelerator images that run scripts/gpu_check.sh
   from avt_jax import input as input_lib
   config = tiny_config(**{'input.batch_size': 2, 'input.shuffle_buffer': 4})
-  folder = benchmark.write_synthetic_records(config, str(tmp_path / 'records'), clips=3)
+  folder = synthetic_data.write_synthetic_records(config, str(tmp_path / 'records'), clips=3)
   batch = next(input_lib.make_train_iterator(config, folder, seed=0))
   inp = config.input
   assert batch['video'].shape == (2, inp.num_frames, inp.image_size, inp.image_size, 3)
@@ -169,9 +169,9 @@ def test_input_mode_end_to_end_compares_pipeline_and_step(tmp_path):
   config_file = tmp_path / 'tiny_config.py'
   config_file.write_text('from conftest import tiny_config\n\n\ndef get_config():\n'
                          "  return tiny_config(**{'input.batch_size': 4, 'input.shuffle_buffer': 4})\n")
-  report = benchmark.main(['--mode=input', f'--config_file={config_file}', '--synthetic_clips=4',
-                           '--input_batches=2', '--steps=2', '--step_batch_size=2',
-                           f'--output_dir={tmp_path}'])
+  report = cli.main(['--mode=input', f'--config_file={config_file}', '--synthetic_clips=4',
+                     '--input_batches=2', '--steps=2', '--step_batch_size=2',
+                     f'--output_dir={tmp_path}'])
   (r,) = report['results']
   assert r['batch_size'] == 4 and r['step_batch_size'] == 2 and len(r['step_seconds']) == 2
   np.testing.assert_allclose(r['input_examples_per_second'], 4 / r['input_seconds_per_batch'])

@@ -151,7 +151,7 @@ def test_unknown_optimizer_is_rejected():
 
 def test_train_step_imports_without_tensorflow():
   """Accelerator images without tf.data can run the step (and the benchmark built on it)."""
-  code = ('import sys; import avt_jax.train_step, avt_jax.benchmark; '
+  code = ('import sys; import avt_jax.train_step, avt_jax.benchmark.cli; '
           "print(sorted(m for m in ('tensorflow', 'clu') if m in sys.modules))")
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]'

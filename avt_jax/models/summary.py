@@ -6,10 +6,9 @@
 The model is built from `avt_jax.default_config.get_base_config()` (ViT-B/16 per modality, 32 frames
 of 224x224 in 2x16x16 tubelets, 8 s of audio as 800x128 log-mel in 16x16 patches, 4 bottlenecks from
 layer 8). Parameters are only shapes (`jax.eval_shape`), and the forward passes are lowered with
-`jax.ShapeDtypeStruct`s and compiled, never run, so the command needs little memory. FLOPs are XLA's
-compiled cost analysis (a multiply-add counts as 2 FLOPs), divided by the batch size; they are
-forward passes only (a training step adds the backward pass, roughly twice the forward). Compiling
-the base model takes a minute or two on a CPU.
+`jax.ShapeDtypeStruct`s, never compiled or run, so the command needs little memory and time. FLOPs
+are `model_flops` of the plain model's forward passes (a multiply-add counts as 2 FLOPs), divided by
+the batch size; a training step adds the backward pass, roughly twice the forward.
 """
 
 import argparse
@@ -26,6 +25,34 @@ from avt_jax.models.fusion import FUSIONS
 
 INFERENCE_OBJECTIVES = ('classification',)
 PASSES = ('inference', 'training')
+# `config.model` settings that change how the model is computed but not what: the plain model has
+# these values (the base config's).
+PLAIN_MODEL = {'attention_implementation': 'xla', 'remat_policy': 'none', 'scan_layers': False}
+
+
+def model_flops(lowered: jax.stages.Lowered) -> float:
+  """Model FLOPs of a lowered function: XLA's cost analysis of the program before backend passes.
+
+  The one FLOP count of this repository: the train-step benchmark's model FLOPs (for MFU) and this
+  module's FLOPs per clip. A multiply-add is 2 FLOPs; the elementwise work (norms, softmax, GELU,
+  the optimizer update) counts too, a few percent above a hand count of the matrix products
+  (tests/test_benchmark.py and tests/test_summary.py check both). Our design:
+    - the lowered, not the compiled, program: backend passes rewrite it differently per backend (on
+      an H100 the compiled GPU program of the base train step reported 1606 of the 2943 GFLOP that
+      the lowered program and a hand count give), so this count is the same on every backend and
+      needs no compilation;
+    - of the plain model (`plain`): remat and chunked attention recompute products, which are not
+      useful work, and a loop (scan over layers, attention chunks) would count its body once.
+  """
+  return float(lowered.cost_analysis()['flops'])
+
+
+def plain(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose model is plain (`PLAIN_MODEL`: xla attention, no remat, no scan;
+  the dtype is kept): the model `model_flops` counts."""
+  config = config.copy_and_resolve_references()
+  config.model.update(PLAIN_MODEL)
+  return config
 
 
 def _input_shapes(config: ml_collections.ConfigDict, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -52,20 +79,20 @@ def parameter_counts(params: dict) -> dict[str, int]:
 
 def flops_per_clip(model: AVT, params: dict, inputs: dict[str, jax.ShapeDtypeStruct], *,
                    train: bool, objectives: Sequence[str]) -> float:
-  """FLOPs of one forward pass per example, from XLA's cost analysis of the compiled function."""
+  """`model_flops` of one forward pass of a plain `model`, per example."""
   rngs = {'masking': jax.random.key(1), 'dropout': jax.random.key(2)}
 
   def forward(p, x):
     return model.apply({'params': p}, x, train=train, objectives=tuple(objectives), rngs=rngs)
 
-  cost = jax.jit(forward).lower(params, inputs).compile().cost_analysis()
   batch = inputs['audio'].shape[0] if 'audio' in inputs else inputs['video'].shape[0]
-  return float(cost['flops']) / batch
+  return model_flops(jax.jit(forward).lower(params, inputs)) / batch
 
 
 def summarize(config: ml_collections.ConfigDict, batch: int = 2,
               passes: Sequence[str] = PASSES) -> dict:
-  """Parameter counts and FLOPs per clip of the model `config` describes.
+  """Parameter counts and FLOPs per clip of the model `config` describes, counted on its plain form
+  (`plain`: the remat, scan and attention settings change neither).
 
   Args:
     config: a full config (see `avt_jax.default_config`).
@@ -78,10 +105,14 @@ def summarize(config: ml_collections.ConfigDict, batch: int = 2,
     {'params': {module: count, 'total': count} for the parameters of classification and every
     trained objective, 'inference_params': count of the parameters the inference pass uses,
     'training_objectives': the objectives of the training pass, 'flops': {pass: FLOPs per clip}}.
+
+  Raises:
+    ValueError: for passes outside PASSES, or a config `build.build_model` rejects.
   """
   unknown = set(passes) - set(PASSES)
   if unknown:
     raise ValueError(f'summarize: passes must be a subset of {PASSES}, got {sorted(unknown)}.')
+  config = plain(config)
   model = build.build_model(config)
   inputs = _input_shapes(config, batch)
   trained = build.objectives(config)
@@ -137,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f'  {name:<{width}}  {count:>13,d}  ({count / 1e6:8.2f} M)')
   print(f'Parameters used for inference (classification): {result["inference_params"]:,d} '
         f'({result["inference_params"] / 1e6:.2f} M)')
-  print('FLOPs per clip (XLA cost analysis of the compiled forward pass; multiply-add = 2 FLOPs):')
+  print('FLOPs per clip (XLA cost analysis of the lowered forward pass; multiply-add = 2 FLOPs):')
   print(f'  inference (classification only): {result["flops"]["inference"] / 1e9:10.1f} GFLOPs')
   print(f'  training forward ({", ".join(result["training_objectives"])}): '
         f'{result["flops"]["training"] / 1e9:10.1f} GFLOPs')

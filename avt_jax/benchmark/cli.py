@@ -1,0 +1,123 @@
+"""Command line of `python -m avt_jax.benchmark`: absl flags, the usage in `avt_jax.benchmark`.
+
+`--config` is an ml_collections config file with `--config.<field>=value` overrides, as in
+`python -m avt_jax.main`; today's `--config_file=PATH [--config_arg=ARG]` is `--config=PATH:ARG`.
+"""
+
+import sys
+import types
+from typing import Sequence
+
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from avt_jax import benchmark
+from avt_jax.benchmark import modes, report
+from avt_jax.benchmark.configs import BENCHMARKS
+from avt_jax.models import build
+from avt_jax.models.fusion import REMAT_POLICIES
+from avt_jax.models.transformer import ATTENTION_IMPLEMENTATIONS, DEFAULT_CHUNK_SIZE
+
+PROG = 'python -m avt_jax.benchmark'
+DEFAULT_CONFIG = 'configs/demo.py'
+
+
+def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
+  """A fresh set of the command's flags; `argv` names the `--config.<field>` overrides."""
+  fv = flags.FlagValues()
+  flags.DEFINE_enum('mode', 'train', ('train', 'fusion', 'input'), 'what to measure', flag_values=fv)
+  flags.DEFINE_list('configs', ['tiny', 'small', 'base'],
+                    f'comma-separated subset of {sorted(BENCHMARKS)} (train mode)', flag_values=fv)
+  flags.DEFINE_integer('steps', 5, 'timed steps per round', flag_values=fv)
+  flags.DEFINE_integer('repeats', 3, 'timing rounds (the spread is reported)', flag_values=fv)
+  flags.DEFINE_integer('batch_size', None, "override the configs' batch size", flag_values=fv)
+  flags.DEFINE_integer('audio_frames', None, "override the configs' audio frames", flag_values=fv)
+  flags.DEFINE_enum('dtype', 'float32', sorted(build.DTYPES),
+                    'compute dtype (parameters stay float32)', flag_values=fv)
+  flags.DEFINE_enum('attention', 'xla', ATTENTION_IMPLEMENTATIONS, 'attention implementation',
+                    flag_values=fv)
+  flags.DEFINE_integer('attention_chunk_size', DEFAULT_CHUNK_SIZE, 'chunked attention: chunk size',
+                       flag_values=fv)
+  flags.DEFINE_enum('remat_policy', 'none', sorted(REMAT_POLICIES), 'rematerialisation',
+                    flag_values=fv)
+  flags.DEFINE_bool('scan_layers', False, 'nn.scan over identical layers', flag_values=fv)
+  flags.DEFINE_enum('objectives', 'classification', ('classification', 'all'), 'trained objectives',
+                    flag_values=fv)
+  flags.DEFINE_bool('compile_only', False, 'FLOPs, memory and compile time only (no timed steps)',
+                    flag_values=fv)
+  flags.DEFINE_enum('fusion_size', 'small', sorted(BENCHMARKS), 'encoder size of the fusion study',
+                    flag_values=fv)
+  flags.DEFINE_bool('paper_scale', False, 'fusion mode: add the base model at 32 x 224 (compiled; '
+                    'timed with --paper_step_time)', flag_values=fv)
+  flags.DEFINE_bool('paper_step_time', False, 'fusion mode: time the paper-scale step',
+                    flag_values=fv)
+  config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'input mode: config file[:argument]',
+                                  flag_values=fv, sys_argv=list(argv))
+  flags.DEFINE_string('config_file', None, 'input mode: config file (as --config)', flag_values=fv)
+  flags.DEFINE_string('config_arg', None, 'input mode: argument of get_config', flag_values=fv)
+  flags.DEFINE_string('data_dir', None, 'input mode: prepared records', flag_values=fv)
+  flags.DEFINE_integer('input_batches', 20, 'input mode: batches timed', flag_values=fv)
+  flags.DEFINE_integer('synthetic_clips', 0, "input mode: write this many random clips at the "
+                       "config's scale and read them", flag_values=fv)
+  flags.DEFINE_integer('step_batch_size', None, 'input mode: batch size of the train step '
+                       '(default: the input batch size)', flag_values=fv)
+  flags.DEFINE_string('output_dir', 'benchmark_results', 'where the reports go', flag_values=fv)
+  return fv
+
+
+def _usage_error(message: str):
+  print(f'{PROG}: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse(argv: Sequence[str]) -> flags.FlagValues:
+  """Parses `argv` (program name first); exits with status 2 on an error, 0 after --help."""
+  fv = _define_flags(argv)
+  if {'-h', '--help', '--helpfull'} & set(argv[1:]):
+    print(f'{benchmark.__doc__}\n{fv.get_help()}')
+    sys.exit(0)
+  try:
+    rest = fv(argv)
+  except flags.Error as e:
+    _usage_error(str(e))
+  if len(rest) > 1:
+    _usage_error(f'unexpected arguments {rest[1:]}')
+  return fv
+
+
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  """The flags of `argv` (default: sys.argv[1:]) as attributes; `config` is the loaded config,
+  `config_file` and `config_arg` name it.
+
+  Exits with status 2 on an unknown flag or value, as argparse does.
+  """
+  argv = [PROG, *(sys.argv[1:] if argv is None else argv)]
+  fv = _parse(argv)
+  if fv.config_file or fv.config_arg:  # today's spelling of --config=PATH:ARG
+    if fv['config'].present:
+      _usage_error('pass either --config or --config_file / --config_arg')
+    spec = (fv.config_file or DEFAULT_CONFIG) + (f':{fv.config_arg}' if fv.config_arg else '')
+    fv = _parse([argv[0], f'--config={spec}', *argv[1:]])  # before any --config.<field>
+  args = types.SimpleNamespace(**{name: fv[name].value for name in fv if '.' not in name})
+  args.config_file, _, arg = fv['config'].config_filename.partition(':')
+  args.config_arg = arg or None
+  args.configs = [c.strip() for c in args.configs if c.strip()]
+  unknown = [c for c in args.configs if c not in BENCHMARKS]
+  if unknown:
+    _usage_error(f'--configs: unknown {unknown}; expected names in {sorted(BENCHMARKS)}')
+  if args.steps < 1 or args.repeats < 1:
+    _usage_error('--steps and --repeats must be >= 1')
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  """Runs the mode of `argv`, writes and prints its report, and returns it."""
+  args = parse_args(argv)
+  jax.config.update('jax_enable_compilation_cache', False)  # compile times must be real
+  run = {'train': modes.run_train, 'fusion': modes.run_fusion, 'input': modes.run_input}[args.mode]
+  result = run(args)
+  paths = report.write_report(result, args.output_dir)
+  print(report.markdown(result))
+  print('Wrote ' + ', '.join(paths.values()))
+  return result
