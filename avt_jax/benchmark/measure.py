@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from avt_jax import train_step
+from avt_jax import data_format, train_step
 from avt_jax.benchmark.configs import Controls, token_counts
 from avt_jax.benchmark.peak import PeakProbe
 from avt_jax.models import build, summary
@@ -40,7 +40,7 @@ def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, 
   batch['audio'] = rng.normal(size=batch['audio'].shape).astype(np.float32)
   for head, classes in config.data.num_classes.items():
     labels = rng.integers(0, classes, batch['mask'].shape[0])
-    batch[f'labels/{head}'] = np.eye(classes, dtype=np.float32)[labels]
+    batch[data_format.label_key(head)] = np.eye(classes, dtype=np.float32)[labels]
   return batch
 
 

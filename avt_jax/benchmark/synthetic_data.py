@@ -1,24 +1,25 @@
 """Random training clips at a config's scale, in the prepared-record format (`--synthetic_clips`)."""
 
-import json
 import os
 
 import ml_collections
 import numpy as np
 
+from avt_jax import data_format
+
 VIDEO_FPS = 25.0  # frames per second of the written clips (our design)
-AUDIO_FPS = 100.0  # log-mel frames per second of the prepared-record format
+AUDIO_FPS = data_format.AUDIO_FRAMES_PER_SECOND
 
 
 def record_layout(folder: str, clips: int, n_mels: int,
                   num_classes: dict[str, int]) -> tuple[list[str], dict]:
   """The shard paths and the `stats.json` content of `clips` synthetic training clips.
 
-  Shards are `train-<index>-of-<count>.tfrecord`, at most 8; the statistics are the identity
+  At most 8 shards (`data_format.shard_name`); the statistics are the identity
   normalisation (the log-mels are standard normal) and the clip counts.
   """
   shards = max(1, min(8, clips))
-  paths = [os.path.join(folder, f'train-{i:05d}-of-{shards:05d}.tfrecord') for i in range(shards)]
+  paths = [os.path.join(folder, data_format.shard_name('train', i, shards)) for i in range(shards)]
   stats = {'logmel_mean': 0.0, 'logmel_std': 1.0, 'n_mels': int(n_mels),
            'num_classes': num_classes, 'num_clips': {'train': clips}}
   return paths, stats
@@ -36,10 +37,9 @@ def write_synthetic_records(config: ml_collections.ConfigDict, folder: str, clip
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from avt_jax import records  # pylint: disable=g-import-not-at-top
-  from avt_jax.input import pipeline  # pylint: disable=g-import-not-at-top
   inp = config.input
-  seconds = max(((inp.num_frames - 1) * inp.frame_stride + 1) / VIDEO_FPS,
-                inp.audio_frames / AUDIO_FPS) + 0.5
+  seconds = data_format.view_seconds(inp.num_frames, inp.frame_stride, VIDEO_FPS,
+                                     inp.audio_frames) + 0.5
   height, width = int(inp.min_resize), int(round(inp.min_resize * 4 / 3))
   rng = np.random.default_rng(seed)
   heads = {h: int(config.data.num_classes[h]) for h in config.data.label_heads}
@@ -62,6 +62,5 @@ def write_synthetic_records(config: ml_collections.ConfigDict, folder: str, clip
     writers[index % len(writers)].write(records.encode_clip(clip))
   for writer in writers:
     writer.close()
-  with open(os.path.join(folder, pipeline.STATS_FILE), 'w') as f:
-    json.dump(stats, f)
+  data_format.write_stats(folder, stats)
   return folder

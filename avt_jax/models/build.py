@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from avt_jax import data_format
 from avt_jax.models.avt import AVT, CLASSIFIERS, MODALITIES, OBJECTIVES
 from avt_jax.models.fusion import FUSIONS, REMAT_POLICIES
 from avt_jax.models.transformer import ATTENTION_IMPLEMENTATIONS
@@ -122,8 +123,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def segment_patches(config: ml_collections.ConfigDict) -> int:
-  """Masked audio segment length in time patches (100 spectrogram frames per second)."""
-  frames = config.model.segment_seconds * 100.0
+  """Masked audio segment length in time patches (`data_format.AUDIO_FRAMES_PER_SECOND`)."""
+  frames = config.model.segment_seconds * data_format.AUDIO_FRAMES_PER_SECOND
   return max(1, int(round(frames / config.model.audio_patch[0])))
 
 
