@@ -25,6 +25,7 @@ _SMOKE_HEADER = ('narration_id', 'participant_id', 'video_id', 'narration_timest
                  'stop_timestamp', 'start_frame', 'stop_frame', 'narration', 'verb', 'verb_class', 'noun',
                  'noun_class', 'all_nouns', 'all_noun_classes')
 
+
 def read_epic_kitchens(
     paths: Sequence[str],
     video_dir: str,
@@ -115,8 +116,6 @@ def _class_names(folder: str, head: str, num_classes: int) -> list[str]:
   return [names[i] for i in range(num_classes)]
 
 
-
-
 def _timestamp(value: str, field: str, where: str) -> float:
   """Seconds from an `HH:MM:SS[.fraction]` timestamp."""
   match = _TIMESTAMP_RE.match(value)
@@ -124,7 +123,6 @@ def _timestamp(value: str, field: str, where: str) -> float:
     raise ValueError(f'{where}: `{field}` must be HH:MM:SS.ff, got {value!r}.')
   hours, minutes, seconds = match.groups()
   return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-
 
 
 def _read(paths: Sequence[str], video_dir: str, classes: str | None
@@ -137,10 +135,12 @@ def _read(paths: Sequence[str], video_dir: str, classes: str | None
 
 
 def write_smoke(raw: str, rng: np.random.Generator) -> tuple[list[str], str, str | None]:
-  """EPIC-Kitchens-100 smoke data: `EPIC_100_train.csv` / `EPIC_100_validation.csv` with the EPIC
-  columns and `HH:MM:SS.ff` timestamps; segments cut from six-second videos stored as
-  `videos/P01/videos/P01_01.MP4` and `videos/P02/P02_01.MP4`, and a segment of a missing video. Verb =
-  the beep pitch (0-2), noun = the square colour (0-2).
+  """Writes EPIC-Kitchens-100 smoke data into `raw` as EPIC ships it (`avt_jax.prep.smoke_data`).
+
+  `EPIC_100_train.csv` / `EPIC_100_validation.csv` with the EPIC columns and `HH:MM:SS.ff` timestamps;
+  segments cut from six-second videos stored as `videos/P01/videos/P01_01.MP4` and
+  `videos/P02/P02_01.MP4`, and a segment of a missing video. Verb = the beep pitch (0-2), noun = the
+  square colour (0-2).
 
   Returns:
     (annotation files, video folder, `--classes`).

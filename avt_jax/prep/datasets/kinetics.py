@@ -19,6 +19,7 @@ from avt_jax.prep.datasets import Dataset, Defaults, TfdsSpec
 KINETICS_SOUNDS_SHIPPED = ('31',)  # variants shipped as data/kinetics_sounds_{variant}.txt
 _COLUMNS = ('youtube_id', 'time_start', 'time_end', 'split')
 
+
 def kinetics_sounds_classes(variant: str = '31') -> list[str]:
   """The Kinetics-Sounds class list.
 
@@ -40,8 +41,6 @@ def kinetics_sounds_classes(variant: str = '31') -> list[str]:
     return annotations.read_class_list(variant)
   raise ValueError(f'Kinetics-Sounds classes: expected one of {list(KINETICS_SOUNDS_SHIPPED)} or the '
                    f'path of a class list file (one Kinetics class name per line), got {variant!r}.')
-
-
 
 
 def read_kinetics(
@@ -116,12 +115,9 @@ def read_kinetics(
   return annotations.merge_duplicates(specs), {CLASS_HEAD: names}
 
 
-
-
 def _canonical_label(label: str) -> str:
   """Kinetics class name for matching: lower case, no surrounding quotes, '_' read as ' '."""
   return ' '.join(label.strip().strip('"\'').replace('_', ' ').lower().split())
-
 
 
 def _read_kinetics(paths: Sequence[str], video_dir: str, classes: str | None
@@ -138,10 +134,12 @@ def _read_kinetics_sounds(paths: Sequence[str], video_dir: str, classes: str | N
 
 
 def write_smoke(raw: str, rng: np.random.Generator) -> tuple[list[str], str, str | None]:
-  """Kinetics-Sounds smoke data: `train.csv` / `validate.csv` (splits `train` / `val`) with the Kinetics
-  header; clips cut and named `{id}_{start:06d}_{end:06d}.mp4` under `videos/{split}/{label}/`, one full
-  video `videos/{id}.mp4` cut at its annotated segment, a row of a class outside Kinetics-Sounds (left
-  out) and a row whose file is missing (skipped). Classes: the shipped 31-class list.
+  """Writes Kinetics-Sounds smoke data into `raw` as Kinetics ships it (`avt_jax.prep.smoke_data`).
+
+  `train.csv` / `validate.csv` (splits `train` / `val`) with the Kinetics header; clips cut and named
+  `{id}_{start:06d}_{end:06d}.mp4` under `videos/{split}/{label}/`, one full video `videos/{id}.mp4`
+  cut at its annotated segment, a row of a class outside Kinetics-Sounds (left out) and a row whose
+  file is missing (skipped). Classes: the shipped 31-class list.
 
   Returns:
     (annotation files, video folder, `--classes`).

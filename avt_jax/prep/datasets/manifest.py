@@ -29,6 +29,7 @@ from avt_jax.prep.datasets import Dataset, Defaults
 
 _MANIFEST_KEYS = ('path', 'label', 'start', 'end', 'split', 'id')
 
+
 def default_clip_id(path: str, start: float | None, end: float | None) -> str:
   """Clip id derived from the video path and the segment: `dir/video.mp4` or `dir/video.mp4#1.5-3`.
 
@@ -185,8 +186,6 @@ def _label_index(label: str | int, index_of: Mapping[str, int], num_classes: int
       return index
     raise ValueError(f'{where}: class index {index} out of range [0, {num_classes}).')
   raise ValueError(f'{where}: unknown class name {label!r}.')
-
-
 
 
 def write_manifest(folder: str, rows: list[dict[str, str]]) -> str:

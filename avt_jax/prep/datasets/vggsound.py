@@ -18,6 +18,7 @@ from avt_jax.prep.datasets import Dataset, Defaults, TfdsSpec
 CLIP_SECONDS = 10.0
 NUM_CLASSES = 309
 
+
 def read_vggsound(
     paths: Sequence[str],
     video_dir: str,
@@ -80,8 +81,6 @@ def read_vggsound(
   return annotations.merge_duplicates(specs), {CLASS_HEAD: names}
 
 
-
-
 def _read(paths: Sequence[str], video_dir: str, classes: str | None
           ) -> tuple[list[ClipSpec], dict[str, list[str]]]:
   """`read_vggsound`; `classes`: a class list file fixing the class order, None for the sorted labels."""
@@ -90,10 +89,11 @@ def _read(paths: Sequence[str], video_dir: str, classes: str | None
 
 
 def write_smoke(raw: str, rng: np.random.Generator) -> tuple[list[str], str, str | None]:
-  """VGGSound smoke data: `vggsound.csv` without a header (labels with commas, quoted), splits `train`
-  and `test`, clips named `video/{id}_{start:06d}.mp4` and one `{id}_{start:06d}_{end:06d}.mp4`, a row
-  whose file is missing, and a 309-name class list (`--classes`), since the few rows cannot name all
-  309 classes.
+  """Writes VGGSound smoke data into `raw` as VGGSound ships it (`avt_jax.prep.smoke_data`).
+
+  `vggsound.csv` without a header (labels with commas, quoted), splits `train` and `test`, clips named
+  `video/{id}_{start:06d}.mp4` and one `{id}_{start:06d}_{end:06d}.mp4`, a row whose file is missing,
+  and a 309-name class list (`--classes`), since the few rows cannot name all 309 classes.
 
   Returns:
     (annotation files, video folder, `--classes`).
