@@ -19,6 +19,15 @@ def default_cache_dir() -> str:
   return os.environ.get('AVT_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'avt_jax')
 
 
+def versioned_folder(cache_dir: str | None, name: str, version: str, *details: str) -> str:
+  """`{cache_dir}/{name}-{version}[-{detail}...]`; `cache_dir` None or '' for `default_cache_dir()`.
+
+  A new `version` of a generator gets a new folder, so a changed dataset is never read from an old
+  cache.
+  """
+  return os.path.join(cache_dir or default_cache_dir(), '-'.join((name, version, *details)))
+
+
 def build_once(folder: str, build: Callable[[str], None], marker: Mapping[str, Any]) -> None:
   """Builds a cached dataset folder exactly once, atomically.
 

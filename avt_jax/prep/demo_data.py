@@ -222,8 +222,8 @@ def ensure_demo_data(cache_dir: str | None = None, *, train_per_class: int = 40,
   Returns:
     The `prepared/` folder.
   """
-  root = cache_dir or cache.default_cache_dir()
-  folder = os.path.join(root, f'demo-{DEMO_VERSION}-{train_per_class}x{test_per_class}-seed{seed}')
+  folder = cache.versioned_folder(cache_dir, 'demo', DEMO_VERSION, f'{train_per_class}x{test_per_class}',
+                                  f'seed{seed}')
   if num_workers is None:
     num_workers = min(os.cpu_count() or 1, MAX_WORKERS)
 

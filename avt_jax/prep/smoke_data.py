@@ -46,7 +46,7 @@ def ensure_smoke_data(dataset: str, cache_dir: str | None = None, *, progress: b
   """
   if dataset not in SMOKE_DATASETS:
     raise ValueError(f'No smoke dataset {dataset!r}; expected one of {SMOKE_DATASETS}.')
-  folder = os.path.join(cache_dir or cache.default_cache_dir(), f'smoke-{dataset}-{SMOKE_VERSION}')
+  folder = cache.versioned_folder(cache_dir, f'smoke-{dataset}', SMOKE_VERSION)
 
   def build(building: str) -> None:
     raw = os.path.join(building, 'raw')

@@ -221,8 +221,8 @@ def ensure_voice_digits(variant: str = 'clean', cache_dir: str | None = None, *,
     raise ValueError(f'num_classes: expected {low}..{len(PHRASES)} (even for complementary), got '
                      f'{num_classes}.')
   voices_dir()  # fail before creating anything
-  name = f'voice_digits-{VERSION}-{variant}-{num_classes}c-{train_repeats}x{test_repeats}-seed{seed}'
-  folder = os.path.join(cache_dir or cache.default_cache_dir(), name)
+  folder = cache.versioned_folder(cache_dir, 'voice_digits', VERSION, variant, f'{num_classes}c',
+                                  f'{train_repeats}x{test_repeats}', f'seed{seed}')
   if num_workers is None:
     num_workers = min(os.cpu_count() or 1, demo_data.MAX_WORKERS)
 
