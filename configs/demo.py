@@ -19,6 +19,7 @@ Measured on the 2-core, 24 GiB CPU development machine (shared with other jobs a
 """
 
 from avt_jax.default_config import get_base_config, single_modality
+from configs import common
 
 
 def get_config(arg: str | None = None):
@@ -48,21 +49,7 @@ def get_config(arg: str | None = None):
   c.input.eval_clips = 1
   c.input.eval_crops = 1
 
-  c.model.size = 'tiny'
-  c.model.hidden_size = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.mlp_dim = 256
-  c.model.fusion_layer = 2
-  c.model.n_bottlenecks = 4
-  c.model.contrastive_dim = 64
-  c.model.decoder_width = 64
-  c.model.decoder_depth = 1
-  c.model.decoder_heads = 4
-  c.model.decoder_mlp_dim = 128
-  c.model.stochastic_depth = 0.0
-  c.model.segment_seconds = 0.48
-  c.model.num_segments = 1
+  c.model.update(common.SMALL_MODEL)
 
   c.loss.label_smoothing = 0.0
 

@@ -38,11 +38,12 @@ Expected runtime: paper scale not measured. Smoke variant, measured on the 2-cor
 machine while other jobs shared it (load ~4.5): generating and preparing the data ~4 s, train + eval
 ~72 s, of which ~60 s is XLA compiling the init and train step; ~29 s with
 XLA_FLAGS=--xla_backend_optimization_level=0. Not yet measured as a `python -m avt_jax.main` run.
-Expected result (published, DESIGN.md): MBT verb 64.8 / noun 58.0 / action 43.4 top-1; the source
+Expected result (published, docs/method.md): MBT verb 64.8 / noun 58.0 / action 43.4 top-1; the source
 reports AVT +3.8% accuracy over MBT with fewer FLOPs. No run of this config has been made yet.
 """
 
 from avt_jax.default_config import finetune_from_imagenet21k, get_base_config
+from configs import common
 
 TRAIN_CLIPS = 67000  # per epoch, for the warm-up length
 
@@ -63,8 +64,7 @@ def get_config(arg: str | None = None):
   if arg != 'smoke':
     finetune_from_imagenet21k(c, TRAIN_CLIPS)  # pass --config.init.checkpoint (see above)
   if arg == 'smoke':
-    from avt_jax.prep import smoke_data  # pylint: disable=g-import-not-at-top
-    smoke_data.configure_smoke_run(c, 'epic_kitchens_100')
+    common.smoke_variant(c, 'epic_kitchens_100')
   elif arg is not None:
     raise ValueError(f"configs/epic_kitchens_100.py: expected no argument or 'smoke', got {arg!r}.")
   return c

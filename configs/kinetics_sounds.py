@@ -40,10 +40,11 @@ machine while other jobs shared it (load ~4.5): generating and preparing the dat
 ~70 s, of which ~60 s is XLA compiling the init and train step; ~31 s with
 XLA_FLAGS=--xla_backend_optimization_level=0. Not yet measured as a `python -m avt_jax.main` run.
 Expected result: the source reports +8% over the previous state of the art on Kinetics-Sounds (no
-absolute number is available to us, see DESIGN.md); no run of this config has been made yet.
+absolute number is available to us, see docs/method.md); no run of this config has been made yet.
 """
 
 from avt_jax.default_config import finetune_from_imagenet21k, get_base_config
+from configs import common
 
 TRAIN_CLIPS = 23000  # per epoch, for the warm-up length
 
@@ -65,8 +66,7 @@ def get_config(arg: str | None = None):
   if arg != 'smoke':
     finetune_from_imagenet21k(c, TRAIN_CLIPS)  # pass --config.init.checkpoint (see above)
   if arg == 'smoke':
-    from avt_jax.prep import smoke_data  # pylint: disable=g-import-not-at-top
-    smoke_data.configure_smoke_run(c, 'kinetics_sounds')
+    common.smoke_variant(c, 'kinetics_sounds')
   elif arg not in (None, *NUM_CLASSES):
     raise ValueError(f"configs/kinetics_sounds.py: expected no argument, '31', '32', '34' or 'smoke', "
                      f'got {arg!r}.')

@@ -18,6 +18,7 @@ audio only 0.200.
 """
 
 from avt_jax.default_config import get_base_config, single_modality
+from configs import common
 
 
 def get_config(arg: str | None = None):
@@ -52,25 +53,12 @@ def get_config(arg: str | None = None):
   c.input.eval_clips = 1
   c.input.eval_crops = 1
 
-  c.model.size = 'tiny'
-  c.model.hidden_size = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.mlp_dim = 256
+  c.model.update(common.SMALL_MODEL)
   c.model.video_patch = (2, 16, 16)
   c.model.audio_patch = (16, 16)
   c.model.classifier = 'gap'
   c.model.fusion = 'late'
-  c.model.fusion_layer = 2
-  c.model.n_bottlenecks = 4
-  c.model.contrastive_dim = 64
-  c.model.decoder_width = 64
-  c.model.decoder_depth = 1
-  c.model.decoder_heads = 4
-  c.model.decoder_mlp_dim = 128
   c.model.stochastic_depth = 0.1
-  c.model.segment_seconds = 0.48
-  c.model.num_segments = 1
 
   c.loss.label_smoothing = 0.1
   c.loss.modality_weight = 1.0

@@ -36,11 +36,12 @@ Expected runtime: paper scale not measured. Smoke variant, measured on the 2-cor
 machine while other jobs shared it (load ~4.5): generating and preparing the data ~4 s, train + eval
 ~71 s, of which ~60 s is XLA compiling the init and train step; ~31 s with
 XLA_FLAGS=--xla_backend_optimization_level=0. Not yet measured as a `python -m avt_jax.main` run.
-Expected result (published, DESIGN.md): AVT 63.9 top-1 / 85.0 top-5; video-only 53.2 / 74.8; MBT
+Expected result (published, docs/method.md): AVT 63.9 top-1 / 85.0 top-5; video-only 53.2 / 74.8; MBT
 64.1 / 85.6. No run of this config has been made yet.
 """
 
 from avt_jax.default_config import finetune_from_imagenet21k, get_base_config
+from configs import common
 
 TRAIN_CLIPS = 170000  # per epoch, for the warm-up length
 
@@ -61,8 +62,7 @@ def get_config(arg: str | None = None):
   if arg != 'smoke':
     finetune_from_imagenet21k(c, TRAIN_CLIPS)  # pass --config.init.checkpoint (see above)
   if arg == 'smoke':
-    from avt_jax.prep import smoke_data  # pylint: disable=g-import-not-at-top
-    smoke_data.configure_smoke_run(c, 'vggsound')
+    common.smoke_variant(c, 'vggsound')
   elif arg is not None:
     raise ValueError(f"configs/vggsound.py: expected no argument or 'smoke', got {arg!r}.")
   return c

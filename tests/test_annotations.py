@@ -1,4 +1,4 @@
-"""Tests for avt_jax.prep.annotations: generic manifests and safe path joining."""
+"""Tests for avt_jax.prep.datasets.manifest (generic manifests) and avt_jax.prep.annotations (safe paths)."""
 
 import json
 import os
@@ -6,6 +6,7 @@ import os
 import pytest
 
 from avt_jax.prep import annotations
+from avt_jax.prep.datasets import manifest
 
 
 def _write(tmp_path, name, text):
@@ -19,7 +20,7 @@ def test_csv_with_names_segments_splits_and_multi_label(tmp_path):
                 'a/x.mp4,dog,1.5,3,train\n'
                 'b/y.mp4,cat|dog,,,test\n'
                 'c.mp4,,0,2,\n')
-  specs, names = annotations.read_manifest(path)
+  specs, names = manifest.read_manifest(path)
   assert names == {'class': ['cat', 'dog']}  # sorted unique names
   assert specs[0] == annotations.ClipSpec(clip_id='a/x.mp4#1.5-3', path='a/x.mp4', labels={'class': [1]},
                                           start=1.5, end=3.0, split='train')
@@ -31,14 +32,14 @@ def test_csv_with_names_segments_splits_and_multi_label(tmp_path):
 
 def test_class_names_fix_the_order_and_accept_indices(tmp_path):
   path = _write(tmp_path, 'm.csv', 'path,label\nx.mp4,dog\ny.mp4,0\nz.mp4,2|dog\n')
-  specs, names = annotations.read_manifest(path, class_names=['cat', 'dog', 'cow'])
+  specs, names = manifest.read_manifest(path, class_names=['cat', 'dog', 'cow'])
   assert names == {'class': ['cat', 'dog', 'cow']}
   assert [s.labels['class'] for s in specs] == [[1], [0], [2, 1]]
 
 
 def test_integer_labels_without_class_names(tmp_path):
   path = _write(tmp_path, 'm.csv', 'path,label\nx.mp4,3\ny.mp4,0|1\n')
-  specs, names = annotations.read_manifest(path)
+  specs, names = manifest.read_manifest(path)
   assert names == {'class': ['0', '1', '2', '3']}
   assert [s.labels['class'] for s in specs] == [[3], [0, 1]]
 
@@ -47,12 +48,12 @@ def test_jsonl_lists_ids_and_integers(tmp_path):
   rows = [{'path': 'x.mp4', 'label': ['b', 'a'], 'split': 'val', 'id': 'clip-1'},
           {'path': 'y.mp4', 'label': 'a', 'start': 2, 'end': 4.5}]
   path = _write(tmp_path, 'm.jsonl', '\n'.join(json.dumps(r) for r in rows) + '\n\n')
-  specs, names = annotations.read_manifest(path)
+  specs, names = manifest.read_manifest(path)
   assert names == {'class': ['a', 'b']}
   assert specs[0] == annotations.ClipSpec('clip-1', 'x.mp4', {'class': [1, 0]}, None, None, 'val')
   assert (specs[1].clip_id, specs[1].start, specs[1].end) == ('y.mp4#2-4.5', 2.0, 4.5)
   int_path = _write(tmp_path, 'i.jsonl', json.dumps({'path': 'x.mp4', 'label': [2, 0]}))
-  specs, names = annotations.read_manifest(int_path, class_names=['p', 'q', 'r'])
+  specs, names = manifest.read_manifest(int_path, class_names=['p', 'q', 'r'])
   assert specs[0].labels == {'class': [2, 0]}
 
 
@@ -68,11 +69,11 @@ def test_default_ids_are_unique_for_every_distinct_file_and_segment(tmp_path):
                 'clip.mp4,a,0.1,\n'
                 'clip.mp4,a,,2.5\n'
                 './sub//clip.mp4,a,,\n')
-  specs, _ = annotations.read_manifest(path)
+  specs, _ = manifest.read_manifest(path)
   ids = [spec.clip_id for spec in specs]
   assert ids == ['clip.mp4', 'clip.avi', 'clip.mp4#1234.5678-1240', 'clip.mp4#1234.5679-1240',
                  'clip.mp4#0.1-', 'clip.mp4#-2.5', 'sub/clip.mp4']
-  assert annotations.default_clip_id('a.mp4', 0.1 + 0.2, None) == 'a.mp4#0.30000000000000004-'
+  assert manifest.default_clip_id('a.mp4', 0.1 + 0.2, None) == 'a.mp4#0.30000000000000004-'
 
 
 def test_default_ids_that_would_coincide_are_refused(tmp_path):
@@ -80,7 +81,7 @@ def test_default_ids_that_would_coincide_are_refused(tmp_path):
                 'a.mp4,x,1,2\n'
                 'a.mp4#1-2,x,,\n')  # a file literally named like the segment id above
   with pytest.raises(ValueError, match=r"m\.csv:3: the default id 'a\.mp4#1-2' .* line 2 .* give the rows an `id`"):
-    annotations.read_manifest(path)
+    manifest.read_manifest(path)
 
 
 @pytest.mark.parametrize('name, text, message', [
@@ -101,7 +102,7 @@ def test_default_ids_that_would_coincide_are_refused(tmp_path):
 ])
 def test_malformed_manifests_name_file_and_line(tmp_path, name, text, message):
   with pytest.raises(ValueError, match=message):
-    annotations.read_manifest(_write(tmp_path, name, text))
+    manifest.read_manifest(_write(tmp_path, name, text))
 
 
 @pytest.mark.parametrize('label, message', [('cow', "m.csv:3: unknown class name 'cow'"),
@@ -109,7 +110,7 @@ def test_malformed_manifests_name_file_and_line(tmp_path, name, text, message):
 def test_unknown_labels_with_class_names(tmp_path, label, message):
   path = _write(tmp_path, 'm.csv', f'path,label\nx.mp4,cat\ny.mp4,{label}\n')
   with pytest.raises(ValueError, match=message):
-    annotations.read_manifest(path, class_names=['cat', 'dog'])
+    manifest.read_manifest(path, class_names=['cat', 'dog'])
 
 
 def test_safe_join_accepts_paths_inside_root(tmp_path):

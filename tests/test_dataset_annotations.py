@@ -1,4 +1,4 @@
-"""Tests for the dataset parsers in avt_jax.prep.annotations: Kinetics(-Sounds), VGGSound, EPIC-100."""
+"""Tests for the dataset parsers in avt_jax.prep.datasets: Kinetics(-Sounds), VGGSound, EPIC-100."""
 
 import os
 
@@ -6,6 +6,9 @@ import pytest
 
 from avt_jax.prep import annotations
 from avt_jax.prep.annotations import ClipSpec
+from avt_jax.prep.datasets import epic_kitchens_100 as epic_lib
+from avt_jax.prep.datasets import kinetics as kinetics_lib
+from avt_jax.prep.datasets import vggsound as vggsound_lib
 
 KINETICS_HEADER = 'label,youtube_id,time_start,time_end,split\n'
 
@@ -33,13 +36,13 @@ def test_class_list_skips_comments_and_blank_lines(tmp_path):
 
 
 def test_shipped_kinetics_sounds_list(tmp_path):
-  names = annotations.kinetics_sounds_classes('31')
+  names = kinetics_lib.kinetics_sounds_classes('31')
   assert len(names) == 31 == len(set(names))
   assert {'playing drums', 'tapping pen', 'chopping wood', 'tickling'} <= set(names)
   own = _write(tmp_path / 'ks32.txt', '\n'.join(f'class {i}' for i in range(32)))
-  assert len(annotations.kinetics_sounds_classes(own)) == 32
+  assert len(kinetics_lib.kinetics_sounds_classes(own)) == 32
   with pytest.raises(ValueError, match=r"expected one of \['31'\] or the path of a class list file"):
-    annotations.kinetics_sounds_classes('34')
+    kinetics_lib.kinetics_sounds_classes('34')
 
 
 def test_video_index_finds_videos_by_stem_in_any_folder(tmp_path):
@@ -74,7 +77,7 @@ def kinetics(tmp_path):
 
 def test_kinetics_names_files_segments_and_labels(kinetics):
   videos, files = kinetics
-  specs, names = annotations.read_kinetics(files, videos)
+  specs, names = kinetics_lib.read_kinetics(files, videos)
   # 'Playing_Drums' and 'playing drums' are one class, spelled as it first appears.
   assert names == {'class': ['abseiling', 'passing American football (in game)', 'playing drums']}
   drums = 2
@@ -94,7 +97,7 @@ def test_kinetics_names_files_segments_and_labels(kinetics):
 def test_kinetics_sounds_keeps_only_the_subset_in_its_order(kinetics):
   videos, files = kinetics
   subset = ['tickling', 'playing drums', 'abseiling']
-  specs, names = annotations.read_kinetics(files, videos, subset=subset)
+  specs, names = kinetics_lib.read_kinetics(files, videos, subset=subset)
   assert names == {'class': subset}
   assert [(s.clip_id, s.labels['class']) for s in specs] == [
       ('aaaaaaaaaaa_000010_000020', [1]), ('zzzzzzzzzzz_000000_000010', [1]),
@@ -113,18 +116,18 @@ def test_kinetics_sounds_keeps_only_the_subset_in_its_order(kinetics):
 def test_kinetics_bad_rows_name_file_and_line(tmp_path, row, message):
   path = _write(tmp_path / 'train.csv', KINETICS_HEADER + row + '\n')
   with pytest.raises(ValueError, match=message):
-    annotations.read_kinetics([path], str(tmp_path))
+    kinetics_lib.read_kinetics([path], str(tmp_path))
 
 
 def test_kinetics_header_and_conflicting_labels(tmp_path):
   path = _write(tmp_path / 'train.csv', 'label,youtube_id,start,end,split\n')
   with pytest.raises(ValueError, match=r"train.csv:1: expected the columns youtube_id,time_start,"
                      r"time_end,split .*missing \['time_start', 'time_end'\]"):
-    annotations.read_kinetics([path], str(tmp_path))
+    kinetics_lib.read_kinetics([path], str(tmp_path))
   path = _write(tmp_path / 'twice.csv', KINETICS_HEADER + 'a,abc,0,10,train\nb,abc,0,10,train\n')
   with pytest.raises(ValueError, match=r"twice.csv:3: clip 'abc_000000_000010' of split 'train' is "
                      r'listed with other labels at .*twice.csv:2'):
-    annotations.read_kinetics([path], str(tmp_path))
+    kinetics_lib.read_kinetics([path], str(tmp_path))
 
 
 def test_vggsound_rows_naming_and_classes(tmp_path):
@@ -135,7 +138,7 @@ def test_vggsound_rows_naming_and_classes(tmp_path):
                 '\n'
                 'BBBBBBBBBBB,12.0,people marching,train\n'
                 'CCCCCCCCCCC,0,"bird chirping, tweeting",train\n')
-  specs, names = annotations.read_vggsound([path], str(videos))
+  specs, names = vggsound_lib.read_vggsound([path], str(videos))
   assert names == {'class': ['bird chirping, tweeting', 'people marching']}
   assert specs == [
       ClipSpec('---g-f_I2yQ_000001', '---g-f_I2yQ_000001.mp4', {'class': [1]}, None, None, 'test'),
@@ -144,10 +147,10 @@ def test_vggsound_rows_naming_and_classes(tmp_path):
       ClipSpec('CCCCCCCCCCC_000000', 'CCCCCCCCCCC_000000.mp4', {'class': [0]}, None, None, 'train'),
   ]
   fixed = ['people marching', 'dog barking', 'bird chirping, tweeting']
-  specs, names = annotations.read_vggsound([path], str(videos), class_names=fixed)
+  specs, names = vggsound_lib.read_vggsound([path], str(videos), class_names=fixed)
   assert names == {'class': fixed} and [s.labels['class'][0] for s in specs] == [0, 2, 0, 2]
   with pytest.raises(ValueError, match=r"vggsound.csv:1: label 'people marching' is not in the class list"):
-    annotations.read_vggsound([path], str(videos), class_names=['dog barking'])
+    vggsound_lib.read_vggsound([path], str(videos), class_names=['dog barking'])
 
 
 @pytest.mark.parametrize('text, message', [
@@ -160,7 +163,7 @@ def test_vggsound_rows_naming_and_classes(tmp_path):
 ])
 def test_vggsound_bad_rows(tmp_path, text, message):
   with pytest.raises(ValueError, match=message):
-    annotations.read_vggsound([_write(tmp_path / 'vggsound.csv', text)], str(tmp_path))
+    vggsound_lib.read_vggsound([_write(tmp_path / 'vggsound.csv', text)], str(tmp_path))
 
 
 EPIC_HEADER = ('narration_id,participant_id,video_id,narration_timestamp,start_timestamp,stop_timestamp,'
@@ -185,7 +188,7 @@ def test_epic_kitchens_segments_layouts_and_labels(tmp_path):
   test = _write(tmp_path / 'ann' / 'EPIC_100_test_timestamps.csv',
                 'narration_id,participant_id,video_id,start_timestamp,stop_timestamp,start_frame,'
                 'stop_frame\nP01_01_100,P01,P01_01,00:10:00.1,00:10:01,30005,30050\n')
-  specs, names = annotations.read_epic_kitchens([train, validation, test], str(videos))
+  specs, names = epic_lib.read_epic_kitchens([train, validation, test], str(videos))
   assert names == {'verb': [str(i) for i in range(97)], 'noun': [str(i) for i in range(300)]}
   assert specs == [
       ClipSpec('P01_01_0', 'P01/videos/P01_01.MP4', {'verb': [3], 'noun': [299]}, 1.5, 3.25, 'train'),
@@ -202,11 +205,11 @@ def test_epic_kitchens_class_names_from_the_class_files(tmp_path):
          + ''.join(f'{i},verb{i},"[\'v{i}\']",cat\n' for i in reversed(range(97))))
   _write(tmp_path / 'EPIC_100_noun_classes.csv', 'id,key,instances,category\n'
          + ''.join(f'{i},noun:{i},"[]",cat\n' for i in range(300)))
-  _, names = annotations.read_epic_kitchens([train], str(tmp_path))
+  _, names = epic_lib.read_epic_kitchens([train], str(tmp_path))
   assert names['verb'][:2] == ['verb0', 'verb1'] and names['noun'][299] == 'noun:299'
   _write(tmp_path / 'EPIC_100_noun_classes.csv', 'id,key\n0,tap\n')
   with pytest.raises(ValueError, match=r'EPIC_100_noun_classes.csv: expected the 300 ids 0..299 once each'):
-    annotations.read_epic_kitchens([train], str(tmp_path))
+    epic_lib.read_epic_kitchens([train], str(tmp_path))
 
 
 @pytest.mark.parametrize('row, message', [
@@ -223,14 +226,14 @@ def test_epic_kitchens_class_names_from_the_class_files(tmp_path):
 def test_epic_kitchens_bad_rows_name_file_and_line(tmp_path, row, message):
   path = _write(tmp_path / 'EPIC_100_train.csv', EPIC_HEADER + row)
   with pytest.raises(ValueError, match=message):
-    annotations.read_epic_kitchens([path], str(tmp_path))
+    epic_lib.read_epic_kitchens([path], str(tmp_path))
 
 
 def test_epic_kitchens_file_names_give_the_split(tmp_path):
   path = _write(tmp_path / 'epic_train.csv', EPIC_HEADER)
   with pytest.raises(ValueError, match='epic_train.csv: expected an EPIC-Kitchens-100 file named'):
-    annotations.read_epic_kitchens([path], str(tmp_path))
+    epic_lib.read_epic_kitchens([path], str(tmp_path))
   path = _write(tmp_path / 'EPIC_100_train.csv', 'narration_id,video_id\n')
   with pytest.raises(ValueError, match=r"EPIC_100_train.csv:1: expected the columns .*missing "
                      r"\['participant_id', 'start_timestamp', 'stop_timestamp'\]"):
-    annotations.read_epic_kitchens([path], str(tmp_path))
+    epic_lib.read_epic_kitchens([path], str(tmp_path))

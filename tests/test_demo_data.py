@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from avt_jax import records
+from avt_jax.prep import cache as cache_lib
 from avt_jax.prep import demo_data
 from avt_jax.prep import media
 
@@ -140,7 +141,7 @@ def test_events_differ_between_clips(demo):
 
 def test_cache_is_reused_and_rebuilt_when_incomplete(demo, monkeypatch):
   cache, folder, prepared, _ = demo
-  marker = os.path.join(folder, demo_data.MARKER_FILE)
+  marker = os.path.join(folder, cache_lib.MARKER_FILE)
   os.utime(marker, ns=(1_000_000_000, 1_000_000_000))
   monkeypatch.setattr(demo_data, 'write_demo_videos', lambda *args: pytest.fail('regenerated'))
   assert demo_data.ensure_demo_data(cache, train_per_class=1, test_per_class=1, num_workers=0) == prepared
@@ -151,12 +152,12 @@ def test_cache_is_reused_and_rebuilt_when_incomplete(demo, monkeypatch):
                                      progress=False)
   small_folder = os.path.dirname(small)
   assert os.path.basename(small_folder) == f'demo-{demo_data.DEMO_VERSION}-1x0-seed0'
-  os.remove(os.path.join(small_folder, demo_data.MARKER_FILE))  # as if interrupted
+  os.remove(os.path.join(small_folder, cache_lib.MARKER_FILE))  # as if interrupted
   os.remove(os.path.join(small, 'stats.json'))
   assert demo_data.ensure_demo_data(cache, train_per_class=1, test_per_class=0, num_workers=0,
                                     progress=False) == small
   assert os.path.exists(os.path.join(small, 'stats.json'))
-  assert os.path.exists(os.path.join(small_folder, demo_data.MARKER_FILE))
+  assert os.path.exists(os.path.join(small_folder, cache_lib.MARKER_FILE))
   assert sorted(os.listdir(cache)) == sorted([os.path.basename(folder), os.path.basename(small_folder)])
 
 
@@ -170,6 +171,6 @@ def test_scenes_are_deterministic_given_the_seed(tmp_path):
 
 def test_default_cache_dir(monkeypatch):
   monkeypatch.setenv('AVT_JAX_CACHE', '/somewhere/cache')
-  assert demo_data.default_cache_dir() == '/somewhere/cache'
+  assert cache_lib.default_cache_dir() == '/somewhere/cache'
   monkeypatch.delenv('AVT_JAX_CACHE')
-  assert demo_data.default_cache_dir() == os.path.expanduser('~/.cache/avt_jax')
+  assert cache_lib.default_cache_dir() == os.path.expanduser('~/.cache/avt_jax')

@@ -19,6 +19,7 @@ from avt_jax import records
 from avt_jax.input import pipeline
 from avt_jax.models import validate
 from avt_jax.prep import demo_data
+from avt_jax.prep import preparation
 from avt_jax.prep import shards
 from avt_jax.prep import smoke_data
 
@@ -119,7 +120,7 @@ def test_summary_groups_reasons(tmp_path):
     f.write(''.join(json.dumps(entry) + '\n' for entry in report))
   stats = {'num_clips': {'train': 10, 'test': 3}, 'num_skipped': {'train': 2, 'test': 0},
            'num_degraded': {'train': 2, 'test': 0}}
-  assert prepare.summary(str(tmp_path), stats).splitlines()[1:] == [
+  assert preparation.summary(str(tmp_path), stats).splitlines()[1:] == [
       '  split  written  skipped  degraded',
       '  test         3        0         0',
       '  train       10        2         2',

@@ -33,6 +33,7 @@ from avt_jax.prep import annotations
 from avt_jax.prep import logmel
 from avt_jax.prep import media
 from avt_jax.prep import shards
+from avt_jax.prep.datasets import manifest as manifest_lib
 
 STEP = 10  # source frame i is a flat grey image of brightness i * STEP
 
@@ -234,7 +235,7 @@ def cases(tmp_path_factory):
   manifest = os.path.join(folder, 'manifest.csv')
   with open(manifest, 'w', encoding='utf-8') as f:
     f.write('path,label\n' + ''.join(f'"{name}",a\n' for name in names))
-  return (folder, *annotations.read_manifest(manifest))
+  return (folder, *manifest_lib.read_manifest(manifest))
 
 
 CASE_SETTINGS = dict(fps=5, short_side=16, n_mels=16, clip_seconds=2.0, progress=False)

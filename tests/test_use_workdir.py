@@ -12,10 +12,10 @@ import pytest
 from clu import metric_writers
 import tensorflow as tf
 
-from avt_jax import (checkpointing, evaluate, export, input as input_lib, predict, prepare, records,
-                     sharding, train)
+from avt_jax import (checkpointing, evaluate, export, input as input_lib, predict, records, sharding,
+                     train)
 from avt_jax.models import build_model
-from avt_jax.prep import demo_data, logmel, media
+from avt_jax.prep import demo_data, logmel, media, preparation
 from avt_jax.train_step import setup
 from conftest import random_params, tiny_config
 
@@ -51,9 +51,9 @@ def setting(tmp_path_factory):
   videos = str(tmp_path_factory.mktemp('videos'))
   manifest = demo_data.write_demo_videos(videos, {'test': 1}, num_workers=0)
   data_dir = str(tmp_path_factory.mktemp('records'))
-  prepare.prepare('manifest', [manifest], videos, data_dir, fps=demo_data.PREPARED_FPS,
-                  short_side=demo_data.PREPARED_SHORT_SIDE, n_mels=demo_data.PREPARED_N_MELS,
-                  workers=0, progress=False)
+  preparation.prepare('manifest', [manifest], videos, data_dir, fps=demo_data.PREPARED_FPS,
+                      short_side=demo_data.PREPARED_SHORT_SIDE, n_mels=demo_data.PREPARED_N_MELS,
+                      workers=0, progress=False)
   workdir = str(tmp_path_factory.mktemp('workdir'))
   config = predict_config()
   params = save_random_checkpoint(config, workdir, data_dir)

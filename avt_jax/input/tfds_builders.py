@@ -8,7 +8,8 @@ the builder's manual folder, and building copies its clips (JPEG bytes unchanged
     tfds_builders.build('vggsound', '/data/vggsound_records', '/data/tfds')  # once (or --tfds_data_dir)
     ds = tfds.load('avt_vggsound', split='test', data_dir='/data/tfds', download=False)
 
-Loading needs no import of this module: the built folder holds its own metadata. Datasets (`BUILDERS`):
+Loading needs no import of this module: the built folder holds its own metadata. Datasets
+(`BUILDERS`, one per registered dataset with a `TfdsSpec`, see `avt_jax.prep.registry`):
 `avt_kinetics_sounds`, `avt_vggsound`, `avt_epic_kitchens_100`; the splits are those of the prepared
 folder. Features of each example:
 
@@ -33,6 +34,7 @@ import tensorflow_datasets as tfds
 
 from avt_jax import data_format
 from avt_jax import records
+from avt_jax.prep import registry
 
 _MANUAL_INSTRUCTIONS = ('Prepare the dataset with `python -m avt_jax.prepare --dataset={dataset} ... '
                         '--output=DIR` and pass DIR as the manual folder (`tfds_builders.build`, or '
@@ -42,8 +44,8 @@ _MANUAL_INSTRUCTIONS = ('Prepare the dataset with `python -m avt_jax.prepare --d
 class _PreparedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Copies a prepared record folder (`manual_dir`) into a TFDS dataset.
 
-  Subclasses set `DATASET` (the `avt_jax.prepare` dataset name) and `LABELS` (TFDS feature name ->
-  (label head in the records, number of classes)).
+  Subclasses (`_builder_class`) set `DATASET` (the `avt_jax.prepare` dataset name) and `LABELS` (TFDS
+  feature name -> (label head in the records, number of classes)) from the dataset's registry entry.
   """
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Clips of a folder prepared by avt_jax.prepare.'}
@@ -114,31 +116,19 @@ class _PreparedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         yield clip_id, example
 
 
-class AvtKineticsSounds(_PreparedRecords):
-  """Kinetics-Sounds (the shipped 31-class list) prepared by avt_jax.prepare."""
-  name = 'avt_kinetics_sounds'
-  DATASET = 'kinetics_sounds'
-  LABELS = {'label': ('class', 31)}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS.format(dataset=DATASET)
+def _builder_class(dataset: str) -> type[_PreparedRecords]:
+  """The TFDS builder of a registered dataset with a `TfdsSpec` (`avt_jax.prep.registry`)."""
+  spec = registry.get(dataset).tfds
+  return type(''.join(word.capitalize() for word in spec.name.split('_')), (_PreparedRecords,), {
+      '__doc__': f'{spec.title} prepared by avt_jax.prepare.', '__module__': __name__,
+      'name': spec.name, 'DATASET': dataset, 'LABELS': dict(spec.labels),
+      'MANUAL_DOWNLOAD_INSTRUCTIONS': _MANUAL_INSTRUCTIONS.format(dataset=dataset)})
 
 
-class AvtVggsound(_PreparedRecords):
-  """VGGSound (309 classes) prepared by avt_jax.prepare."""
-  name = 'avt_vggsound'
-  DATASET = 'vggsound'
-  LABELS = {'label': ('class', 309)}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS.format(dataset=DATASET)
-
-
-class AvtEpicKitchens100(_PreparedRecords):
-  """EPIC-Kitchens-100 (97 verbs, 300 nouns) prepared by avt_jax.prepare."""
-  name = 'avt_epic_kitchens_100'
-  DATASET = 'epic_kitchens_100'
-  LABELS = {'verb': ('verb', 97), 'noun': ('noun', 300)}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS.format(dataset=DATASET)
-
-
-BUILDERS = {cls.DATASET: cls for cls in (AvtKineticsSounds, AvtVggsound, AvtEpicKitchens100)}
+BUILDERS = {name: _builder_class(name) for name, entry in registry.DATASETS.items() if entry.tfds}
+AvtKineticsSounds = BUILDERS['kinetics_sounds']
+AvtVggsound = BUILDERS['vggsound']
+AvtEpicKitchens100 = BUILDERS['epic_kitchens_100']
 
 
 def build(dataset: str, prepared_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:

@@ -19,22 +19,20 @@ manifest holds each clip's ground truth (colour, pitch, event times) for tests a
 """
 
 import concurrent.futures
-import csv
 import dataclasses
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import time
 import zlib
 from typing import Any, Callable, Mapping
 
 import av
 import numpy as np
 
-from avt_jax.prep import annotations
+from avt_jax.prep import cache
 from avt_jax.prep import shards
+from avt_jax.prep.datasets import manifest as manifest_lib
 
 DEMO_VERSION = 'v1'
 COLOURS = {'red': (210, 45, 45), 'green': (45, 190, 60), 'blue': (55, 75, 225)}  # RGB
@@ -49,7 +47,6 @@ EVENT_GRID_S = 0.125
 PREPARED_FPS = 8
 PREPARED_SHORT_SIDE = 72
 PREPARED_N_MELS = 64
-MARKER_FILE = 'COMPLETE'
 MAX_WORKERS = 8  # more processes only add start-up time for a dataset this small
 
 
@@ -68,11 +65,6 @@ class Scene:
   beep_amplitude: float
   beep_hz: float
   noise_level: float
-
-
-def default_cache_dir() -> str:
-  """`$AVT_JAX_CACHE`, or `~/.cache/avt_jax`."""
-  return os.environ.get('AVT_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'avt_jax')
 
 
 def make_scene(rng: np.random.Generator, colour: str, pitch: str) -> Scene:
@@ -187,16 +179,6 @@ def map_clips(render: Callable[[Any], Any], jobs: list, num_workers: int) -> lis
     return list(executor.map(render, jobs, chunksize=8))
 
 
-def write_manifest(folder: str, rows: list[dict[str, str]]) -> str:
-  """Writes `rows` (path, label, split) as `folder/manifest.csv`; returns its path."""
-  manifest = os.path.join(folder, 'manifest.csv')
-  with open(manifest, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=['path', 'label', 'split'])
-    writer.writeheader()
-    writer.writerows(rows)
-  return manifest
-
-
 def write_demo_videos(folder: str, per_class: Mapping[str, int], seed: int = 0,
                       num_workers: int | None = None) -> str:
   """Writes the demo videos, `manifest.csv` and `scenes.json` into `folder`.
@@ -214,7 +196,7 @@ def write_demo_videos(folder: str, per_class: Mapping[str, int], seed: int = 0,
   jobs = [(folder, split, index, seed) for split, count in per_class.items()
           for index in range(count * len(CLASS_NAMES))]
   generated = map_clips(_generate_clip, jobs, os.cpu_count() if num_workers is None else num_workers)
-  manifest = write_manifest(folder, [row for row, _ in generated])
+  manifest = manifest_lib.write_manifest(folder, [row for row, _ in generated])
   with open(os.path.join(folder, 'scenes.json'), 'w') as f:
     json.dump({row['path']: scene for row, scene in generated}, f)
   return manifest
@@ -230,7 +212,7 @@ def ensure_demo_data(cache_dir: str | None = None, *, train_per_class: int = 40,
   concurrent callers never see a partial dataset; a folder without the marker is rebuilt.
 
   Args:
-    cache_dir: cache root; None for `default_cache_dir()`.
+    cache_dir: cache root; None for `cache.default_cache_dir()`.
     train_per_class: training clips per class.
     test_per_class: test clips per class.
     seed: random seed of the scenes.
@@ -240,8 +222,8 @@ def ensure_demo_data(cache_dir: str | None = None, *, train_per_class: int = 40,
   Returns:
     The `prepared/` folder.
   """
-  root = cache_dir or default_cache_dir()
-  folder = os.path.join(root, f'demo-{DEMO_VERSION}-{train_per_class}x{test_per_class}-seed{seed}')
+  folder = cache.versioned_folder(cache_dir, 'demo', DEMO_VERSION, f'{train_per_class}x{test_per_class}',
+                                  f'seed{seed}')
   if num_workers is None:
     num_workers = min(os.cpu_count() or 1, MAX_WORKERS)
 
@@ -251,39 +233,11 @@ def ensure_demo_data(cache_dir: str | None = None, *, train_per_class: int = 40,
       sys.stderr.write(f'demo: generating {count} videos in {building}\n')
     manifest = write_demo_videos(building, {'train': train_per_class, 'test': test_per_class}, seed,
                                  num_workers)
-    specs, label_names = annotations.read_manifest(manifest, class_names=CLASS_NAMES)
+    specs, label_names = manifest_lib.read_manifest(manifest, class_names=CLASS_NAMES)
     shards.prepare_dataset(specs, building, os.path.join(building, 'prepared'), fps=PREPARED_FPS,
                            short_side=PREPARED_SHORT_SIDE, n_mels=PREPARED_N_MELS,
                            label_names=label_names, clip_seconds=DURATION_S,
                            num_workers=num_workers, progress=progress)
 
-  build_once(folder, build, {'version': DEMO_VERSION})
+  cache.build_once(folder, build, {'version': DEMO_VERSION})
   return os.path.join(folder, 'prepared')
-
-
-def build_once(folder: str, build: Callable[[str], None], marker: Mapping[str, Any]) -> None:
-  """Builds a cached dataset folder exactly once, atomically.
-
-  `build(tmp)` fills a temporary sibling folder, which gets the marker file `COMPLETE` (holding
-  `marker` and the build time) and is renamed to `folder`, so concurrent callers never see a partial
-  dataset; a folder without the marker is rebuilt. Does nothing when `folder` is complete.
-  """
-  if os.path.exists(os.path.join(folder, MARKER_FILE)):
-    return
-  building = f'{folder}.building-{os.getpid()}'
-  shutil.rmtree(building, ignore_errors=True)
-  begin = time.monotonic()
-  build(building)
-  with open(os.path.join(building, MARKER_FILE), 'w') as f:
-    json.dump({**marker, 'build_s': time.monotonic() - begin}, f)
-  if os.path.exists(folder):  # Incomplete leftover, or a concurrent caller finished first.
-    if os.path.exists(os.path.join(folder, MARKER_FILE)):
-      shutil.rmtree(building)
-      return
-    shutil.rmtree(folder)
-  try:
-    os.rename(building, folder)
-  except OSError:  # A concurrent caller renamed its copy in between.
-    if not os.path.exists(os.path.join(folder, MARKER_FILE)):
-      raise
-    shutil.rmtree(building)

@@ -250,16 +250,7 @@ def prepare_dataset(
   if not specs:
     raise ValueError('No clips to prepare.')
   _check_specs(specs, video_dir, label_names)
-  by_split = collections.defaultdict(list)
-  for spec in specs:
-    by_split[spec.split].append(spec)
-  plan = {}  # shard name -> clips
-  for split in sorted(by_split):
-    wanted = (num_shards_per_split.get(split) if isinstance(num_shards_per_split, Mapping)
-              else num_shards_per_split)
-    parts = assign_shards(by_split[split], wanted)
-    for index, clips in enumerate(parts):
-      plan[data_format.shard_name(split, index, len(parts))] = clips
+  plan = _plan_shards(specs, num_shards_per_split)
 
   gfile = _tf().io.gfile
   gfile.makedirs(os.path.join(out_dir, INCOMPLETE_DIR))
@@ -280,6 +271,23 @@ def prepare_dataset(
     sys.stderr.write(f'prepare: {out_dir} holds {stats["num_clips"]} clips in {len(plan)} shards; skipped '
                      f'{stats["num_skipped"]}, degraded {stats["num_degraded"]} (see {REPORT_FILE}).\n')
   return stats
+
+
+def _plan_shards(specs: Sequence[annotations.ClipSpec],
+                 num_shards_per_split: int | Mapping[str, int] | None
+                 ) -> dict[str, list[annotations.ClipSpec]]:
+  """Shard name -> clips, splits in sorted order, each cut by `assign_shards`."""
+  by_split = collections.defaultdict(list)
+  for spec in specs:
+    by_split[spec.split].append(spec)
+  plan = {}
+  for split in sorted(by_split):
+    wanted = (num_shards_per_split.get(split) if isinstance(num_shards_per_split, Mapping)
+              else num_shards_per_split)
+    parts = assign_shards(by_split[split], wanted)
+    for index, clips in enumerate(parts):
+      plan[data_format.shard_name(split, index, len(parts))] = clips
+  return plan
 
 
 def _tasks(shards: Mapping[str, Sequence[annotations.ClipSpec]], video_dir: str,

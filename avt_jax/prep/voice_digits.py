@@ -22,13 +22,14 @@ code as users' own videos (`--dataset=manifest`), cached like the demo data.
 """
 
 import csv
-import json
 import os
 import sys
 import zlib
 import numpy as np
 
-from avt_jax.prep import annotations, demo_data, shards
+from avt_jax import data_format
+from avt_jax.prep import cache, demo_data, shards
+from avt_jax.prep.datasets import manifest as manifest_lib
 
 VERSION = 'v3'
 VOICES_DIR_ENV = 'AVT_JAX_HEDGEWARS_VOICES'
@@ -180,13 +181,13 @@ def write_videos(folder: str, variant: str, num_classes: int, repeats: dict[str,
                     num_classes, repeats, seed)
   os.makedirs(os.path.join(folder, 'videos'), exist_ok=True)
   jobs = [(folder, variant, split, i, seed, k, rec, img) for i, (split, k, rec, img) in enumerate(plan)]
-  return demo_data.write_manifest(folder, demo_data.map_clips(_write_clip, jobs, num_workers))
+  return manifest_lib.write_manifest(folder, demo_data.map_clips(_write_clip, jobs, num_workers))
 
 
 def _prepare(manifest: str, names: list[str], videos: str, output: str, num_workers: int,
              progress: bool) -> None:
   """Prepares the clips of `manifest` (paths relative to `videos`) into `output` as users' videos."""
-  specs, label_names = annotations.read_manifest(manifest, class_names=names)
+  specs, label_names = manifest_lib.read_manifest(manifest, class_names=names)
   shards.prepare_dataset(specs, videos, output, fps=PREPARED_FPS, short_side=PREPARED_SHORT_SIDE,
                          n_mels=PREPARED_N_MELS, label_names=label_names,
                          clip_seconds=DURATION_S, num_workers=num_workers, progress=progress)
@@ -220,8 +221,8 @@ def ensure_voice_digits(variant: str = 'clean', cache_dir: str | None = None, *,
     raise ValueError(f'num_classes: expected {low}..{len(PHRASES)} (even for complementary), got '
                      f'{num_classes}.')
   voices_dir()  # fail before creating anything
-  name = f'voice_digits-{VERSION}-{variant}-{num_classes}c-{train_repeats}x{test_repeats}-seed{seed}'
-  folder = os.path.join(cache_dir or demo_data.default_cache_dir(), name)
+  folder = cache.versioned_folder(cache_dir, 'voice_digits', VERSION, variant, f'{num_classes}c',
+                                  f'{train_repeats}x{test_repeats}', f'seed{seed}')
   if num_workers is None:
     num_workers = min(os.cpu_count() or 1, demo_data.MAX_WORKERS)
 
@@ -233,7 +234,7 @@ def ensure_voice_digits(variant: str = 'clean', cache_dir: str | None = None, *,
     _prepare(manifest, class_names(variant, num_classes), building,
              os.path.join(building, 'prepared'), num_workers, progress)
 
-  demo_data.build_once(folder, build, {'version': VERSION})
+  cache.build_once(folder, build, {'version': VERSION})
   return os.path.join(folder, 'prepared')
 
 
@@ -262,16 +263,15 @@ def labelled_subset(prepared: str, fraction: float, *, num_workers: int | None =
     if row['split'] != 'train' or seen[label] <= max(1, round(fraction * per_class[label])):
       keep.append(row)
   subset = os.path.join(folder, f'prepared_labels{round(100 * fraction)}')
-  with open(os.path.join(prepared, 'stats.json')) as f:
-    names = json.load(f)['label_names']['class']
+  names = data_format.read_stats(prepared, required=('label_names',))['label_names']['class']
   if num_workers is None:
     num_workers = min(os.cpu_count() or 1, demo_data.MAX_WORKERS)
 
   def build(building: str) -> None:
     os.makedirs(building)
-    _prepare(demo_data.write_manifest(building, keep), names, folder, building, num_workers, progress)
+    _prepare(manifest_lib.write_manifest(building, keep), names, folder, building, num_workers, progress)
 
-  demo_data.build_once(subset, build, {'version': VERSION, 'fraction': fraction})
+  cache.build_once(subset, build, {'version': VERSION, 'fraction': fraction})
   return subset
 
 
