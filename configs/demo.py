@@ -18,8 +18,7 @@ Measured on the 2-core, 24 GiB CPU development machine (shared with other jobs a
   video only:     33.3% top-1 (1 min 45 s);   audio only: 28.9% top-1 (1 min 13 s).
 """
 
-from avt_jax.default_config import get_base_config, single_modality
-from configs import common
+from avt_jax.default_config import get_base_config, single_modality, SMALL_MODEL
 
 
 def get_config(arg: str | None = None):
@@ -49,7 +48,7 @@ def get_config(arg: str | None = None):
   c.input.eval_clips = 1
   c.input.eval_crops = 1
 
-  c.model.update(common.SMALL_MODEL)
+  c.model.update(SMALL_MODEL)
 
   c.loss.label_smoothing = 0.0
 

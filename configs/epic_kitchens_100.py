@@ -42,8 +42,7 @@ Expected result (published, docs/method.md): MBT verb 64.8 / noun 58.0 / action 
 reports AVT +3.8% accuracy over MBT with fewer FLOPs. No run of this config has been made yet.
 """
 
-from avt_jax.default_config import finetune_from_imagenet21k, get_base_config
-from configs import common
+from avt_jax.default_config import finetune_from_imagenet21k, get_base_config, smoke_variant
 
 TRAIN_CLIPS = 67000  # per epoch, for the warm-up length
 
@@ -64,7 +63,7 @@ def get_config(arg: str | None = None):
   if arg != 'smoke':
     finetune_from_imagenet21k(c, TRAIN_CLIPS)  # pass --config.init.checkpoint (see above)
   if arg == 'smoke':
-    common.smoke_variant(c, 'epic_kitchens_100')
+    smoke_variant(c, 'epic_kitchens_100')
   elif arg is not None:
     raise ValueError(f"configs/epic_kitchens_100.py: expected no argument or 'smoke', got {arg!r}.")
   return c

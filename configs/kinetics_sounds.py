@@ -43,8 +43,7 @@ Expected result: the source reports +8% over the previous state of the art on Ki
 absolute number is available to us, see docs/method.md); no run of this config has been made yet.
 """
 
-from avt_jax.default_config import finetune_from_imagenet21k, get_base_config
-from configs import common
+from avt_jax.default_config import finetune_from_imagenet21k, get_base_config, smoke_variant
 
 TRAIN_CLIPS = 23000  # per epoch, for the warm-up length
 
@@ -66,7 +65,7 @@ def get_config(arg: str | None = None):
   if arg != 'smoke':
     finetune_from_imagenet21k(c, TRAIN_CLIPS)  # pass --config.init.checkpoint (see above)
   if arg == 'smoke':
-    common.smoke_variant(c, 'kinetics_sounds')
+    smoke_variant(c, 'kinetics_sounds')
   elif arg not in (None, *NUM_CLASSES):
     raise ValueError(f"configs/kinetics_sounds.py: expected no argument, '31', '32', '34' or 'smoke', "
                      f'got {arg!r}.')

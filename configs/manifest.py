@@ -17,8 +17,7 @@ audio + video 0.900 top-1 in ~7 min of training, video only 0.867 (~3 min), audi
 audio only 0.200.
 """
 
-from avt_jax.default_config import get_base_config, single_modality
-from configs import common
+from avt_jax.default_config import get_base_config, single_modality, SMALL_MODEL
 
 
 def get_config(arg: str | None = None):
@@ -53,7 +52,7 @@ def get_config(arg: str | None = None):
   c.input.eval_clips = 1
   c.input.eval_crops = 1
 
-  c.model.update(common.SMALL_MODEL)
+  c.model.update(SMALL_MODEL)
   c.model.video_patch = (2, 16, 16)
   c.model.audio_patch = (16, 16)
   c.model.classifier = 'gap'

@@ -40,8 +40,7 @@ Expected result (published, docs/method.md): AVT 63.9 top-1 / 85.0 top-5; video-
 64.1 / 85.6. No run of this config has been made yet.
 """
 
-from avt_jax.default_config import finetune_from_imagenet21k, get_base_config
-from configs import common
+from avt_jax.default_config import finetune_from_imagenet21k, get_base_config, smoke_variant
 
 TRAIN_CLIPS = 170000  # per epoch, for the warm-up length
 
@@ -62,7 +61,7 @@ def get_config(arg: str | None = None):
   if arg != 'smoke':
     finetune_from_imagenet21k(c, TRAIN_CLIPS)  # pass --config.init.checkpoint (see above)
   if arg == 'smoke':
-    common.smoke_variant(c, 'vggsound')
+    smoke_variant(c, 'vggsound')
   elif arg is not None:
     raise ValueError(f"configs/vggsound.py: expected no argument or 'smoke', got {arg!r}.")
   return c

@@ -8,7 +8,7 @@ decoding and record writer as a real preparation).
 
 Splits: Kinetics-Sounds `train`/`val`, VGGSound `train`/`test`, EPIC-Kitchens-100 `train`/`validation`.
 Prepared at 8 fps, short side 36 px, 32 mel bins, 2 s clips (the `:smoke` configs read them through
-`configs/common.py`). Cached like the demo data (`avt_jax.prep.cache`).
+`avt_jax.default_config.smoke_variant`). Cached like the demo data (`avt_jax.prep.cache`).
 """
 
 import os
