@@ -17,6 +17,7 @@ the Jacobian J = d video_out / d audio_in, a [video tokens * D, audio tokens * D
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -154,7 +155,7 @@ def test_remat_policy_wraps_every_block_and_keeps_parameters_and_outputs(
     tokens, reference_training_output, policy):
   params, expected = reference_training_output
   remat = _module('bottleneck', stochastic_depth=0.1, remat_policy=policy)
-  remat_shapes = jax.eval_shape(remat.init, jax.random.key(0), tokens)
+  remat_shapes = nn.meta.unbox(jax.eval_shape(remat.init, jax.random.key(0), tokens))
   assert (jax.tree_util.tree_map(np.shape, remat_shapes)
           == jax.tree_util.tree_map(np.shape, params))
   forward = lambda p: _training_forward(remat, p, tokens)

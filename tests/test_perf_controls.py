@@ -13,6 +13,7 @@
 Gradient accumulation is tested in tests/test_train_step.py.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,8 +134,8 @@ def test_scan_layout_and_conversion_for_every_fusion(fusion, fusion_layer, objec
   inputs = {k: v for k, v in _batches(config, 1)[0].items() if k in ('video', 'audio', 'mask')}
   objs = config_objectives(config)
   rngs = {'params': jax.random.key(0), 'masking': jax.random.key(1)}
-  params = _fill(jax.eval_shape(lambda: model.init(rngs, inputs, objectives=objs)['params']))
-  expected = jax.eval_shape(lambda: scanned.init(rngs, inputs, objectives=objs)['params'])
+  init = lambda m: nn.meta.unbox(jax.eval_shape(lambda: m.init(rngs, inputs, objectives=objs)))
+  params, expected = _fill(init(model)['params']), init(scanned)['params']
   fusion_start = model.num_layers if fusion == 'late' else fusion_layer
   converted = scan.unrolled_to_scanned(params, fusion_start)
   assert (jax.tree_util.tree_map(np.shape, converted)

@@ -59,7 +59,8 @@ class BottleneckFusion(nn.Module):
     `encoderblocks_fused`: {modality: block} of the bottleneck layers [fusion_start, num_layers),
       [num_layers - fusion_start, ...];
     `encoderblocks_shared`: the shared blocks of the `concat` layers [fusion_start, num_layers).
-  `encoder_norm_{modality}` and `bottleneck` keep their names.
+  `encoder_norm_{modality}` and `bottleneck` keep their names. The layer axis has the logical name
+  'layers' (see `avt_jax.sharding`).
 
   Attributes:
     modalities: modality names, e.g. ('video', 'audio').
@@ -137,7 +138,8 @@ class BottleneckFusion(nn.Module):
       return layer(carry, deterministic, rate if use_rates else None), None
 
     scan = nn.scan(step, variable_axes={'params': 0, ATTENTION_COLLECTION: 0},
-                   split_rngs={'params': True, 'dropout': True}, length=len(layers))
+                   split_rngs={'params': True, 'dropout': True}, length=len(layers),
+                   metadata_params={nn.PARTITION_NAME: 'layers'})
     return scan(module, carry, rates)[0]
 
   def unimodal(self, tokens: Tokens, deterministic: bool = True) -> dict[str, jax.Array]:

@@ -142,7 +142,10 @@ chunked_attention.defvjp(_chunked_forward, _chunked_backward)
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> dropout -> Dense -> dropout (`options.dropout`, `options.dtype`)."""
+  """Dense -> GELU -> dropout -> Dense -> dropout (`options.dropout`, `options.dtype`).
+
+  Logical axes: `Dense_0` kernel ('embed', 'mlp'), bias ('mlp',); `Dense_1` kernel ('mlp', 'embed').
+  """
   mlp_dim: int
   options: EncoderOptions = EncoderOptions()
 
@@ -151,12 +154,14 @@ class MlpBlock(nn.Module):
     """[batch, tokens, D] -> [batch, tokens, D]."""
     width, dtype, rate = x.shape[-1], self.options.dtype, self.options.dropout
     init = nn.initializers.xavier_uniform()
-    x = nn.Dense(self.mlp_dim, dtype=dtype, kernel_init=init,
-                 bias_init=nn.initializers.normal(stddev=1e-6))(x)
+    bias_init = nn.initializers.normal(stddev=1e-6)
+    x = nn.Dense(self.mlp_dim, dtype=dtype,
+                 kernel_init=nn.with_logical_partitioning(init, ('embed', 'mlp')),
+                 bias_init=nn.with_logical_partitioning(bias_init, ('mlp',)))(x)
     x = nn.gelu(x)
     x = nn.Dropout(rate)(x, deterministic=deterministic)
-    x = nn.Dense(width, dtype=dtype, kernel_init=init,
-                 bias_init=nn.initializers.normal(stddev=1e-6))(x)
+    x = nn.Dense(width, dtype=dtype, kernel_init=nn.with_logical_partitioning(init, ('mlp', 'embed')),
+                 bias_init=bias_init)(x)
     return nn.Dropout(rate)(x, deterministic=deterministic)
 
 
@@ -230,6 +235,8 @@ class MultiHeadSelfAttention(nn.Module):
   `apply(..., mutable=['attention'])`, see `AVT.attention_maps`; not at init), the attention weights
   are also sown there as `weights` [batch, heads, queries, keys]; otherwise they are never formed.
   Reads `options.dtype`, `options.attention_implementation` and `options.attention_chunk_size`.
+  Logical axes: `query` / `key` / `value` kernels ('embed', 'heads', None) and biases ('heads', None),
+  `out` kernel ('heads', None, 'embed').
   """
   num_heads: int
   options: EncoderOptions = EncoderOptions()
@@ -241,8 +248,12 @@ class MultiHeadSelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'Token width {width} is not divisible by num_heads={self.num_heads}.')
     head_dim, dtype = width // self.num_heads, self.options.dtype
-    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=dtype,
-                                         kernel_init=nn.initializers.xavier_uniform(), name=name)
+    init = nn.initializers.xavier_uniform()
+    dense = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(init, ('embed', 'heads', None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('heads', None)),
+        name=name)
     q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)  # [batch, tokens, heads, head_dim]
     # Only when asked for (init makes every collection mutable): costs tokens^2 memory.
     if self.is_mutable_collection(ATTENTION_COLLECTION) and not self.is_initializing():
@@ -250,7 +261,8 @@ class MultiHeadSelfAttention(nn.Module):
     y = dot_product_attention(q, k, v, self.options.attention_implementation,
                               self.options.attention_chunk_size)
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=dtype,
-                           kernel_init=nn.initializers.xavier_uniform(), name='out')(y)
+                           kernel_init=nn.with_logical_partitioning(init, ('heads', None, 'embed')),
+                           name='out')(y)
 
 
 class EncoderBlock(nn.Module):
