@@ -70,6 +70,10 @@ class AVT(nn.Module):
   and decodes the segment from the fused audio tokens (the video stream's unimodal layers are those
   of the full pass when it runs: same inputs, so computed once).
 
+  `init` returns the attention and MLP parameters boxed with their logical axis names
+  (`nn.LogicallyPartitioned`, read by `avt_jax.sharding.logical_axes`); `nn.meta.unbox` gives plain
+  arrays (as `train_step.init_state` does), and `apply` takes either.
+
   Attributes:
     num_classes: label head -> classes, e.g. {'class': 309} or {'verb': 97, 'noun': 300}.
     modalities: subset of MODALITIES, in this order.
