@@ -1,14 +1,16 @@
 """Device mesh and parameter placement by logical axis rules.
 
-The mesh has axes ('data', 'fsdp', 'model'). The batch is split over ('data', 'fsdp'); parameters get
-logical axis names from their path and shape (e.g. an MLP input kernel is ('embed', 'mlp')), and
-`LOGICAL_RULES` maps logical names to mesh axes: 'embed' -> 'fsdp' (ZeRO-3 style parameter sharding),
-'mlp' / 'heads' -> 'model' (Megatron-style tensor parallelism). A dimension that the mesh axis does not
-divide stays replicated, so every model runs on every mesh.
+The mesh has axes ('data', 'fsdp', 'model'). The batch is split over ('data', 'fsdp'). The modules
+name the axes of their parameters where they create them (`nn.with_logical_partitioning`, e.g. an
+MLP input kernel is ('embed', 'mlp'); scanned stacks add 'layers'), and `LOGICAL_RULES` maps logical
+names to mesh axes: 'embed' -> 'fsdp' (ZeRO-3 style parameter sharding), 'mlp' / 'heads' -> 'model'
+(Megatron-style tensor parallelism); other names and unannotated parameters stay replicated. A
+dimension that the mesh axis does not divide stays replicated, so every model runs on every mesh.
 """
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -39,22 +41,27 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_axes(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str | None, ...]:
-  """Logical axis names of a parameter (or optimizer moment) from its path and shape."""
-  names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
-  leaf = names[-1] if names else ''
-  parent = names[-2] if len(names) > 1 else ''
-  if leaf == 'kernel' and parent in ('query', 'key', 'value') and len(shape) == 3:
-    return ('embed', 'heads', None)
-  if leaf == 'kernel' and parent == 'out' and len(shape) == 3:
-    return ('heads', None, 'embed')
-  if parent in ('query', 'key', 'value') and leaf == 'bias' and len(shape) == 2:
-    return ('heads', None)
-  if 'MlpBlock_3' in names and parent == 'Dense_0':
-    return ('embed', 'mlp') if leaf == 'kernel' else ('mlp',)
-  if 'MlpBlock_3' in names and parent == 'Dense_1' and leaf == 'kernel':
-    return ('mlp', 'embed')
-  return (None,) * len(shape)
+Axes = Mapping[tuple[str, ...], tuple[str | None, ...]]  # parameter path -> logical axis names
+
+
+def _keys(path) -> tuple[str, ...]:
+  """The dict keys of a pytree path (attribute and sequence steps, e.g. `.params`, are left out)."""
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def logical_axes(boxed_params: Any) -> Axes:
+  """Logical axis names of every annotated parameter.
+
+  Args:
+    boxed_params: parameters as `init` returns them, before unboxing (abstract is enough, e.g.
+      `jax.eval_shape(model.init, ...)['params']`).
+
+  Returns:
+    parameter path (dict keys) -> its axes' logical names.
+  """
+  specs = nn.get_partition_spec(boxed_params)
+  leaves = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+  return {_keys(path): tuple(spec) for path, spec in leaves if len(spec)}
 
 
 def _spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -66,11 +73,19 @@ def _spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P
   return P(*spec)
 
 
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for every array in `tree` (params, optimizer state, train state) by the rules."""
+def tree_shardings(tree: Any, mesh: Mesh, axes: Axes) -> Any:
+  """NamedShardings for every array in `tree` (params, optimizer state, train state) by the rules.
+
+  An array whose path ends with the path of a parameter in `axes` and has its rank is placed like
+  that parameter (so optimizer moments, which mirror the parameter tree, follow their parameters);
+  everything else is replicated.
+  """
   def one(path, leaf):
-    shape = tuple(getattr(leaf, 'shape', ()))
-    return NamedSharding(mesh, _spec(logical_axes(path, shape), shape, mesh))
+    shape, keys = tuple(getattr(leaf, 'shape', ())), _keys(path)
+    names = next((axes[keys[i:]] for i in range(len(keys)) if keys[i:] in axes), ())
+    if len(names) != len(shape):
+      names = (None,) * len(shape)
+    return NamedSharding(mesh, _spec(names, shape, mesh))
   return jax.tree_util.tree_map_with_path(one, tree)
 
 

@@ -14,7 +14,7 @@ from etils import epath
 from avt_jax import (checkpointing, data_format, dataset_stats, evaluate, input as input_lib,
                      pictures, pretrained, sharding)
 from avt_jax.models.build import objectives as config_objectives
-from avt_jax.train_step import check_finite, make_train_step, setup
+from avt_jax.train_step import check_finite, make_train_step, param_axes, setup
 
 
 def _format_seconds(seconds: float) -> str:
@@ -225,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   total_steps = int(config.train.steps)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
-  state_shardings = sharding.tree_shardings(abstract, mesh)
+  state_shardings = sharding.tree_shardings(abstract, mesh, param_axes(config, model))
   if jax.process_index() == 0:
     save_run(config, workdir, data_dir)
   # Leaving the `with` (also through an error) waits for checkpoint writes in flight.

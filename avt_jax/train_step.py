@@ -8,13 +8,14 @@ import functools
 from typing import Any, Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from avt_jax import losses
+from avt_jax import losses, sharding
 from avt_jax.models import build_model
 from avt_jax.models.build import example_inputs, objectives as config_objectives
 
@@ -54,15 +55,29 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
   return tx, schedule
 
 
+def _boxed_params(config: ml_collections.ConfigDict, model, params_rng: jax.Array,
+                  masking_rng: jax.Array) -> Any:
+  """`model.init`'s parameters (all branches of the configured objectives), the annotated ones
+  still boxed with their logical axis names (`nn.LogicallyPartitioned`)."""
+  inputs = example_inputs(config, batch=2)
+  return model.init({'params': params_rng, 'masking': masking_rng}, inputs, train=False,
+                    objectives=config_objectives(config) or ('classification',))['params']
+
+
 def init_state(config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation,
                rng: jax.Array) -> TrainState:
-  """Initialises parameters (all branches of the configured objectives) and optimizer state."""
+  """Initialises parameters (plain arrays: unboxed here, once) and optimizer state."""
   params_rng, masking_rng, state_rng = jax.random.split(rng, 3)
-  inputs = example_inputs(config, batch=2)
-  params = model.init({'params': params_rng, 'masking': masking_rng}, inputs, train=False,
-                      objectives=config_objectives(config) or ('classification',))['params']
+  params = nn.meta.unbox(_boxed_params(config, model, params_rng, masking_rng))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=state_rng)
+
+
+def param_axes(config: ml_collections.ConfigDict, model) -> sharding.Axes:
+  """Logical axis names of the model's parameters, for `sharding.tree_shardings` (traced
+  abstractly, nothing computed)."""
+  key = jax.random.key(0)
+  return sharding.logical_axes(jax.eval_shape(lambda: _boxed_params(config, model, key, key)))
 
 
 def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation,

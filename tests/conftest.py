@@ -13,6 +13,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # tests start, so identical programs (same model, same mesh) compile once.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='avt_jax_jit_cache_'))
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
@@ -98,7 +99,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def random_params(shapes, seed: int = 0):
-  """Random parameters for abstract `shapes` (e.g. `jax.eval_shape(module.init, ...)`), no compile.
+  """Random parameters for abstract `shapes` (e.g. `jax.eval_shape(module.init, ...)`, boxed or
+  not), no compile.
 
   Kernels are N(0, 1/fan_in), LayerNorm scales 1 + N(0, 0.01), everything else N(0, 0.01); the
   contrastive temperature is 0.1. Unlike the real init, the classifier kernel is non-zero, so
@@ -117,4 +119,4 @@ def random_params(shapes, seed: int = 0):
       return np.float32(np.log(10.0))
     return 0.1 * x
 
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes))

@@ -5,6 +5,7 @@ One tiny model (width 16, 3 layers, fusion from layer 1) is compiled once, toget
 of all objectives with respect to all parameters; most tests read that one result.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,7 @@ def _labels(batch=BATCH):
 
 def _param_shapes(model, inputs, objectives=OBJECTIVES):
   init = lambda: model.init({'params': jax.random.key(0), **RNGS}, inputs, objectives=objectives)
-  return jax.eval_shape(init)['params']
+  return nn.meta.unbox(jax.eval_shape(init)['params'])
 
 
 def _groups(params) -> dict[str, list]:

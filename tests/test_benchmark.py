@@ -45,9 +45,10 @@ def test_model_flops_match_a_hand_count_of_the_tiny_step():
 def test_controls_reach_the_model_and_plain_drops_them():
   controls = configs.Controls('bfloat16', 'chunked', 64, 'dots', True)
   model = build.build_model(configs.benchmark_config(configs.BENCHMARKS['tiny'], controls))
-  assert (model.dtype, model.attention_implementation, model.attention_chunk_size,
-          model.remat_policy, model.scan_layers) == (build.DTYPES['bfloat16'], 'chunked', 64, 'dots',
-                                                      True)
+  options = model.options
+  assert (options.dtype, options.attention_implementation, options.attention_chunk_size,
+          options.remat_policy, options.scan_layers) == (build.DTYPES['bfloat16'], 'chunked', 64,
+                                                         'dots', True)
   assert controls.plain() == configs.Controls('bfloat16')
   assert controls.describe() == 'bfloat16, attention=chunked/64, remat=dots, scan'
 

@@ -112,7 +112,7 @@ def test_build_model_passes_the_config_through():
   config.model.update(dtype='bfloat16', audio_stride=(4, 8), fusion='late')
   config.loss.weights = {'classification': 1.0}
   model = build.build_model(config)
-  assert model.dtype == jnp.bfloat16
+  assert model.options.dtype == jnp.bfloat16
   assert tuple(model.audio_grid) == (7, 2)  # (32 - 8) / 4 + 1 overlapping time patches
   assert tuple(model.video_grid) == (2, 2, 2)
   assert model.fusion == 'late' and model.num_classes == {'class': 5}

@@ -1,5 +1,6 @@
 """Tests for avt_jax.models.decoders.MaskedDecoder: shapes, order restoration, mask tokens."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -17,7 +18,7 @@ def _decoder(depth: int, posemb_grid=GRID) -> decoders.MaskedDecoder:
 
 def _param_shapes(module, *args) -> dict:
   """Shapes of the parameters `module.init(rng, *args)` creates (traced abstractly; args static)."""
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), *args))['params']
+  return nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *args))['params'])
 
 
 def _output_shape(module, params, *args):

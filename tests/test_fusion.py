@@ -15,11 +15,15 @@ the Jacobian J = d video_out / d audio_in, a [video tokens * D, audio tokens * D
   audio tokens * (D - 2).
 """
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from avt_jax.models import fusion as fusion_lib
+from avt_jax.models.options import EncoderOptions
 from conftest import fast_jit, random_params
 
 WIDTH, HEADS, MLP, LAYERS = 16, 2, 32, 2
@@ -35,9 +39,12 @@ def tokens():
           'audio': rng.normal(size=(1, AUDIO_TOKENS, WIDTH)).astype(np.float32)}
 
 
-def _module(fusion: str, fusion_layer: int = 1, n_bottlenecks: int = 1, **kwargs):
+OPTION_FIELDS = {f.name for f in dataclasses.fields(EncoderOptions)}
+
+
+def _module(fusion: str, fusion_layer: int = 1, n_bottlenecks: int = 1, **options):
   return fusion_lib.BottleneckFusion(MODALITIES, WIDTH, LAYERS, HEADS, MLP, fusion, fusion_layer,
-                                     n_bottlenecks, **kwargs)
+                                     n_bottlenecks, options=EncoderOptions(**options))
 
 
 def _jacobian(module, tokens, source='audio', target='video', method=None) -> np.ndarray:
@@ -83,7 +90,8 @@ def test_shapes_and_parameter_names(fusion, tokens):
     ('fusion', 'cross'), ('fusion_layer', -1), ('fusion_layer', LAYERS + 1), ('n_bottlenecks', 0),
     ('remat_policy', 'some')])
 def test_impossible_attributes_raise_an_error_naming_them(tokens, field, value):
-  module = _module('bottleneck').clone(**{field: value})
+  module = (_module('bottleneck', **{field: value}) if field in OPTION_FIELDS
+            else _module('bottleneck').clone(**{field: value}))
   with pytest.raises(ValueError, match=f'BottleneckFusion.{field}:'):
     jax.eval_shape(module.init, jax.random.key(0), tokens)
 
@@ -147,7 +155,7 @@ def test_remat_policy_wraps_every_block_and_keeps_parameters_and_outputs(
     tokens, reference_training_output, policy):
   params, expected = reference_training_output
   remat = _module('bottleneck', stochastic_depth=0.1, remat_policy=policy)
-  remat_shapes = jax.eval_shape(remat.init, jax.random.key(0), tokens)
+  remat_shapes = nn.meta.unbox(jax.eval_shape(remat.init, jax.random.key(0), tokens))
   assert (jax.tree_util.tree_map(np.shape, remat_shapes)
           == jax.tree_util.tree_map(np.shape, params))
   forward = lambda p: _training_forward(remat, p, tokens)
@@ -163,8 +171,8 @@ def test_remat_policy_wraps_every_block_and_keeps_parameters_and_outputs(
 
 
 def test_stochastic_depth_grows_linearly_to_the_last_layer(tokens):
-  module = fusion_lib.BottleneckFusion(MODALITIES, WIDTH, 5, HEADS, MLP, stochastic_depth=0.2,
-                                       fusion_layer=2)
+  module = fusion_lib.BottleneckFusion(MODALITIES, WIDTH, 5, HEADS, MLP, fusion_layer=2,
+                                       options=EncoderOptions(stochastic_depth=0.2))
   bound = module.bind(random_params(jax.eval_shape(module.init, jax.random.key(0), tokens), seed=1))
   for m in MODALITIES:
     rates = [block.droppath for block in bound.blocks[m]]

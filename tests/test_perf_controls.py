@@ -13,6 +13,7 @@
 Gradient accumulation is tested in tests/test_train_step.py.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ from avt_jax import losses, train_step
 from avt_jax.models import build_model, scan, transformer
 from avt_jax.models.build import objectives as config_objectives
 from avt_jax.models.fusion import BottleneckFusion
+from avt_jax.models.options import EncoderOptions
 from conftest import fast_jit, tiny_config
 
 STEPS = 2
@@ -132,8 +134,8 @@ def test_scan_layout_and_conversion_for_every_fusion(fusion, fusion_layer, objec
   inputs = {k: v for k, v in _batches(config, 1)[0].items() if k in ('video', 'audio', 'mask')}
   objs = config_objectives(config)
   rngs = {'params': jax.random.key(0), 'masking': jax.random.key(1)}
-  params = _fill(jax.eval_shape(lambda: model.init(rngs, inputs, objectives=objs)['params']))
-  expected = jax.eval_shape(lambda: scanned.init(rngs, inputs, objectives=objs)['params'])
+  init = lambda m: nn.meta.unbox(jax.eval_shape(lambda: m.init(rngs, inputs, objectives=objs)))
+  params, expected = _fill(init(model)['params']), init(scanned)['params']
   fusion_start = model.num_layers if fusion == 'late' else fusion_layer
   converted = scan.unrolled_to_scanned(params, fusion_start)
   assert (jax.tree_util.tree_map(np.shape, converted)
@@ -167,8 +169,9 @@ def test_scanned_stochastic_depth_uses_per_layer_rates():
   """Layer 0 has rate 0 (never dropped); the last layer's rate is `stochastic_depth`."""
   tokens = {'audio': np.tile(np.random.default_rng(0).normal(size=(1, 3, 16)), (64, 1, 1))
             .astype(np.float32)}
-  module = lambda layers, rate: BottleneckFusion(('audio',), 16, layers, 2, 32, 'late', layers,
-                                                 stochastic_depth=rate, scan_layers=True)
+  module = lambda layers, rate: BottleneckFusion(
+      ('audio',), 16, layers, 2, 32, 'late', layers,
+      options=EncoderOptions(stochastic_depth=rate, scan_layers=True))
   rngs = {'dropout': jax.random.key(5)}
   one = module(1, 0.9)
   params = one.init(jax.random.key(0), tokens)

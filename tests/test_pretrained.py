@@ -22,7 +22,7 @@ from avt_jax import checkpointing, pretrained, sharding
 from avt_jax.default_config import get_base_config
 from avt_jax.models import build_model
 from avt_jax.pretrained import PretrainedError
-from avt_jax.train_step import TrainState, setup
+from avt_jax.train_step import TrainState, param_axes, setup
 from tests.conftest import fast_jit, random_params, tiny_config
 
 D, HEADS, LAYERS, MLP, PATCH, GRID, CLASSES = 32, 2, 2, 64, 8, 4, 7
@@ -523,10 +523,10 @@ def test_scanned_bfloat16_model_on_a_sharded_mesh_gets_its_shards(files):
       'model.fusion_layer': 2, 'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.model': 2,
       'init.exclude': ('encoderblock_1_video/',)})
   config.loss.weights = ml_collections.ConfigDict({'classification': 1.0})  # a smaller init to compile
-  _, tx, _, init = setup(config)
+  model, tx, _, init = setup(config)
   mesh = sharding.make_mesh(config.mesh)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = sharding.tree_shardings(abstract, mesh)
+  shardings = sharding.tree_shardings(abstract, mesh, param_axes(config, model))
   prepared = pretrained.prepare(config, abstract.params)
   assert set(prepared.layer_masks) == {f'encoder/encoderblocks_video/{k}' for k in
                                        pretrained.layouts.BLOCK_KEYS}

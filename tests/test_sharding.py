@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from avt_jax import sharding
+from avt_jax.models.transformer import EncoderBlock
 
 
 def mesh_config(data=-1, fsdp=1, model=1):
@@ -38,7 +39,10 @@ def test_rules_shard_attention_and_mlp_and_skip_indivisible():
       'MlpBlock_3': {'Dense_0': {'kernel': np.zeros((8, 6)), 'bias': np.zeros((6,))},
                      'Dense_1': {'kernel': np.zeros((6, 7))}},
       'LayerNorm_0': {'scale': np.zeros((8,))}}}
-  s = sharding.tree_shardings(tree, mesh)['encoderblock_0_video']
+  # The axes an encoder block annotates (width 8, 4 heads, MLP 6), placed within a larger tree.
+  block = jax.eval_shape(EncoderBlock(num_heads=4, mlp_dim=6).init, jax.random.key(0),
+                         np.zeros((1, 2, 8), np.float32))['params']
+  s = sharding.tree_shardings(tree, mesh, sharding.logical_axes(block))['encoderblock_0_video']
   attn = s['MultiHeadDotProductAttention_1']
   assert attn['query']['kernel'].spec == P('fsdp', 'model', None)
   assert attn['query']['bias'].spec == P('model', None)

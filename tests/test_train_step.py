@@ -39,7 +39,8 @@ def run_steps(config, mesh_shape, batches, devices=None):
   tx, schedule = train_step.make_optimizer(config.optim, config.train.steps)
   init = functools.partial(train_step.init_state, config, model, tx)
   rng = jax.random.PRNGKey(0)
-  shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh)
+  shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh,
+                                      train_step.param_axes(config, model))
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)(rng)
     step = jax.jit(train_step.make_train_step(config, model, tx, schedule),

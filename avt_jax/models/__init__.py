@@ -1,6 +1,6 @@
 """Reusable Flax modules of AVT.
 
-    from avt_jax.models import AVT, BottleneckFusion, EncoderBlock
+    from avt_jax.models import AVT, BottleneckFusion, EncoderBlock, EncoderOptions
 """
 
 from avt_jax.models.avt import AVT, MODALITIES, OBJECTIVES
@@ -10,6 +10,7 @@ from avt_jax.models.fusion import FUSIONS, BottleneckFusion
 from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, LogitScale, MatchingHead,
                                   sample_hard_negatives)
 from avt_jax.models.masking import random_masking, segment_mask
+from avt_jax.models.options import EncoderOptions
 from avt_jax.models.tokenizers import (PositionEmbedding, SpectrogramPatchEmbedding, TubeletEmbedding,
-                                       inflate_2d_kernel, patchify, resize_posemb)
+                                       inflate_2d_kernel, patchify, resize_posemb, token_grid)
 from avt_jax.models.transformer import EncoderBlock, MlpBlock, MultiHeadSelfAttention

@@ -1,6 +1,6 @@
 """AVT: audio-video Transformer with bottleneck fusion, a shared classifier and self-supervised heads."""
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -8,17 +8,49 @@ import jax.numpy as jnp
 
 from avt_jax.models import masking
 from avt_jax.models.decoders import MaskedDecoder
-from avt_jax.models.fusion import BottleneckFusion
+from avt_jax.models.fusion import BottleneckFusion, fusion_problems, fusion_start
 from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, LogitScale, MatchingHead,
                                   sample_hard_negatives)
+from avt_jax.models.options import EncoderOptions, Problem, raise_first
 from avt_jax.models.tokenizers import (PositionEmbedding, SpectrogramPatchEmbedding, TubeletEmbedding,
-                                       patchify)
-from avt_jax.models.transformer import ATTENTION_COLLECTION, DEFAULT_CHUNK_SIZE
+                                       patchify, token_grid)
+from avt_jax.models.transformer import ATTENTION_COLLECTION
 
 MODALITIES = ('video', 'audio')
 OBJECTIVES = ('classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
               'masked_audio_segment')
 CLASSIFIERS = ('token', 'gap')
+FULL_PASS_OBJECTIVES = {'classification', 'contrastive', 'matching'}
+
+
+class Embedded(NamedTuple):
+  """The inputs tokenized once, shared by the passes."""
+  patches: dict[str, jax.Array]  # modality -> [B, *grid, D] tubelet / spectrogram patch embeddings
+  tokens: dict[str, jax.Array]  # modality -> [B, N, D] the same plus position embeddings, flattened
+  cls: dict[str, jax.Array]  # modality -> [1, 1, D] its CLS token
+
+  def with_cls(self, tokens: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """modality -> [B, N, D] in, modality -> [B, 1 + N, D] (its CLS token first) out."""
+    return {m: jnp.concatenate(
+        [jnp.broadcast_to(self.cls[m].astype(x.dtype), (x.shape[0], 1, x.shape[-1])), x], axis=1)
+            for m, x in tokens.items()}
+
+
+class FullPass(NamedTuple):
+  """Outputs of the full pass; None where the objectives did not ask for a branch."""
+  unimodal: dict[str, jax.Array]  # modality -> [B, 1 + N, D] output of the unimodal layers
+  features: dict  # `pre_fusion` and (if the fused layers ran) `final`: modality -> [B, D]
+  contrastive: dict | None  # `video`, `audio` [B, contrastive_dim] unit vectors, `logit_scale` []
+  matching: dict | None  # `positive` [B], `negative` [2B] logits, `negative_valid` [2B]
+  logits: dict | None  # head -> [B, classes], mean over modalities of `modality_logits`
+  modality_logits: dict | None  # modality -> head -> [B, classes]
+
+
+class Reconstruction(NamedTuple):
+  """Output of a masked-modelling pass for one modality."""
+  pred: jax.Array  # [B, patches, patch_dim] float32 predictions
+  target: jax.Array  # [B, patches, patch_dim] float32 input patches
+  mask: jax.Array  # [B, patches] float32, 1 = masked
 
 
 class AVT(nn.Module):
@@ -30,13 +62,17 @@ class AVT(nn.Module):
   (`BottleneckFusion`). Which branches are computed is decided by `objectives`, so an objective that
   is not requested adds nothing to the compiled graph.
 
-  Our design choices where the method description is silent (see DESIGN.md): the contrastive
+  Our design choices where the method description is silent (see docs/method.md): the contrastive
   representation is the mean of a modality's tokens at the input of the first fused layer; the matching
   head sees the concatenated final CLS tokens; the masked-modelling pass masks every modality at its
   ratio and runs the full (fused) encoder on the visible tokens; the masked audio segment pass replaces
   the embeddings of whole time segments with a learned mask token, runs the fused encoder on all tokens
   and decodes the segment from the fused audio tokens (the video stream's unimodal layers are those
   of the full pass when it runs: same inputs, so computed once).
+
+  `init` returns the attention and MLP parameters boxed with their logical axis names
+  (`nn.LogicallyPartitioned`, read by `avt_jax.sharding.logical_axes`); `nn.meta.unbox` gives plain
+  arrays (as `train_step.init_state` does), and `apply` takes either.
 
   Attributes:
     num_classes: label head -> classes, e.g. {'class': 309} or {'verb': 97, 'noun': 300}.
@@ -54,8 +90,11 @@ class AVT(nn.Module):
     classifier: the fused representation of a modality that the classifier and the matching head
       read: `token`, its CLS token (ViT); `gap`, the mean of its other tokens (global average
       pooling, as in big_vision's ViT option of that name; better on small datasets, see README).
-    dropout, stochastic_depth, dtype, attention_implementation, remat_policy, scan_layers,
-      attention_chunk_size: see BottleneckFusion.
+    options: how the layers compute (dropout, stochastic depth, dtype, attention, remat, scan); its
+      dtype is also that of the tokenizers and decoders.
+
+  Raises (at init or apply):
+    ValueError: `AVT.<field>: ...` for an impossible attribute (see `problems`).
   """
   num_classes: Mapping[str, int]
   modalities: Sequence[str] = MODALITIES
@@ -81,13 +120,25 @@ class AVT(nn.Module):
   segment_patches: int = 4
   num_segments: int = 2
   classifier: str = 'token'
-  dropout: float = 0.0
-  stochastic_depth: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-  attention_implementation: str = 'xla'
-  remat_policy: str = 'none'
-  scan_layers: bool = False
-  attention_chunk_size: int = DEFAULT_CHUNK_SIZE
+  options: EncoderOptions = EncoderOptions()
+
+  def problems(self) -> list[Problem]:
+    """(field, message) for each impossible attribute, the encoder's and `options`' included; the
+    fields are named as in `config.model`."""
+    mods = tuple(self.modalities)
+    found = [] if mods and len(set(mods)) == len(mods) and set(mods) <= set(MODALITIES) else [
+        ('modalities', f'expected a non-empty subset of {MODALITIES}, got {mods}')]
+    found += fusion_problems(self.hidden_size, self.num_layers, self.num_heads, self.fusion,
+                             self.fusion_layer, self.n_bottlenecks)
+    if self.classifier not in CLASSIFIERS:
+      found.append(('classifier', f'expected one of {CLASSIFIERS}, got {self.classifier!r}'))
+    if self.decoder_width % self.decoder_heads:
+      found.append(('decoder_heads', f'decoder_width {self.decoder_width} is not divisible by '
+                    f'decoder_heads {self.decoder_heads}'))
+    for m, ratio in (('video', self.mask_ratio_video), ('audio', self.mask_ratio_audio)):
+      if not 0.0 <= ratio < 1.0:
+        found.append((f'mask_ratio_{m}', f'must be in [0, 1), got {ratio}'))
+    return found + self.options.problems()
 
   def _pool(self, tokens: jax.Array) -> jax.Array:
     """[B, 1 + N, D] encoder output (CLS first) -> [B, D] per `classifier`."""
@@ -100,8 +151,8 @@ class AVT(nn.Module):
     """Token grid of an input of `shape` ([B, T, H, W, 3] video or [B, time, mels] audio): tubelets
     (frames, rows, columns) or spectrogram patches (time, frequency)."""
     patch = self._patch(modality)
-    stride = patch if modality == 'video' else tuple(self.audio_stride or self.audio_patch)
-    return tuple((s - p) // st + 1 for s, p, st in zip(shape[1:1 + len(patch)], patch, stride))
+    stride = self.audio_stride if modality == 'audio' else None
+    return token_grid(shape[1:1 + len(patch)], patch, stride)
 
   def attention_maps(self, params, inputs: Mapping[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
     """What the bottleneck tokens attend to in every fused layer, for analysis (inference mode).
@@ -124,7 +175,8 @@ class AVT(nn.Module):
       ValueError: the model has no bottleneck-fused layer (fusion other than 'bottleneck',
         fusion_layer = num_layers, or a single modality).
     """
-    if self.fusion != 'bottleneck' or len(self.modalities) < 2 or self.fusion_layer >= self.num_layers:
+    start = fusion_start(self.fusion, self.fusion_layer, self.num_layers, len(self.modalities))
+    if self.fusion != 'bottleneck' or start >= self.num_layers:
       raise ValueError(f'AVT.attention_maps needs bottleneck-fused layers; this model has '
                        f'fusion={self.fusion!r}, fusion_layer={self.fusion_layer}, '
                        f'num_layers={self.num_layers}, modalities={tuple(self.modalities)}.')
@@ -134,7 +186,7 @@ class AVT(nn.Module):
     attention = 'MultiHeadDotProductAttention_1'
     maps = {}
     for m in self.modalities:
-      if self.scan_layers:  # stacked on a leading layer axis
+      if self.options.scan_layers:  # stacked on a leading layer axis
         weights = jnp.moveaxis(encoder['encoderblocks_fused'][m][attention]['weights'][0], 0, 1)
       else:
         weights = jnp.stack([encoder[f'encoderblock_{i}_{m}'][attention]['weights'][0]
@@ -148,7 +200,7 @@ class AVT(nn.Module):
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], *, train: bool = False,
                objectives: Sequence[str] = ('classification',)) -> dict:
-    """Runs the branches needed by `objectives`.
+    """Runs the passes needed by `objectives`.
 
     Args:
       inputs: `video` [B, T, H, W, 3] and/or `audio` [B, time, mels]; optional `mask` [B] (1 = real
@@ -165,111 +217,144 @@ class AVT(nn.Module):
         `masked_video` / `masked_audio` / `masked_audio_segment`: `pred` and `target`
           [B, patches, patch_dim] and `mask` [B, patches] (1 = masked);
         `features`: `pre_fusion` and (if the fused layers ran) `final`: modality -> [B, D].
+
+    Raises:
+      ValueError: unknown objectives, or an impossible attribute (`AVT.<field>: ...`).
     """
     unknown = set(objectives) - set(OBJECTIVES)
     if unknown:
       raise ValueError(f'Unknown objectives {sorted(unknown)}; expected a subset of {OBJECTIVES}.')
-    if self.classifier not in CLASSIFIERS:
-      raise ValueError(f'AVT.classifier: expected one of {CLASSIFIERS}, got {self.classifier!r}.')
-    objectives = set(objectives)
-    deterministic = not train
-    d = self.hidden_size
-    tokenizers = {
-        'video': TubeletEmbedding(d, self.video_patch, self.dtype, name='tokenizer_video'),
-        'audio': SpectrogramPatchEmbedding(d, self.audio_patch, self.audio_stride, self.dtype,
-                                           name='tokenizer_audio'),
-    }
+    raise_first('AVT', self.problems())
+    objectives, deterministic = set(objectives), not train
     posembs = {'video': PositionEmbedding(self.video_grid, name='posembed_video'),
                'audio': PositionEmbedding(self.audio_grid, name='posembed_audio')}
-    cls = {m: self.param(f'cls_{m}', nn.initializers.zeros, (1, 1, d)) for m in self.modalities}
+    patches = {m: self._tokenizer(m)(inputs[m]) for m in self.modalities}  # [B, *grid, D]
+    x = Embedded(patches, {m: posembs[m](patches[m]) for m in self.modalities},
+                 {m: self.param(f'cls_{m}', nn.initializers.zeros, (1, 1, self.hidden_size))
+                  for m in self.modalities})
     encoder = BottleneckFusion(
-        self.modalities, d, self.num_layers, self.num_heads, self.mlp_dim, self.fusion,
-        self.fusion_layer, self.n_bottlenecks, self.dropout, self.stochastic_depth, self.dtype,
-        self.attention_implementation, self.remat_policy, self.scan_layers,
-        self.attention_chunk_size, name='encoder')
-
-    def add_cls(tokens):
-      return {m: jnp.concatenate(
-          [jnp.broadcast_to(cls[m].astype(x.dtype), (x.shape[0], 1, d)), x], axis=1)
-              for m, x in tokens.items()}
-
-    embedded = {m: tokenizers[m](inputs[m]) for m in self.modalities}  # [B, *grid, D]
-    grids = {m: embedded[m].shape[1:-1] for m in self.modalities}
-    tokens = {m: posembs[m](embedded[m]) for m in self.modalities}  # [B, N_m, D]
-    batch = tokens[self.modalities[0]].shape[0]
-    example_mask = inputs.get('mask', jnp.ones((batch,), jnp.float32))
-    out = {}
-    pre = None  # unimodal encoder outputs of the full pass, when it runs
-
-    # Full pass: classification, contrastive (pre-fusion) and matching (fused) branches.
-    if objectives & {'classification', 'contrastive', 'matching'}:
-      pre = encoder.unimodal(add_cls(tokens), deterministic)
-      out['features'] = {'pre_fusion': {m: jnp.mean(x[:, 1:], axis=1) for m, x in pre.items()}}
-      if objectives & {'contrastive', 'matching'}:
-        emb = {m: ContrastiveProjection(self.contrastive_dim, name=f'contrastive_projection_{m}')(
-            out['features']['pre_fusion'][m]) for m in MODALITIES}
-        scale = LogitScale(name='contrastive_temperature')()
-        out['contrastive'] = {**emb, 'logit_scale': scale}
-      if objectives & {'classification', 'matching'}:
-        if 'matching' in objectives:
-          sim = scale * emb['video'] @ emb['audio'].T  # [B, B]
-          a_for_v, v_for_a, has_neg = sample_hard_negatives(self.make_rng('masking'), sim, example_mask)
-          # Positives, then (video i, audio a_for_v[i]), then (video v_for_a[j], audio j): [3B, N, D].
-          pairs = {'video': jnp.concatenate([pre['video'], pre['video'], pre['video'][v_for_a]]),
-                   'audio': jnp.concatenate([pre['audio'], pre['audio'][a_for_v], pre['audio']])}
-          final = encoder.fused(pairs, deterministic)
-          fused = jnp.concatenate([self._pool(final['video']), self._pool(final['audio'])], axis=-1)
-          scores = MatchingHead(name='matching_head')(fused)  # [3B]
-          out['matching'] = {'positive': scores[:batch], 'negative': scores[batch:],
-                             'negative_valid': jnp.concatenate([has_neg, has_neg]).astype(jnp.float32)}
-          final = {m: x[:batch] for m, x in final.items()}
-        else:
-          final = encoder.fused(pre, deterministic)
-        out['features']['final'] = {m: self._pool(x) for m, x in final.items()}
-        if 'classification' in objectives:
-          head = ClassificationHead(self.num_classes, name='classifier')
-          per_modality = {m: head({m: f}) for m, f in out['features']['final'].items()}
-          out['logits'] = {h: jnp.mean(jnp.stack([per_modality[m][h] for m in per_modality]), 0)
-                           for h in self.num_classes}
-          out['modality_logits'] = per_modality
-
-    # Masked-modelling pass: every modality masked at its ratio, visible tokens through the encoder.
-    mae = [m for m in self.modalities if f'masked_{m}' in objectives]
-    if mae:
-      ratios = {'video': self.mask_ratio_video, 'audio': self.mask_ratio_audio}
-      rngs = jax.random.split(self.make_rng('masking'), len(self.modalities))
-      visible, restore, masks = {}, {}, {}
-      for rng, m in zip(rngs, self.modalities):
-        keep, restore[m], masks[m] = masking.random_masking(rng, batch, tokens[m].shape[1], ratios[m])
-        visible[m] = jnp.take_along_axis(tokens[m], keep[..., None], axis=1)
-      encoded = encoder(add_cls(visible), deterministic)
-      for m in mae:
-        target = patchify(inputs[m] if m == 'video' else inputs[m][..., None], self._patch(m))
-        decoder = MaskedDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
-                                self.decoder_mlp_dim, target.shape[-1],
-                                self.video_grid if m == 'video' else self.audio_grid,
-                                self.dtype, name=f'decoder_{m}')
-        pred = decoder(encoded[m][:, 1:], grids[m], restore[m], deterministic)
-        out[f'masked_{m}'] = {'pred': pred, 'target': target.astype(jnp.float32), 'mask': masks[m]}
-
-    # Masked audio segment pass: whole time segments replaced by a mask token, fused encoder.
+        modalities=self.modalities, hidden_size=self.hidden_size, num_layers=self.num_layers,
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, fusion=self.fusion,
+        fusion_layer=self.fusion_layer, n_bottlenecks=self.n_bottlenecks, options=self.options,
+        name='encoder')
+    out, full = {}, None
+    if objectives & FULL_PASS_OBJECTIVES:
+      full = self._full_pass(encoder, x, inputs.get('mask'), objectives, deterministic)
+      out.update({k: v for k, v in full._asdict().items() if k != 'unimodal' and v is not None})
+    masked = [m for m in self.modalities if f'masked_{m}' in objectives]
+    if masked:
+      recon = self._masked_pass(encoder, x, inputs, masked, deterministic)
+      out.update({f'masked_{m}': r._asdict() for m, r in recon.items()})
     if 'masked_audio_segment' in objectives:
-      grid = grids['audio']
-      seg = masking.segment_mask(self.make_rng('masking'), batch, grid, self.segment_patches,
-                                 self.num_segments)  # [B, N_audio]
-      mask_token = self.param('segment_mask_token', nn.initializers.normal(stddev=0.02), (1, 1, d))
-      patches = embedded['audio'].reshape(batch, -1, d)
-      patches = jnp.where(seg[..., None] > 0, mask_token.astype(patches.dtype), patches)
-      masked_audio = posembs['audio'](patches.reshape(batch, *grid, d))
-      if pre is not None:  # the other modalities' unimodal layers saw the same tokens: reuse them
-        audio = encoder.unimodal(add_cls({'audio': masked_audio}), deterministic)
-        encoded = encoder.fused(dict(pre, **audio), deterministic)
-      else:
-        encoded = encoder(add_cls(dict(tokens, audio=masked_audio)), deterministic)
-      target = patchify(inputs['audio'][..., None], self._patch('audio'))
-      decoder = MaskedDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
-                              self.decoder_mlp_dim, target.shape[-1], self.audio_grid, self.dtype,
-                              name='segment_decoder')
-      pred = decoder(encoded['audio'][:, 1:], grid, None, deterministic)
-      out['masked_audio_segment'] = {'pred': pred, 'target': target.astype(jnp.float32), 'mask': seg}
+      unimodal = full.unimodal if full else None
+      out['masked_audio_segment'] = self._segment_pass(
+          encoder, x, posembs['audio'], inputs, unimodal, deterministic)._asdict()
     return out
+
+  def _tokenizer(self, modality: str) -> nn.Module:
+    d, dtype = self.hidden_size, self.options.dtype
+    if modality == 'video':
+      return TubeletEmbedding(d, self.video_patch, dtype, name='tokenizer_video')
+    return SpectrogramPatchEmbedding(d, self.audio_patch, self.audio_stride, dtype,
+                                     name='tokenizer_audio')
+
+  def _decoder(self, modality: str, patch_dim: int, name: str) -> MaskedDecoder:
+    grid = self.video_grid if modality == 'video' else self.audio_grid
+    return MaskedDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
+                         self.decoder_mlp_dim, patch_dim, grid, self.options.dtype, name=name)
+
+  def _target(self, inputs: Mapping[str, jax.Array], modality: str) -> jax.Array:
+    """The input cut into token-ordered patches: [B, patches, patch_dim] float32."""
+    x = inputs[modality] if modality == 'video' else inputs[modality][..., None]
+    return patchify(x, self._patch(modality)).astype(jnp.float32)
+
+  def _full_pass(self, encoder: BottleneckFusion, x: Embedded, example_mask: jax.Array | None,
+                 objectives: set[str], deterministic: bool) -> FullPass:
+    """Classification, contrastive (pre-fusion) and matching (fused) branches on all tokens."""
+    unimodal = encoder.unimodal(x.with_cls(x.tokens), deterministic)
+    features = {'pre_fusion': {m: jnp.mean(t[:, 1:], axis=1) for m, t in unimodal.items()}}
+    contrastive = matching = logits = modality_logits = final = None
+    if objectives & {'contrastive', 'matching'}:
+      contrastive = {m: ContrastiveProjection(self.contrastive_dim,
+                                              name=f'contrastive_projection_{m}')(
+          features['pre_fusion'][m]) for m in self.modalities}
+      contrastive['logit_scale'] = LogitScale(name='contrastive_temperature')()
+    if 'matching' in objectives:
+      final, matching = self._matching(encoder, unimodal, contrastive, example_mask, deterministic)
+    elif 'classification' in objectives:
+      final = encoder.fused(unimodal, deterministic)
+    if final is not None:
+      features['final'] = {m: self._pool(t) for m, t in final.items()}
+    if 'classification' in objectives:
+      head = ClassificationHead(self.num_classes, name='classifier')
+      modality_logits = {m: head({m: f}) for m, f in features['final'].items()}
+      logits = {h: jnp.mean(jnp.stack([modality_logits[m][h] for m in modality_logits]), 0)
+                for h in self.num_classes}
+    return FullPass(unimodal, features, contrastive, matching, logits, modality_logits)
+
+  def _matching(self, encoder: BottleneckFusion, unimodal: dict[str, jax.Array],
+                contrastive: dict[str, jax.Array], example_mask: jax.Array | None,
+                deterministic: bool) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Scores the positive pairs and one hard negative per example and direction.
+
+    Returns:
+      (modality -> [B, 1 + N, D] fused tokens of the positive pairs, the `matching` output).
+    """
+    video, audio = unimodal['video'], unimodal['audio']
+    batch = video.shape[0]
+    example_mask = jnp.ones((batch,), jnp.float32) if example_mask is None else example_mask
+    sim = contrastive['logit_scale'] * contrastive['video'] @ contrastive['audio'].T  # [B, B]
+    a_for_v, v_for_a, has_neg = sample_hard_negatives(self.make_rng('masking'), sim, example_mask)
+    # Positives, then (video i, audio a_for_v[i]), then (video v_for_a[j], audio j): [3B, N, D].
+    pairs = {'video': jnp.concatenate([video, video, video[v_for_a]]),
+             'audio': jnp.concatenate([audio, audio[a_for_v], audio])}
+    final = encoder.fused(pairs, deterministic)
+    fused = jnp.concatenate([self._pool(final['video']), self._pool(final['audio'])], axis=-1)
+    scores = MatchingHead(name='matching_head')(fused)  # [3B]
+    matching = {'positive': scores[:batch], 'negative': scores[batch:],
+                'negative_valid': jnp.concatenate([has_neg, has_neg]).astype(jnp.float32)}
+    return {m: t[:batch] for m, t in final.items()}, matching
+
+  def _masked_pass(self, encoder: BottleneckFusion, x: Embedded, inputs: Mapping[str, jax.Array],
+                   decoded: Sequence[str], deterministic: bool) -> dict[str, Reconstruction]:
+    """Masks every modality at its ratio (MAE), runs the encoder on the visible tokens and decodes
+    the modalities in `decoded`."""
+    ratios = {'video': self.mask_ratio_video, 'audio': self.mask_ratio_audio}
+    rngs = jax.random.split(self.make_rng('masking'), len(self.modalities))
+    visible, restore, masks = {}, {}, {}
+    for rng, m in zip(rngs, self.modalities):
+      batch, num_tokens = x.tokens[m].shape[:2]
+      keep, restore[m], masks[m] = masking.random_masking(rng, batch, num_tokens, ratios[m])
+      visible[m] = jnp.take_along_axis(x.tokens[m], keep[..., None], axis=1)
+    encoded = encoder(x.with_cls(visible), deterministic)
+    out = {}
+    for m in decoded:
+      target = self._target(inputs, m)
+      pred = self._decoder(m, target.shape[-1], f'decoder_{m}')(
+          encoded[m][:, 1:], x.patches[m].shape[1:-1], restore[m], deterministic)
+      out[m] = Reconstruction(pred, target, masks[m])
+    return out
+
+  def _segment_pass(self, encoder: BottleneckFusion, x: Embedded, posembed_audio: nn.Module,
+                    inputs: Mapping[str, jax.Array], unimodal: dict[str, jax.Array] | None,
+                    deterministic: bool) -> Reconstruction:
+    """Replaces whole time segments of the audio embeddings with a learned mask token, runs the
+    fused encoder on all tokens and decodes the audio. `unimodal`: the full pass's unimodal outputs,
+    if it ran (the other modalities' unimodal layers saw the same tokens: reused)."""
+    patches = x.patches['audio']  # [B, time patches, mel patches, D]
+    batch, grid, d = patches.shape[0], patches.shape[1:-1], patches.shape[-1]
+    seg = masking.segment_mask(self.make_rng('masking'), batch, grid, self.segment_patches,
+                               self.num_segments)  # [B, N_audio]
+    mask_token = self.param('segment_mask_token', nn.initializers.normal(stddev=0.02), (1, 1, d))
+    flat = patches.reshape(batch, -1, d)
+    flat = jnp.where(seg[..., None] > 0, mask_token.astype(flat.dtype), flat)
+    masked_audio = posembed_audio(flat.reshape(batch, *grid, d))
+    if unimodal is not None:
+      audio = encoder.unimodal(x.with_cls({'audio': masked_audio}), deterministic)
+      encoded = encoder.fused(dict(unimodal, **audio), deterministic)
+    else:
+      encoded = encoder(x.with_cls(dict(x.tokens, audio=masked_audio)), deterministic)
+    target = self._target(inputs, 'audio')
+    pred = self._decoder('audio', target.shape[-1], 'segment_decoder')(
+        encoded['audio'][:, 1:], grid, None, deterministic)
+    return Reconstruction(pred, target, seg)

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avt_jax.models.options import EncoderOptions
 from avt_jax.models.tokenizers import PositionEmbedding
 from avt_jax.models.transformer import EncoderBlock
 
@@ -58,8 +59,9 @@ class MaskedDecoder(nn.Module):
       x = jnp.concatenate([x, fill], axis=1)
       x = jnp.take_along_axis(x, ids_restore[..., None], axis=1)
     x = PositionEmbedding(self.posemb_grid, name='decoder_posembed')(x.reshape(batch, *grid, self.width))
+    options = EncoderOptions(dtype=self.dtype)
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype,
+      x = EncoderBlock(self.num_heads, self.mlp_dim, options=options,
                        name=f'decoderblock_{i}')(x, deterministic)
     x = nn.LayerNorm(dtype=self.dtype, name='decoder_norm')(x)
     return nn.Dense(self.patch_dim, dtype=jnp.float32, name='decoder_pred')(x).astype(jnp.float32)

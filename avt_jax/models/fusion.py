@@ -15,16 +15,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avt_jax.models.transformer import ATTENTION_COLLECTION, DEFAULT_CHUNK_SIZE, EncoderBlock
+from avt_jax.models.options import REMAT_POLICIES, EncoderOptions, Problem, raise_first
+from avt_jax.models.transformer import ATTENTION_COLLECTION, EncoderBlock
 
 FUSIONS = ('bottleneck', 'concat', 'late')
-REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 Tokens = Mapping[str, jax.Array]  # modality -> [batch, tokens, D]
+
+
+def fusion_start(fusion: str, fusion_layer: int, num_layers: int, num_modalities: int) -> int:
+  """Index of the first layer in which modalities exchange information: `fusion_layer`, or
+  `num_layers` for late fusion and single-modality models."""
+  return num_layers if fusion == 'late' or num_modalities == 1 else fusion_layer
+
+
+def fusion_problems(hidden_size: int, num_layers: int, num_heads: int, fusion: str,
+                    fusion_layer: int, n_bottlenecks: int) -> list[Problem]:
+  """(field, message) for each impossible encoder shape or fusion setting (see BottleneckFusion)."""
+  found = []
+  if fusion not in FUSIONS:
+    found.append(('fusion', f'expected one of {FUSIONS}, got {fusion!r}'))
+  if not 0 <= fusion_layer <= num_layers:
+    found.append(('fusion_layer', f'must be in [0, num_layers={num_layers}], got {fusion_layer}'))
+  if fusion == 'bottleneck' and n_bottlenecks < 1:
+    found.append(('n_bottlenecks',
+                  f'bottleneck fusion needs at least 1 bottleneck token, got {n_bottlenecks}'))
+  if hidden_size % num_heads:
+    found.append(('num_heads',
+                  f'hidden_size {hidden_size} is not divisible by num_heads {num_heads}'))
+  return found
 
 
 class BottleneckFusion(nn.Module):
@@ -33,14 +52,15 @@ class BottleneckFusion(nn.Module):
   Parameters are named `encoderblock_{i}_{modality}` (shared `encoderblock_{i}` for the fused layers of
   `concat`), `encoder_norm_{modality}` and `bottleneck` ([1, n_bottlenecks, D]).
 
-  With `scan_layers=True`, identical layers run in a `nn.scan` (the program holds one layer of each
-  kind, so compile time no longer grows with depth) and their parameters are stacked on a leading
-  layer axis (convert with `avt_jax.models.scan`):
+  With `options.scan_layers`, identical layers run in a `nn.scan` (the program holds one layer of
+  each kind, so compile time no longer grows with depth) and their parameters are stacked on a
+  leading layer axis (convert with `avt_jax.models.scan`):
     `encoderblocks_{modality}`: layers [0, fusion_start) of that modality, [fusion_start, ...];
     `encoderblocks_fused`: {modality: block} of the bottleneck layers [fusion_start, num_layers),
       [num_layers - fusion_start, ...];
     `encoderblocks_shared`: the shared blocks of the `concat` layers [fusion_start, num_layers).
-  `encoder_norm_{modality}` and `bottleneck` keep their names.
+  `encoder_norm_{modality}` and `bottleneck` keep their names. The layer axis has the logical name
+  'layers' (see `avt_jax.sharding`).
 
   Attributes:
     modalities: modality names, e.g. ('video', 'audio').
@@ -51,13 +71,10 @@ class BottleneckFusion(nn.Module):
     fusion: one of FUSIONS.
     fusion_layer: first fused layer, 0 (early) .. num_layers (late).
     n_bottlenecks: number of bottleneck tokens.
-    dropout: dropout rate.
-    stochastic_depth: drop-path rate of the last layer (linearly increasing from 0 at layer 0).
-    dtype: computation dtype.
-    attention_implementation: see transformer.ATTENTION_IMPLEMENTATIONS.
-    remat_policy: one of REMAT_POLICIES; rematerialises each block in the backward pass.
-    scan_layers: run identical layers in `nn.scan` (stacked parameters, see above).
-    attention_chunk_size: queries per chunk of the `chunked` attention implementation.
+    options: dropout, stochastic depth, dtype, attention, remat and scan settings.
+
+  Raises (at init or apply):
+    ValueError: `BottleneckFusion.<field>: ...` for an impossible attribute or option.
   """
   modalities: Sequence[str]
   hidden_size: int
@@ -67,55 +84,35 @@ class BottleneckFusion(nn.Module):
   fusion: str = 'bottleneck'
   fusion_layer: int = 8
   n_bottlenecks: int = 4
-  dropout: float = 0.0
-  stochastic_depth: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-  attention_implementation: str = 'xla'
-  remat_policy: str = 'none'
-  scan_layers: bool = False
-  attention_chunk_size: int = DEFAULT_CHUNK_SIZE
+  options: EncoderOptions = EncoderOptions()
 
   @property
   def fusion_start(self) -> int:
-    """Index of the first layer in which modalities exchange information."""
-    if self.fusion == 'late' or len(self.modalities) == 1:
-      return self.num_layers
-    return self.fusion_layer
-
-  def _validate(self) -> None:
-    if self.fusion not in FUSIONS:
-      raise ValueError(f'BottleneckFusion.fusion: expected one of {FUSIONS}, got {self.fusion!r}.')
-    if not 0 <= self.fusion_layer <= self.num_layers:
-      raise ValueError(f'BottleneckFusion.fusion_layer: expected 0..num_layers={self.num_layers}, '
-                       f'got {self.fusion_layer}.')
-    if self.fusion == 'bottleneck' and self.n_bottlenecks < 1:
-      raise ValueError(f'BottleneckFusion.n_bottlenecks: bottleneck fusion needs at least 1, got '
-                       f'{self.n_bottlenecks}.')
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f'BottleneckFusion.remat_policy: expected one of {sorted(REMAT_POLICIES)}, '
-                       f'got {self.remat_policy!r}.')
+    """Index of the first layer in which modalities exchange information (`fusion_start`)."""
+    return fusion_start(self.fusion, self.fusion_layer, self.num_layers, len(self.modalities))
 
   def _droppath(self, layer: int) -> float:
     """Stochastic depth rate of `layer`: linear from 0 (first layer) to `stochastic_depth` (last)."""
-    return self.stochastic_depth * layer / max(self.num_layers - 1, 1)
+    return self.options.stochastic_depth * layer / max(self.num_layers - 1, 1)
 
   def _block_args(self) -> dict:
-    return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
-                dtype=self.dtype, attention_implementation=self.attention_implementation,
-                attention_chunk_size=self.attention_chunk_size)
+    return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, options=self.options)
 
   def setup(self):
-    self._validate()
-    block_cls = remat_block_class(self.remat_policy, in_scan=self.scan_layers)
+    raise_first('BottleneckFusion', fusion_problems(
+        self.hidden_size, self.num_layers, self.num_heads, self.fusion, self.fusion_layer,
+        self.n_bottlenecks) + self.options.problems())
+    scan_layers = self.options.scan_layers
+    block_cls = remat_block_class(self.options.remat_policy, in_scan=scan_layers)
     shared = self.fusion == 'concat' and len(self.modalities) > 1
     start = self.fusion_start
-    if self.scan_layers:
+    if scan_layers:
       self.stacks = {m: block_cls(**self._block_args(), name=f'encoderblocks_{m}')
                      for m in self.modalities if start > 0}
       if start < self.num_layers:
         self.fused_stack = (block_cls(**self._block_args(), name='encoderblocks_shared') if shared else
-                            BottleneckLayer(tuple(self.modalities), self.remat_policy,
-                                            self._block_args(), name='encoderblocks_fused'))
+                            BottleneckLayer(tuple(self.modalities), self._block_args(),
+                                            name='encoderblocks_fused'))
     else:
       def block(i, name):
         return block_cls(droppath=self._droppath(i), **self._block_args(), name=name)
@@ -126,7 +123,8 @@ class BottleneckFusion(nn.Module):
           m: [fused_blocks[i] if i in fused_blocks else block(i, f'encoderblock_{i}_{m}')
               for i in range(self.num_layers)]
           for m in self.modalities}
-    self.norms = {m: nn.LayerNorm(dtype=self.dtype, name=f'encoder_norm_{m}') for m in self.modalities}
+    self.norms = {m: nn.LayerNorm(dtype=self.options.dtype, name=f'encoder_norm_{m}')
+                  for m in self.modalities}
     if self.fusion == 'bottleneck' and start < self.num_layers:
       self.bottleneck = self.param('bottleneck', nn.initializers.normal(stddev=0.02),
                                    (1, self.n_bottlenecks, self.hidden_size))
@@ -134,13 +132,14 @@ class BottleneckFusion(nn.Module):
   def _scan(self, module: nn.Module, carry, layers: range, deterministic: bool):
     """Runs `module` (parameters stacked over `layers`) as carry -> module(carry) for each layer."""
     rates = jnp.asarray([self._droppath(i) for i in layers], jnp.float32)
-    use_rates = self.stochastic_depth > 0  # else the blocks keep their static rate 0
+    use_rates = self.options.stochastic_depth > 0  # else the blocks keep their static rate 0
 
     def step(layer, carry, rate):
       return layer(carry, deterministic, rate if use_rates else None), None
 
-    scan = nn.scan(step, variable_axes={'params': 0, ATTENTION_COLLECTION: 0}, split_rngs={'params': True, 'dropout': True},
-                   length=len(layers))
+    scan = nn.scan(step, variable_axes={'params': 0, ATTENTION_COLLECTION: 0},
+                   split_rngs={'params': True, 'dropout': True}, length=len(layers),
+                   metadata_params={nn.PARTITION_NAME: 'layers'})
     return scan(module, carry, rates)[0]
 
   def unimodal(self, tokens: Tokens, deterministic: bool = True) -> dict[str, jax.Array]:
@@ -149,9 +148,9 @@ class BottleneckFusion(nn.Module):
     out = {}
     for m in tokens:
       x = tokens[m]
-      if self.scan_layers and self.fusion_start > 0:
+      if self.options.scan_layers and self.fusion_start > 0:
         x = self._scan(self.stacks[m], x, range(self.fusion_start), deterministic)
-      elif not self.scan_layers:
+      elif not self.options.scan_layers:
         for i in range(self.fusion_start):
           x = self.blocks[m][i](x, deterministic)
       out[m] = x
@@ -163,9 +162,9 @@ class BottleneckFusion(nn.Module):
     start = self.fusion_start
     if start < self.num_layers and self.fusion == 'bottleneck':
       batch = x[self.modalities[0]].shape[0]
-      b = jnp.broadcast_to(self.bottleneck.astype(self.dtype),
+      b = jnp.broadcast_to(self.bottleneck.astype(self.options.dtype),
                            (batch, self.n_bottlenecks, self.hidden_size))
-      if self.scan_layers:
+      if self.options.scan_layers:
         x, b = self._scan(self.fused_stack, (x, b), range(start, self.num_layers), deterministic)
       else:
         for i in range(start, self.num_layers):
@@ -174,7 +173,7 @@ class BottleneckFusion(nn.Module):
     elif start < self.num_layers and self.fusion == 'concat':
       sizes = [x[m].shape[1] for m in self.modalities]
       y = jnp.concatenate([x[m] for m in self.modalities], axis=1)
-      if self.scan_layers:
+      if self.options.scan_layers:
         y = self._scan(self.fused_stack, y, range(start, self.num_layers), deterministic)
       else:
         for i in range(start, self.num_layers):
@@ -233,17 +232,15 @@ class BottleneckLayer(nn.Module):
 
   Attributes:
     modalities: modality names.
-    remat_policy: one of REMAT_POLICIES.
-    block_args: EncoderBlock attributes other than `droppath`.
+    block_args: EncoderBlock attributes other than `droppath` (its `options` give the remat policy).
   """
   modalities: Sequence[str]
-  remat_policy: str
   block_args: Mapping
 
   @nn.compact
   def __call__(self, carry: tuple[dict[str, jax.Array], jax.Array], deterministic: bool,
                droppath: jax.Array | None = None) -> tuple[dict[str, jax.Array], jax.Array]:
     """({modality: [batch, tokens, D]}, bottleneck [batch, n_bottlenecks, D]) -> the same, one layer on."""
-    block_cls = remat_block_class(self.remat_policy, in_scan=True)
+    block_cls = remat_block_class(self.block_args['options'].remat_policy, in_scan=True)
     blocks = {m: block_cls(**self.block_args, name=m) for m in self.modalities}
     return bottleneck_layer(blocks, *carry, deterministic, droppath)

@@ -14,6 +14,7 @@ the batch size; a training step adds the backward pass, roughly twice the forwar
 import argparse
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -66,7 +67,7 @@ def param_shapes(model: AVT, inputs: dict[str, jax.ShapeDtypeStruct],
   rngs = {name: jax.random.key(i) for i, name in enumerate(('params', 'masking', 'dropout'))}
   variables = jax.eval_shape(
       lambda r, x: model.init(r, x, train=False, objectives=tuple(objectives)), rngs, inputs)
-  return variables['params']
+  return nn.meta.unbox(variables['params'])
 
 
 def parameter_counts(params: dict) -> dict[str, int]:

@@ -51,6 +51,15 @@ class SpectrogramPatchEmbedding(nn.Module):
                    dtype=self.dtype, name='embedding')(x)
 
 
+def token_grid(shape: Sequence[int], patch: Sequence[int], stride: Sequence[int] | None = None
+               ) -> tuple[int, ...]:
+  """Patches along each axis when an input of `shape` (e.g. (frames, height, width) or (time, mels))
+  is cut into `patch`-sized patches every `stride` (default: `patch`, non-overlapping), as the
+  tokenizers' VALID convolutions do: (size - patch) // stride + 1 per axis."""
+  stride = tuple(stride or patch)
+  return tuple((s - p) // st + 1 for s, p, st in zip(shape, patch, stride))
+
+
 def resize_posemb(posemb: jax.Array, grid: Sequence[int]) -> jax.Array:
   """Linearly interpolates position embeddings [1, *old_grid, D] to [1, *grid, D]."""
   grid = tuple(grid)

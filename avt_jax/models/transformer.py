@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLEMENTATIONS = ('xla', 'chunked', 'cudnn')
-DEFAULT_CHUNK_SIZE = 128
+from avt_jax.models.options import ATTENTION_IMPLEMENTATIONS, DEFAULT_CHUNK_SIZE, EncoderOptions
+
 ATTENTION_COLLECTION = 'attention'  # where MultiHeadSelfAttention sows its weights when asked to
 CUDNN_TOKEN_MULTIPLE = 64  # cuDNN's fused kernels train on even lengths, fastest on multiples of 64
 
@@ -142,23 +142,27 @@ chunked_attention.defvjp(_chunked_forward, _chunked_backward)
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> dropout -> Dense -> dropout."""
+  """Dense -> GELU -> dropout -> Dense -> dropout (`options.dropout`, `options.dtype`).
+
+  Logical axes: `Dense_0` kernel ('embed', 'mlp'), bias ('mlp',); `Dense_1` kernel ('mlp', 'embed').
+  """
   mlp_dim: int
-  dropout: float = 0.0
-  dtype: jnp.dtype = jnp.float32
+  options: EncoderOptions = EncoderOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     """[batch, tokens, D] -> [batch, tokens, D]."""
-    width = x.shape[-1]
+    width, dtype, rate = x.shape[-1], self.options.dtype, self.options.dropout
     init = nn.initializers.xavier_uniform()
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init,
-                 bias_init=nn.initializers.normal(stddev=1e-6))(x)
+    bias_init = nn.initializers.normal(stddev=1e-6)
+    x = nn.Dense(self.mlp_dim, dtype=dtype,
+                 kernel_init=nn.with_logical_partitioning(init, ('embed', 'mlp')),
+                 bias_init=nn.with_logical_partitioning(bias_init, ('mlp',)))(x)
     x = nn.gelu(x)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    x = nn.Dense(width, dtype=self.dtype, kernel_init=init,
-                 bias_init=nn.initializers.normal(stddev=1e-6))(x)
-    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = nn.Dropout(rate)(x, deterministic=deterministic)
+    x = nn.Dense(width, dtype=dtype, kernel_init=nn.with_logical_partitioning(init, ('mlp', 'embed')),
+                 bias_init=bias_init)(x)
+    return nn.Dropout(rate)(x, deterministic=deterministic)
 
 
 def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, multiple: int,
@@ -230,11 +234,12 @@ class MultiHeadSelfAttention(nn.Module):
   `out`), so ViT checkpoints load unchanged. When the `attention` collection is mutable (e.g.
   `apply(..., mutable=['attention'])`, see `AVT.attention_maps`; not at init), the attention weights
   are also sown there as `weights` [batch, heads, queries, keys]; otherwise they are never formed.
+  Reads `options.dtype`, `options.attention_implementation` and `options.attention_chunk_size`.
+  Logical axes: `query` / `key` / `value` kernels ('embed', 'heads', None) and biases ('heads', None),
+  `out` kernel ('heads', None, 'embed').
   """
   num_heads: int
-  dtype: jnp.dtype = jnp.float32
-  implementation: str = 'xla'
-  chunk_size: int = DEFAULT_CHUNK_SIZE
+  options: EncoderOptions = EncoderOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -242,16 +247,22 @@ class MultiHeadSelfAttention(nn.Module):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'Token width {width} is not divisible by num_heads={self.num_heads}.')
-    head_dim = width // self.num_heads
-    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
-                                         kernel_init=nn.initializers.xavier_uniform(), name=name)
+    head_dim, dtype = width // self.num_heads, self.options.dtype
+    init = nn.initializers.xavier_uniform()
+    dense = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(init, ('embed', 'heads', None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('heads', None)),
+        name=name)
     q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)  # [batch, tokens, heads, head_dim]
     # Only when asked for (init makes every collection mutable): costs tokens^2 memory.
     if self.is_mutable_collection(ATTENTION_COLLECTION) and not self.is_initializing():
       self.sow(ATTENTION_COLLECTION, 'weights', attention_weights(q, k))
-    y = dot_product_attention(q, k, v, self.implementation, self.chunk_size)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
-                           kernel_init=nn.initializers.xavier_uniform(), name='out')(y)
+    y = dot_product_attention(q, k, v, self.options.attention_implementation,
+                              self.options.attention_chunk_size)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=dtype,
+                           kernel_init=nn.with_logical_partitioning(init, ('heads', None, 'embed')),
+                           name='out')(y)
 
 
 class EncoderBlock(nn.Module):
@@ -260,19 +271,13 @@ class EncoderBlock(nn.Module):
   Attributes:
     num_heads: attention heads.
     mlp_dim: hidden width of the MLP.
-    dropout: dropout rate after attention and inside the MLP.
     droppath: stochastic depth rate of this block (per example, residual branches).
-    dtype: computation dtype; parameters are float32.
-    attention_implementation: one of ATTENTION_IMPLEMENTATIONS.
-    attention_chunk_size: queries per chunk of the `chunked` attention.
+    options: dropout rate (after attention and inside the MLP), dtype and attention implementation.
   """
   num_heads: int
   mlp_dim: int
-  dropout: float = 0.0
   droppath: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-  attention_implementation: str = 'xla'
-  attention_chunk_size: int = DEFAULT_CHUNK_SIZE
+  options: EncoderOptions = EncoderOptions()
 
   def _drop_path(self, y: jax.Array, deterministic: bool, rate: float | jax.Array) -> jax.Array:
     if deterministic or (isinstance(rate, float) and rate == 0.0):
@@ -291,11 +296,11 @@ class EncoderBlock(nn.Module):
     `BottleneckFusion` passes each layer's rate this way.
     """
     rate = float(self.droppath) if droppath is None else droppath
-    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
-    y = MultiHeadSelfAttention(self.num_heads, self.dtype, self.attention_implementation,
-                               self.attention_chunk_size, name='MultiHeadDotProductAttention_1')(y)
-    y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    dtype = self.options.dtype
+    y = nn.LayerNorm(dtype=dtype, name='LayerNorm_0')(x)
+    y = MultiHeadSelfAttention(self.num_heads, self.options, name='MultiHeadDotProductAttention_1')(y)
+    y = nn.Dropout(self.options.dropout)(y, deterministic=deterministic)
     x = x + self._drop_path(y, deterministic, rate)
-    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name='MlpBlock_3')(y, deterministic)
+    y = nn.LayerNorm(dtype=dtype, name='LayerNorm_2')(x)
+    y = MlpBlock(self.mlp_dim, self.options, name='MlpBlock_3')(y, deterministic)
     return x + self._drop_path(y, deterministic, rate)
