@@ -43,12 +43,8 @@ def kinetics_sounds_classes(variant: str = '31') -> list[str]:
                    f'path of a class list file (one Kinetics class name per line), got {variant!r}.')
 
 
-def read_kinetics(
-    paths: Sequence[str],
-    video_dir: str,
-    subset: Sequence[str] | None = None,
-    index: VideoIndex | None = None,
-) -> tuple[list[ClipSpec], dict[str, list[str]]]:
+def read_kinetics(paths: Sequence[str], video_dir: str, subset: Sequence[str] | None = None,
+                  index: VideoIndex | None = None) -> tuple[list[ClipSpec], dict[str, list[str]]]:
   """Reads Kinetics CSV files (see the module docstring); with `subset`, the Kinetics-Sounds way.
 
   Video files: `{youtube_id}_{time_start:06d}_{time_end:06d}.<ext>` (seconds, zero-padded: a clip

@@ -19,12 +19,8 @@ CLIP_SECONDS = 10.0
 NUM_CLASSES = 309
 
 
-def read_vggsound(
-    paths: Sequence[str],
-    video_dir: str,
-    class_names: Sequence[str] | None = None,
-    index: VideoIndex | None = None,
-) -> tuple[list[ClipSpec], dict[str, list[str]]]:
+def read_vggsound(paths: Sequence[str], video_dir: str, class_names: Sequence[str] | None = None,
+                  index: VideoIndex | None = None) -> tuple[list[ClipSpec], dict[str, list[str]]]:
   """Reads VGGSound CSV files: rows `youtube_id,start_seconds,label,split`, no header.
 
   Video files: `{youtube_id}_{start:06d}.<ext>` or `{youtube_id}_{start:06d}_{start + 10:06d}.<ext>`
