@@ -58,3 +58,31 @@ def test_global_batch_is_split_over_data_axes():
   g = sharding.global_batch({'x': x}, mesh)['x']
   np.testing.assert_array_equal(np.asarray(g), x)
   assert {s.data.shape for s in g.addressable_shards} == {(2, 3)}
+
+
+def test_scanned_layers_keep_their_layer_axis_replicated_and_shard_the_rest():
+  """Stacked (scan_layers) kernels have a leading 'layers' axis: the rules shard the axes after it,
+  exactly as the unrolled model shards each layer; optimizer moments follow their parameters."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from avt_jax import train_step  # pylint: disable=g-import-not-at-top
+  from avt_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, model=2))
+  specs = {}
+  for scan in (False, True):
+    config = tiny_config()
+    config.model.scan_layers = scan
+    model = build_model(config)
+    tx, _ = train_step.make_optimizer(config.optim, 10)
+    state = jax.eval_shape(lambda: train_step.init_state(config, model, tx, jax.random.key(0)))
+    shardings = sharding.tree_shardings(state, mesh, train_step.param_axes(config, model))
+    specs[scan] = jax.tree.map(lambda s: s.spec, shardings)
+  unrolled = specs[False].params['encoder']['encoderblock_0_video']
+  scanned = specs[True].params['encoder']['encoderblocks_video']  # layers [0, fusion_layer=1)
+  for module, name in (('MultiHeadDotProductAttention_1', 'query'),
+                       ('MultiHeadDotProductAttention_1', 'out'), ('MlpBlock_3', 'Dense_0'),
+                       ('MlpBlock_3', 'Dense_1')):
+    assert unrolled[module][name]['kernel'] != P()
+    assert scanned[module][name]['kernel'] == P(None, *unrolled[module][name]['kernel'])
+  moment_specs = jax.tree.leaves(specs[True].opt_state, is_leaf=lambda x: isinstance(x, P))
+  assert scanned['MlpBlock_3']['Dense_0']['kernel'] in moment_specs
