@@ -51,6 +51,10 @@ _SHARD_RE = re.compile(r'^(?P<split>.+)-(?P<index>\d{5,})-of-(?P<num_shards>\d{5
 Value = TypeVar('Value')
 
 
+class StatsError(ValueError):
+  """A stats.json cannot be read, or lacks or holds an impossible value for a key it needs."""
+
+
 class ShardName(NamedTuple):
   """The parts of a shard file name: shard `index` of `num_shards` of `split`."""
   split: str
@@ -86,7 +90,7 @@ def read_stats(data_dir: str, required: tuple[str, ...] = REQUIRED_STATS_KEYS) -
 
   Raises:
     FileNotFoundError: the file does not exist (naming it).
-    ValueError: the file is not a JSON object, or lacks required keys (naming the file and keys).
+    StatsError: the file is not a JSON object, or lacks required keys (naming the file and keys).
   """
   path = stats_path(data_dir)
   if not epath.Path(path).exists():
@@ -95,12 +99,12 @@ def read_stats(data_dir: str, required: tuple[str, ...] = REQUIRED_STATS_KEYS) -
   try:
     stats = json.loads(epath.Path(path).read_text())
   except (OSError, ValueError) as e:
-    raise ValueError(f'{path}: cannot read JSON ({e}).') from e
+    raise StatsError(f'{path}: cannot read JSON ({e}).') from e
   if not isinstance(stats, dict):
-    raise ValueError(f'{path}: expected a JSON object, got {type(stats).__name__}.')
+    raise StatsError(f'{path}: expected a JSON object, got {type(stats).__name__}.')
   missing = [key for key in required if key not in stats]
   if missing:
-    raise ValueError(f'{path} lacks keys {missing}; expected at least {list(required)}.')
+    raise StatsError(f'{path} lacks keys {missing}; expected at least {list(required)}.')
   return stats
 
 
@@ -116,12 +120,12 @@ def write_stats(data_dir: str, stats: Mapping[str, Any]) -> str:
   """Writes `{data_dir}/stats.json` atomically (`write_json`); returns its path.
 
   Raises:
-    ValueError: `stats` lacks one of `REQUIRED_STATS_KEYS` (naming it), so that every file written
+    StatsError: `stats` lacks one of `REQUIRED_STATS_KEYS` (naming it), so that every file written
       can be read by `read_stats`.
   """
   missing = [key for key in REQUIRED_STATS_KEYS if key not in stats]
   if missing:
-    raise ValueError(f'Dataset statistics for {stats_path(data_dir)!r} lack keys {missing}; '
+    raise StatsError(f'Dataset statistics for {stats_path(data_dir)!r} lack keys {missing}; '
                      f'expected at least {list(REQUIRED_STATS_KEYS)}.')
   path = stats_path(data_dir)
   write_json(path, dict(stats))

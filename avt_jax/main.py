@@ -111,9 +111,19 @@ def summary_table(config, summary: dict) -> str:
 
 def main(argv):
   del argv
+  from avt_jax import data_format, dataset_stats  # pylint: disable=g-import-not-at-top
+  from avt_jax.models import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    run(FLAGS.config)
+  except (ConfigError, data_format.StatsError, dataset_stats.DatasetStatsError,
+          FileNotFoundError) as e:
+    raise SystemExit(f'Error: {e}') from None  # one line naming the field or file
+
+
+def run(config) -> None:
+  """Validates `config`, prepares or finds its data, trains and evaluates in `FLAGS.workdir`."""
   from avt_jax.models import validate  # pylint: disable=g-import-not-at-top
 
-  config = FLAGS.config
   validate(config)  # fail on impossible settings before heavy imports, data work or compilation
   try:
     distributed = distributed_args(

@@ -57,9 +57,10 @@ def save_run(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> 
   """Writes `<workdir>/config.json` (the config as JSON) and a copy of the data's `stats.json`
   (class names, frame rate, frame size, mel bins, log-mel normalisation): what `load_run` needs to use
   the model on new videos without the training data (`avt_jax.predict`, `avt_jax.export`)."""
+  stats = input_lib.load_stats(data_dir)  # first: a bad data folder leaves the workdir untouched
   config_json = json.dumps(checkpointing.config_snapshot(config), indent=2)
   (epath.Path(workdir) / CONFIG_FILE).write_text(config_json)
-  data_format.write_stats(workdir, input_lib.load_stats(data_dir))
+  data_format.write_stats(workdir, stats)
 
 
 def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -68,16 +69,16 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   Raises:
     FileNotFoundError: naming the missing file (workdirs of runs that predate `save_run` lack them:
       write the config with `checkpointing.config_snapshot` and copy the records' stats.json).
+    data_format.StatsError: the stats.json lacks a key every reader needs.
   """
-  loaded = []
   for name in (CONFIG_FILE, data_format.STATS_FILE):
     path = epath.Path(workdir) / name
     if not path.exists():
       raise FileNotFoundError(f'{path} not found: training writes it into the workdir (runs that '
                               'predate this: the config as JSON, and a copy of the records\' '
                               'stats.json).')
-    loaded.append(json.loads(path.read_text()))
-  return ml_collections.ConfigDict(loaded[0]), loaded[1]
+  config = json.loads((epath.Path(workdir) / CONFIG_FILE).read_text())
+  return ml_collections.ConfigDict(config), data_format.read_stats(workdir)
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,

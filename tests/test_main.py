@@ -296,3 +296,17 @@ def test_bad_eval_settings_name_the_field_and_what_exists(straight_run, tmp_path
   assert result.returncode != 0
   assert "config.train.best_metric: 'accuracy' is not among" in result.stderr
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_bad_data_folder_stops_with_one_line_and_leaves_the_workdir_empty(data_dir, tmp_path):
+  broken = tmp_path / 'records'
+  shutil.copytree(data_dir, broken)
+  stats = json.loads((broken / 'stats.json').read_text())
+  del stats['logmel_std']
+  (broken / 'stats.json').write_text(json.dumps(stats))
+  workdir = tmp_path / 'run'
+  result = run(command(workdir, broken))
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('Error: ')]
+  assert len(errors) == 1 and 'stats.json' in errors[0] and 'logmel_std' in errors[0], errors
+  assert not workdir.exists() or not list(workdir.iterdir())

@@ -104,12 +104,13 @@ def load_stats(data_dir: str) -> dict[str, Any]:
   """Reads `{data_dir}/stats.json` (`data_format.read_stats`) and checks that `logmel_std` > 0.
 
   Raises:
-    FileNotFoundError: no stats.json; ValueError: missing keys or `logmel_std` <= 0 (naming the file).
+    FileNotFoundError: no stats.json; data_format.StatsError: missing keys or `logmel_std` <= 0
+      (naming the file).
   """
   stats = data_format.read_stats(data_dir)
   if not stats['logmel_std'] > 0:
-    raise ValueError(f'{data_format.stats_path(data_dir)}: logmel_std must be > 0, got '
-                     f'{stats["logmel_std"]}.')
+    raise data_format.StatsError(f'{data_format.stats_path(data_dir)}: logmel_std must be > 0, '
+                                 f'got {stats["logmel_std"]}.')
   return stats
 
 
@@ -118,8 +119,8 @@ def num_eval_videos(data_dir: str, split: str) -> int:
   stats = load_stats(data_dir)
   num_clips = stats.get('num_clips', {})
   if split not in num_clips:
-    raise ValueError(f'{data_format.stats_path(data_dir)}: num_clips has no entry for split '
-                     f'{split!r} (has {sorted(num_clips)}).')
+    raise data_format.StatsError(f'{data_format.stats_path(data_dir)}: num_clips has no entry for '
+                                 f'split {split!r} (has {sorted(num_clips)}).')
   return int(num_clips[split])
 
 
@@ -309,7 +310,9 @@ class ClipDecoder:
     window is shifted to stay inside the clip where the clip is long enough.
     """
     logmel = clip['logmel']  # [frames, n_mels]
-    video_span = self.num_frames * self.frame_stride  # stored frames covered by the video window
+    # The time the video window stands for: each of its frames covers frame_stride stored frames (one
+    # more period than data_format.window_frames, which counts the frames read).
+    video_span = self.num_frames * self.frame_stride
     centre = (tf.cast(start_frame, tf.float64) + video_span / 2) / tf.cast(clip['fps'], tf.float64)
     first = tf.cast(tf.floor(centre * tf.cast(clip['audio_fps'], tf.float64)
                              - self.audio_frames / 2 + 0.5), tf.int32)

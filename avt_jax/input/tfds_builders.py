@@ -23,7 +23,6 @@ folder. Features of each example:
                   -1 for an unlabelled clip; class names from the prepared `stats.json`.
 """
 
-import json
 import os
 from typing import Any, Iterator
 
@@ -82,8 +81,7 @@ class _PreparedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not tf.io.gfile.exists(stats_path):
       raise FileNotFoundError(f'{stats_path} not found: the manual folder must be the --output of '
                               f'`python -m avt_jax.prepare --dataset={self.DATASET}`.')
-    with tf.io.gfile.GFile(stats_path) as f:
-      stats = json.load(f)
+    stats = data_format.read_stats(prepared, required=('num_clips',))
     for name, (head, num_classes) in self.LABELS.items():
       names = stats.get('label_names', {}).get(head)
       if names is None or len(names) != num_classes:
