@@ -161,11 +161,6 @@ def first_views(batches: Iterator[dict[str, np.ndarray]], count: int) -> dict[st
   return {key: np.stack(values) for key, values in rows.items()}
 
 
-def _has_bottleneck_attention(model) -> bool:
-  return (model.fusion == 'bottleneck' and set(model.modalities) == {'video', 'audio'}
-          and model.fusion_layer < model.num_layers)
-
-
 def make_eval_pictures(config: ml_collections.ConfigDict, model, data_dir: str, split: str,
                        class_names: Mapping[str, Sequence[str]]
                        ) -> Callable[[Any, MultiViewAccumulator], dict[str, np.ndarray]]:
@@ -181,7 +176,7 @@ def make_eval_pictures(config: ml_collections.ConfigDict, model, data_dir: str, 
     class_names: head -> class names (`dataset_stats.class_names`).
   """
   heads = tuple(config.data.label_heads)
-  with_attention = _has_bottleneck_attention(model) and jax.process_count() == 1
+  with_attention = model.has_bottleneck_layers and jax.process_count() == 1
   attention_maps = jax.jit(model.attention_maps)
 
   def pictures(params: Any, videos: MultiViewAccumulator) -> dict[str, np.ndarray]:

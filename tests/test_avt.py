@@ -366,3 +366,16 @@ def test_unknown_classifier_names_the_field():
   config = _tiny_config(classifier='cls')
   with pytest.raises(build.ConfigError, match='model.classifier'):
     build.build_model(config)
+
+
+@pytest.mark.parametrize('objective, match', [
+    ('matching', "objectives \\['matching'\\] need both modalities"),
+    ('masked_audio', 'needs the audio modality'),
+])
+def test_module_used_directly_refuses_objectives_its_modalities_cannot_serve(objective, match):
+  """The same check as the config's (`build.validate`), for users of the module on its own."""
+  model = build.AVT(num_classes={'class': 2}, modalities=('video',), hidden_size=16, num_layers=1,
+                    num_heads=2, mlp_dim=32, fusion_layer=1, video_grid=(1, 2, 2))
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), {'video': jnp.zeros((1, 2, 32, 32, 3))},
+                                      objectives=(objective,)))

@@ -21,6 +21,23 @@ OBJECTIVES = ('classification', 'contrastive', 'matching', 'masked_video', 'mask
               'masked_audio_segment')
 CLASSIFIERS = ('token', 'gap')
 FULL_PASS_OBJECTIVES = {'classification', 'contrastive', 'matching'}
+NEEDS_BOTH_MODALITIES = ('contrastive', 'matching', 'masked_audio_segment')
+
+
+def objective_problems(objectives: Sequence[str], modalities: Sequence[str]) -> list[Problem]:
+  """(field, message) for each objective that a model of `modalities` cannot compute: the
+  audio-video objectives need both modalities, masked modelling its own (field `weights` or
+  `weights.<objective>`, as in `config.loss`)."""
+  found = []
+  both = [o for o in objectives if o in NEEDS_BOTH_MODALITIES]
+  if both and len(modalities) < 2:
+    found.append(('weights', f'objectives {both} need both modalities, but '
+                  f'model.modalities={tuple(modalities)}'))
+  for o in objectives:
+    modality = {'masked_video': 'video', 'masked_audio': 'audio'}.get(o)
+    if modality and modality not in modalities:
+      found.append((f'weights.{o}', f'needs the {modality} modality in model.modalities'))
+  return found
 
 
 class Embedded(NamedTuple):
@@ -154,6 +171,16 @@ class AVT(nn.Module):
     stride = self.audio_stride if modality == 'audio' else None
     return token_grid(shape[1:1 + len(patch)], patch, stride)
 
+  @property
+  def fusion_start(self) -> int:
+    """First layer in which the modalities exchange information (`fusion.fusion_start`)."""
+    return fusion_start(self.fusion, self.fusion_layer, self.num_layers, len(self.modalities))
+
+  @property
+  def has_bottleneck_layers(self) -> bool:
+    """Whether some layer fuses the modalities through bottleneck tokens (see `attention_maps`)."""
+    return self.fusion == 'bottleneck' and self.fusion_start < self.num_layers
+
   def attention_maps(self, params, inputs: Mapping[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
     """What the bottleneck tokens attend to in every fused layer, for analysis (inference mode).
 
@@ -175,8 +202,7 @@ class AVT(nn.Module):
       ValueError: the model has no bottleneck-fused layer (fusion other than 'bottleneck',
         fusion_layer = num_layers, or a single modality).
     """
-    start = fusion_start(self.fusion, self.fusion_layer, self.num_layers, len(self.modalities))
-    if self.fusion != 'bottleneck' or start >= self.num_layers:
+    if not self.has_bottleneck_layers:
       raise ValueError(f'AVT.attention_maps needs bottleneck-fused layers; this model has '
                        f'fusion={self.fusion!r}, fusion_layer={self.fusion_layer}, '
                        f'num_layers={self.num_layers}, modalities={tuple(self.modalities)}.')
@@ -190,7 +216,7 @@ class AVT(nn.Module):
         weights = jnp.moveaxis(encoder['encoderblocks_fused'][m][attention]['weights'][0], 0, 1)
       else:
         weights = jnp.stack([encoder[f'encoderblock_{i}_{m}'][attention]['weights'][0]
-                             for i in range(self.fusion_layer, self.num_layers)], axis=1)
+                             for i in range(self.fusion_start, self.num_layers)], axis=1)
       weights = weights[..., -self.n_bottlenecks:, :]  # [B, layers, heads, n_bottlenecks, keys]
       grid = self.token_grid(m, inputs[m].shape)
       tokens = weights[..., 1:weights.shape[-1] - self.n_bottlenecks]
@@ -219,12 +245,15 @@ class AVT(nn.Module):
         `features`: `pre_fusion` and (if the fused layers ran) `final`: modality -> [B, D].
 
     Raises:
-      ValueError: unknown objectives, or an impossible attribute (`AVT.<field>: ...`).
+      ValueError: unknown objectives, objectives the modalities cannot serve, or an impossible
+        attribute (`AVT.<field>: ...`).
     """
     unknown = set(objectives) - set(OBJECTIVES)
     if unknown:
       raise ValueError(f'Unknown objectives {sorted(unknown)}; expected a subset of {OBJECTIVES}.')
     raise_first('AVT', self.problems())
+    for _, message in objective_problems(objectives, self.modalities):
+      raise ValueError(f'AVT objectives: {message}.')
     objectives, deterministic = set(objectives), not train
     posembs = {'video': PositionEmbedding(self.video_grid, name='posembed_video'),
                'audio': PositionEmbedding(self.audio_grid, name='posembed_audio')}

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 
 from avt_jax import data_format
-from avt_jax.models.avt import AVT, OBJECTIVES
+from avt_jax.models.avt import AVT, OBJECTIVES, objective_problems
 from avt_jax.models.options import EncoderOptions, raise_first
 from avt_jax.models.tokenizers import token_grid
 
@@ -83,16 +83,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   raise_first('config.model', _model(config).problems(), ConfigError)
   mods = tuple(m.modalities)
   objs = objectives(config)
-  needs_both = {'contrastive', 'matching', 'masked_audio_segment'} & set(objs)
-  _check(not needs_both or len(mods) == 2, 'loss.weights',
-         f'objectives {sorted(needs_both)} need both modalities, but model.modalities={mods}')
-  for o in objs:
-    if o.startswith('masked_'):
-      modality = 'video' if o == 'masked_video' else 'audio'
-      _check(modality in mods, f'loss.weights.{o}', f'needs the {modality} modality in model.modalities')
-      if modality == 'audio':
-        _check(m.audio_stride is None or tuple(m.audio_stride) == tuple(m.audio_patch),
-               'model.audio_stride', f'{o} needs non-overlapping audio patches (stride == patch)')
+  raise_first('config.loss', objective_problems(objs, mods), ConfigError)
+  for o in ('masked_audio', 'masked_audio_segment'):
+    if o in objs:
+      _check(m.audio_stride is None or tuple(m.audio_stride) == tuple(m.audio_patch),
+             'model.audio_stride', f'{o} needs non-overlapping audio patches (stride == patch)')
   if 'masked_audio_segment' in objs:
     time_patches = token_grids(config)['audio'][0]
     _check(1 <= segment_patches(config) <= time_patches, 'model.segment_seconds',
