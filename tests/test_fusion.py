@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from avt_jax.models import fusion as fusion_lib
+from avt_jax.models import options as options_lib
 from avt_jax.models.options import EncoderOptions
 from conftest import fast_jit, random_params
 
@@ -163,7 +164,7 @@ def test_remat_policy_wraps_every_block_and_keeps_parameters_and_outputs(
   jaxpr = jax.make_jaxpr(forward)(params).jaxpr
   policies = [e.params['policy'] for e in jaxpr.eqns if 'policy' in e.params]
   assert len(policies) == LAYERS * len(MODALITIES)
-  assert all(p is fusion_lib.REMAT_POLICIES[policy] for p in policies)
+  assert all(p is options_lib.REMAT_POLICIES[policy] for p in policies)
   jax.eval_shape(jax.grad(lambda p: sum(x.sum() for x in forward(p).values())), params)
   out = fast_jit(forward)(params)
   for m in MODALITIES:

@@ -1,9 +1,11 @@
 """Command line of `python -m avt_jax.benchmark`: absl flags, the usage in `avt_jax.benchmark`.
 
 `--config` is an ml_collections config file with `--config.<field>=value` overrides, as in
-`python -m avt_jax.main`; today's `--config_file=PATH [--config_arg=ARG]` is `--config=PATH:ARG`.
+`python -m avt_jax.main`; the older spelling `--config_file=PATH [--config_arg=ARG]` means
+`--config=PATH:ARG`.
 """
 
+import os
 import sys
 import types
 from typing import Sequence
@@ -16,11 +18,14 @@ from avt_jax import benchmark
 from avt_jax.benchmark import modes, report
 from avt_jax.benchmark.configs import BENCHMARKS
 from avt_jax.models import build
-from avt_jax.models.fusion import REMAT_POLICIES
-from avt_jax.models.transformer import ATTENTION_IMPLEMENTATIONS, DEFAULT_CHUNK_SIZE
+from avt_jax.models.options import ATTENTION_IMPLEMENTATIONS, DEFAULT_CHUNK_SIZE, REMAT_POLICIES
 
 PROG = 'python -m avt_jax.benchmark'
-DEFAULT_CONFIG = 'configs/demo.py'
+# configs/demo.py of the checkout this package runs from (editable installs), else of the cwd.
+_CHECKOUT_DEMO = os.path.join(os.path.dirname(os.path.abspath(benchmark.__file__)), os.pardir,
+                              os.pardir, 'configs', 'demo.py')
+DEFAULT_CONFIG = (os.path.normpath(_CHECKOUT_DEMO) if os.path.exists(_CHECKOUT_DEMO)
+                  else 'configs/demo.py')
 
 
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
@@ -94,7 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
   """
   argv = [PROG, *(sys.argv[1:] if argv is None else argv)]
   fv = _parse(argv)
-  if fv.config_file or fv.config_arg:  # today's spelling of --config=PATH:ARG
+  if fv.config_file or fv.config_arg:  # the older spelling of --config=PATH:ARG
     if fv['config'].present:
       _usage_error('pass either --config or --config_file / --config_arg')
     spec = (fv.config_file or DEFAULT_CONFIG) + (f':{fv.config_arg}' if fv.config_arg else '')
