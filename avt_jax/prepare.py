@@ -15,7 +15,8 @@
         --beam_options="--runner=DataflowRunner --project=P --region=us-central1 \
                         --temp_location=gs://B/tmp --setup_file=./setup.py"
 
-This module only parses the command line; the work is `avt_jax.prep.preparation.prepare`. Annotation
+This module only parses the command line; the work is `avt_jax.prep.preparation.prepare` (also
+importable as `avt_jax.prepare.prepare`, its name before the dataset registry). Annotation
 formats and video file naming: see the dataset modules in `avt_jax.prep.datasets` (`kinetics`,
 `vggsound`, `epic_kitchens_100`, `manifest`; looked up in `avt_jax.prep.registry`). Output:
 `{split}-NNNNN-of-NNNNN.tfrecord` files (`--num_shards` per split; by default about 256 clips per file
@@ -46,6 +47,7 @@ from typing import Sequence
 
 from avt_jax.prep import preparation
 from avt_jax.prep import registry
+from avt_jax.prep.preparation import prepare  # noqa: F401  the Python API, kept at its old name
 
 
 def parse_num_shards(values: Sequence[str] | None) -> int | dict[str, int] | None:
