@@ -158,6 +158,15 @@ def window_frames(num_frames: int, frame_stride: int) -> int:
   return (num_frames - 1) * frame_stride + 1
 
 
+def window_span(num_frames: int, frame_stride: int) -> int:
+  """Stored video frames a window of `num_frames` frames `frame_stride` apart stands for in time:
+  each frame covers `frame_stride` stored frames, so a window starting at frame s spans
+  [s, s + num_frames * frame_stride) (one period more than `window_frames` reads). The audio window
+  is centred on this span, and `stats.json`-derived configs size their clip windows by it (our design).
+  """
+  return num_frames * frame_stride
+
+
 def view_seconds(num_frames: int, frame_stride: int, fps: float, audio_frames: int) -> float:
   """Seconds of a clip that one input view reads: its video window's `window_frames` stored frames at
   `fps`, or its audio window's `audio_frames` spectrogram frames, whichever is longer."""

@@ -84,11 +84,12 @@ def _data_fields(config: ml_collections.ConfigDict, stats: dict, where: str,
   inp = config.input
   fps = float(_field(stats, 'fps', where))
   # Prepared with --clip_seconds=0 (annotated segments of any length): the configured window stays.
-  clip_seconds = stats.get('clip_seconds') or inp.num_frames * inp.frame_stride / fps
+  clip_seconds = (stats.get('clip_seconds')
+                  or data_format.window_span(inp.num_frames, inp.frame_stride) / fps)
   short_side = int(_field(stats, 'short_side', where))
   num_frames = int(inp.num_frames)
   stride = max(1, round(clip_seconds * fps / num_frames))
-  window_seconds = min(clip_seconds, num_frames * stride / fps)
+  window_seconds = min(clip_seconds, data_format.window_span(num_frames, stride) / fps)
   patch_time = int(config.model.audio_patch[0])
   audio_frames = int(window_seconds * data_format.AUDIO_FRAMES_PER_SECOND)
   audio_frames = max(patch_time, audio_frames // patch_time * patch_time)

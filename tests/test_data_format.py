@@ -67,6 +67,7 @@ def test_time_spans_match_hand_computation():
   assert data_format.frame_count(1.5, 3.5, data_format.AUDIO_FRAMES_PER_SECOND) == 200
   # 8 frames 4 apart read frames 0, 4, ..., 28: 29 stored frames.
   assert data_format.window_frames(8, 4) == 29
+  assert data_format.window_span(8, 4) == 32  # one period more than the frames read
   # A view reads 29 frames at 25 fps = 1.16 s, or 128 spectrogram frames = 1.28 s: the longer.
   assert data_format.view_seconds(8, 4, 25.0, 128) == pytest.approx(1.28)
   assert data_format.view_seconds(8, 4, 25.0, 100) == pytest.approx(1.16)

@@ -38,8 +38,8 @@ stored frames. Training draws `s` uniformly from [0, max_start], max_start = max
 window_frames); evaluation uses `eval_clips` starts `round(i * max_start / (eval_clips - 1))`
 (halves up), one clip: `max_start // 2`. The audio window of `audio_frames` spectrogram frames is
 centred on the video window, not aligned with its start: the video window stands for the stored
-frames [s, s + num_frames * frame_stride), whose centre is `c = (s + num_frames * frame_stride / 2)
-/ fps` seconds, and the audio window's first frame is `round(c * audio_fps - audio_frames / 2)`
+frames [s, s + num_frames * frame_stride) (`data_format.window_span`), whose centre is
+`c = (s + num_frames * frame_stride / 2) / fps` seconds, and the audio window's first frame is `round(c * audio_fps - audio_frames / 2)`
 (halves up), clipped to [0, max(0, spectrogram frames - audio_frames)], so a window longer than the
 video one extends equally on both sides and is shifted to stay inside the clip where the clip is
 long enough. Windows that run past the end of a clip repeat its last video frame and pad the raw
@@ -310,9 +310,7 @@ class ClipDecoder:
     window is shifted to stay inside the clip where the clip is long enough.
     """
     logmel = clip['logmel']  # [frames, n_mels]
-    # The time the video window stands for: each of its frames covers frame_stride stored frames (one
-    # more period than data_format.window_frames, which counts the frames read).
-    video_span = self.num_frames * self.frame_stride
+    video_span = data_format.window_span(self.num_frames, self.frame_stride)
     centre = (tf.cast(start_frame, tf.float64) + video_span / 2) / tf.cast(clip['fps'], tf.float64)
     first = tf.cast(tf.floor(centre * tf.cast(clip['audio_fps'], tf.float64)
                              - self.audio_frames / 2 + 0.5), tf.int32)
