@@ -28,7 +28,18 @@ Facts checked against orbax-checkpoint 0.12.8 (the pinned version):
   its first save).
 - Saving is asynchronous: `save` returns once the arrays are copied off the
   devices and the files are written in a background thread. Call `wait()` (or
-  `close()`) before the process exits.
+  `close()`) before the process exits. A write that fails in the background
+  (full disk, file-size limit, lost permission) is kept by orbax's
+  `CheckpointManager` and raised by its `wait_until_finished`; the
+  `check_for_errors()` here asks for it without blocking once the write has
+  ended (`is_saving_in_progress()`), so the train loop stops one step after
+  the failure with `CheckpointWriteError` (one line: the step's path and the
+  OS error). The failed step is never renamed into place, and older steps
+  are deleted only after a newer one is complete, so the previous checkpoint
+  stays usable.
+- `read_only=True` opens a directory another process may be writing (eval,
+  predict, export next to a training run): it never deletes the temporary
+  directories of writes in flight.
 - Restoring takes an abstract template (`jax.ShapeDtypeStruct` leaves with
   `.sharding`), so each array is read directly into its target sharding, which
   may be a different mesh from the one that saved it.
@@ -36,7 +47,9 @@ Facts checked against orbax-checkpoint 0.12.8 (the pinned version):
 Preemption: Cloud TPU VMs (and most schedulers) announce preemption with SIGTERM.
 `install_preemption_handler()` turns SIGTERM into a flag; the train loop polls
 `preemption_requested(step)` after every step, and when it is true saves with
-`force=True`, calls `wait()` and exits with status 0. In a multi-process job
+`force=True`, calls `wait()` and exits with status 0. Work that does not poll
+(an evaluation) runs inside `stop_on_preemption()`, where the signal raises
+`Preempted` at once instead (single process). In a multi-process job
 (after `jax.distributed.initialize()`) JAX's own preemption service already
 catches SIGTERM and agrees on a step at which every process saves; there
 `preemption_requested` asks that service instead.
@@ -44,13 +57,16 @@ catches SIGTERM and agrees on a step at which every process saves; there
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
+import os
+import re
 import signal
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from etils import epath
 import jax
@@ -64,6 +80,15 @@ _STATE = 'state'
 _META = 'meta'
 
 _preemption_flag = threading.Event()
+_raise_on_signal = threading.Event()  # set inside `stop_on_preemption()`
+
+
+class Preempted(Exception):
+  """Raised inside `stop_on_preemption()` when a preemption signal arrives."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; the message is one line: the path and the cause."""
 
 
 def _jax_preemption_service_active() -> bool:
@@ -92,6 +117,9 @@ def install_preemption_handler(
     del frame
     logging.warning('Received signal %d: will checkpoint and stop.', signum)
     _preemption_flag.set()
+    if _raise_on_signal.is_set():
+      _raise_on_signal.clear()
+      raise Preempted(f'signal {signum}')
 
   for sig in signals:
     signal.signal(sig, _on_signal)
@@ -119,6 +147,56 @@ def preemption_requested(step: int | None = None) -> bool:
                      'jax.distributed.initialize() (processes agree on a step '
                      'to save).')
   return multihost_utils.reached_preemption_sync_point(step)
+
+
+@contextlib.contextmanager
+def stop_on_preemption() -> Iterator[None]:
+  """Within this context a preemption signal raises `Preempted` in the main thread (our design).
+
+  For work that cannot poll `preemption_requested` between steps (an evaluation of thousands of
+  batches): it is abandoned at once, where it is, so the caller can save and exit within the grace
+  period. Raises `Preempted` on entry when preemption was already requested. Single process only:
+  after `jax.distributed.initialize()` JAX's preemption service owns the signal and processes must
+  agree on a step, so there this context does nothing.
+  """
+  if _jax_preemption_service_active():
+    yield
+    return
+  if _preemption_flag.is_set():
+    raise Preempted('requested before')
+  _raise_on_signal.set()
+  try:
+    yield
+  finally:
+    _raise_on_signal.clear()
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost exception of `error`'s cause/context chain, preferring an OSError."""
+  chain, seen = [], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return next((e for e in chain if isinstance(e, OSError)), chain[-1])
+
+
+def _write_error(directory: epath.Path, step: int | None, error: BaseException
+                 ) -> CheckpointWriteError:
+  cause = _root_cause(error)
+  text = str(cause).splitlines()[0] if str(cause) else ''
+  code = re.search(r"os_error_code='(\d+)'", text)  # tensorstore's errors carry the OS error
+  if isinstance(cause, OSError) and cause.strerror:
+    what = f'{cause.strerror}' + (f' (writing {cause.filename})' if cause.filename else '')
+  elif code:
+    file = re.search(r'Failed writing: "([^"]+)"', text)
+    what = os.strerror(int(code.group(1))) + (f' (writing {file.group(1)})' if file else '')
+  else:
+    what = f'{type(cause).__name__}: {text}'
+  where = directory / str(step) if step is not None else directory
+  return CheckpointWriteError(
+      f'Could not write the checkpoint {where}: {what}. Earlier complete steps in {directory} are '
+      'intact; free space or fix the folder, then rerun to resume.')
 
 
 def _check_json_meta(meta: dict[str, Any]) -> None:
@@ -162,8 +240,9 @@ class Checkpointer:
       keep: int = 3,
       save_every: int | None = None,
       subdir: str = 'checkpoints',
+      read_only: bool = False,
   ):
-    """Opens (and creates) `<workdir>/<subdir>`.
+    """Opens (and creates, unless `read_only`) `<workdir>/<subdir>`.
 
     Args:
       workdir: the run's directory; local path or `gs://...`.
@@ -172,6 +251,8 @@ class Checkpointer:
       save_every: `save` writes when `step % save_every == 0`; None writes only
         when forced (and when JAX's multi-process preemption service asks).
       subdir: the folder under `workdir` ('best' holds `BestCheckpointer`'s).
+      read_only: only read (restore, list steps): leaves the temporary folders of another
+        process's writes in flight alone and creates nothing; `save` is refused.
 
     Raises:
       ValueError: `keep` < 1 or `save_every` < 1.
@@ -188,9 +269,12 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=checkpoint_managers.AnySavePolicy(policies),
         preservation_policy=checkpoint_managers.LatestN(keep),
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=True,
+        read_only=read_only,
+        create=not read_only,
     )
+    self._last_save: int | None = None
     # Handlers named up front (not only through the save/restore args), so that the metadata of a
     # directory's existing steps can be read before restoring (`saved_structure`).
     self._manager = ocp.CheckpointManager(
@@ -233,18 +317,35 @@ class Checkpointer:
 
     Raises:
       TypeError: a field of `meta` is not JSON-serialisable.
+      CheckpointWriteError: this write could not start, or the previous one failed.
     """
     _check_json_meta(meta)
     if step in self._manager.all_steps():
       return False
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(state),
-            _META: ocp.args.JsonSave(meta),
-        }),
-        force=force,
-    )
+    try:
+      started = self._manager.save(
+          step,
+          args=ocp.args.Composite(**{
+              _STATE: ocp.args.StandardSave(state),
+              _META: ocp.args.JsonSave(meta),
+          }),
+          force=force,
+      )
+    except Exception as e:  # the previous write's error surfaces here too
+      raise _write_error(self.directory, step if self._last_save is None else self._last_save,
+                         e) from e
+    if started:
+      self._last_save = step
+    return started
+
+  def check_for_errors(self) -> None:
+    """Raises the error of a finished asynchronous write, without waiting for one in flight.
+
+    Raises:
+      CheckpointWriteError: the last write failed (one line: its path and the cause).
+    """
+    if self._last_save is not None and not self._manager.is_saving_in_progress():
+      self.wait()
 
   def restore(
       self,
@@ -315,12 +416,27 @@ class Checkpointer:
                         metadata.tree)
 
   def wait(self) -> None:
-    """Blocks until every started write is complete on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started write is complete on disk.
+
+    Raises:
+      CheckpointWriteError: the write failed (one line: its path and the cause).
+    """
+    step, self._last_save = self._last_save, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise _write_error(self.directory, step, e) from e
 
   def close(self) -> None:
-    """Waits for pending writes and releases orbax's background resources."""
-    self._manager.close()
+    """Waits for pending writes and releases orbax's background resources.
+
+    Raises:
+      CheckpointWriteError: the last write failed.
+    """
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -359,13 +475,14 @@ class BestCheckpointer:
   metrics.
   """
 
-  def __init__(self, workdir: epath.PathLike, metric: str, mode: str):
-    """Opens (and creates) `<workdir>/best` and reads the best so far.
+  def __init__(self, workdir: epath.PathLike, metric: str, mode: str, *, read_only: bool = False):
+    """Opens (and creates, unless `read_only`) `<workdir>/best` and reads the best so far.
 
     Args:
       workdir: the run's directory; local path or `gs://...`.
       metric: the evaluation metric that decides, e.g. 'top1'.
       mode: 'max' (higher is better) or 'min'.
+      read_only: only read the best (see `Checkpointer`).
 
     Raises:
       ValueError: `mode` is not 'max' or 'min', or the saved best has no value
@@ -374,7 +491,7 @@ class BestCheckpointer:
     if mode not in ('max', 'min'):
       raise ValueError(f"BestCheckpointer mode: expected 'max' or 'min', got {mode!r}.")
     self.metric, self.mode = metric, mode
-    self._ckpt = Checkpointer(workdir, keep=1, subdir=BEST_SUBDIR)
+    self._ckpt = Checkpointer(workdir, keep=1, subdir=BEST_SUBDIR, read_only=read_only)
     self.directory = self._ckpt.directory
     self.step: int | None = None
     self.value: float | None = None
@@ -450,8 +567,12 @@ class BestCheckpointer:
     return self._ckpt.restore(params_template, self.step)
 
   def wait(self) -> None:
-    """Blocks until the best checkpoint's write is complete on disk."""
+    """Blocks until the best checkpoint's write is complete on disk (see `Checkpointer.wait`)."""
     self._ckpt.wait()
+
+  def check_for_errors(self) -> None:
+    """See `Checkpointer.check_for_errors`."""
+    self._ckpt.check_for_errors()
 
   def close(self) -> None:
     self._ckpt.close()

@@ -8,7 +8,16 @@
     python -m avt_jax.main --config=configs/demo.py --workdir=/tmp/avt_demo --config.train.eval_only \
         --config.train.eval_checkpoint=best
 
-A workdir that already holds checkpoints resumes from the latest one. On several hosts pass
+A workdir that already holds checkpoints resumes from the latest one. One training run at a time
+uses a workdir (`avt_jax.workdir_lock`): a second one stops at once naming the first (host, pid);
+`eval_only` (like `predict` and `export`) only reads and may run while the workdir trains.
+
+Every check of the config and of the files it names runs before anything is written or compiled
+(`avt_jax.preflight`). A failure a user can cause (config, data files, a checkpoint that cannot be
+written, a workdir in use) prints one `Error:` line; the full traceback goes to
+`<workdir>/error.log` when the run had started there, and to the console with --verbose.
+
+On several hosts pass
 --multihost on every host: TPU VMs, SLURM and Open MPI jobs are detected by JAX; on other clusters
 (plain multi-node GPU or CPU) also give the coordinator and this process's place:
 
@@ -16,9 +25,12 @@ A workdir that already holds checkpoints resumes from the latest one. On several
         --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
 """
 
+import contextlib
 import json
 import os
+import sys
 import time
+import traceback
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -38,7 +50,11 @@ flags.DEFINE_integer('process_id', None, 'With --multihost: this process\'s inde
                      '[0, num_processes).')
 flags.DEFINE_list('local_device_ids', None, 'With --multihost: comma-separated ids of the local '
                   'devices this process uses (default: all; e.g. one process per GPU).')
+flags.DEFINE_bool('verbose', False, 'Print the full traceback of errors (kept in <workdir>/error.log '
+                  'otherwise, once the run has started there).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+ERROR_LOG = 'error.log'  # in the workdir: the traceback behind an `Error:` line
 
 
 def resolve_data_dir(config) -> str:
@@ -109,15 +125,66 @@ def summary_table(config, summary: dict) -> str:
   return '\n'.join(lines + [f'| {str(k):{width}} | {v} |' for k, v in rows])
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Failures a user can cause and fix, reported as one line (their messages name field or file)."""
+  # pylint: disable=g-import-not-at-top
+  from avt_jax import checkpointing, data_format, dataset_stats, record_files, workdir_lock
+  from avt_jax.models import ConfigError
+  return (ConfigError, data_format.StatsError, dataset_stats.DatasetStatsError, FileNotFoundError,
+          record_files.RecordFileError, checkpointing.CheckpointWriteError,
+          checkpointing.IncompatibleCheckpointError, workdir_lock.WorkdirInUseError)
+
+
+def _log_traceback(workdir: str) -> str | None:
+  """Appends the current exception's traceback to `<workdir>/error.log` when the workdir holds
+  the run's files (a failed start leaves it empty); returns the log's path, or None."""
+  try:
+    if not os.path.isdir(workdir) or not os.listdir(workdir):
+      return None
+    path = os.path.join(workdir, ERROR_LOG)
+    with open(path, 'a') as f:
+      f.write(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")} pid {os.getpid()}\n'
+              + traceback.format_exc())
+    return path
+  except OSError:  # e.g. the full disk that failed the checkpoint
+    return None
+
+
+def _quiet_background_errors() -> None:
+  """Without --verbose: the tracebacks that orbax's and tensorstore's background threads print
+  after a failed checkpoint write (dozens, one per array) stay off the console; the train loop
+  reports the failure once (`checkpointing.CheckpointWriteError`), its traceback in the error log."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  class _NoBackgroundTracebacks(std_logging.Filter):
+    def filter(self, record):
+      return not (record.exc_info or (record.levelno >= std_logging.ERROR and
+                                      f'{os.sep}orbax{os.sep}' in record.pathname))
+
+  logging.get_absl_handler().addFilter(_NoBackgroundTracebacks())
+  previous = sys.unraisablehook
+
+  def unraisablehook(unraisable):  # tensorstore callbacks into orbax's closed event loop
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  sys.unraisablehook = unraisablehook
+
+
 def main(argv):
   del argv
-  from avt_jax import data_format, dataset_stats  # pylint: disable=g-import-not-at-top
-  from avt_jax.models import ConfigError  # pylint: disable=g-import-not-at-top
+  if not FLAGS.verbose:
+    _quiet_background_errors()
   try:
     run(FLAGS.config)
-  except (ConfigError, data_format.StatsError, dataset_stats.DatasetStatsError,
-          FileNotFoundError) as e:
-    raise SystemExit(f'Error: {e}') from None  # one line naming the field or file
+  except _user_errors() as e:
+    if FLAGS.verbose:
+      traceback.print_exc()
+    log = None if '://' in FLAGS.workdir else _log_traceback(FLAGS.workdir)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f'Error: {first}' + (f' (traceback in {log})' if log else ''), file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 def run(config) -> None:
@@ -134,26 +201,30 @@ def run(config) -> None:
     raise app.UsageError(str(e)) from None
   import jax  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
-  from avt_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from avt_jax import preflight, train, workdir_lock  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; progress is printed
   if distributed is not None:
     jax.distributed.initialize(**distributed)
-  train.check_eval_config(config, FLAGS.workdir)  # before data work; after distributed init (orbax)
-  start = time.time()
-  data_dir = resolve_data_dir(config)
-  if config.data.from_stats or config.train.epochs:
-    from avt_jax import data_format, dataset_stats  # pylint: disable=g-import-not-at-top
-    fields = dataset_stats.apply_stats(config, data_dir)
-    validate(config)
-    print('From ' + data_format.stats_path(data_dir) + ': ' +
-          ', '.join(f'{k}={v}' for k, v in fields.items()), flush=True)
+  preflight.check_config(config, FLAGS.workdir)  # before data work; after distributed init (orbax)
   workdir = epath.Path(FLAGS.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  try:
-    summary = train.train_and_evaluate(config, str(workdir), data_dir)
-  except checkpointing.IncompatibleCheckpointError as e:  # one line naming the config field
-    raise SystemExit(f'Error: {e}') from None
+  # Training owns the workdir (process 0 for the job); evaluating only reads it.
+  owner = workdir_lock.WorkdirLock(workdir) if (
+      jax.process_index() == 0 and not config.train.eval_only) else contextlib.nullcontext()
+  with owner:
+    if getattr(owner, 'took_over', None):
+      print(f'Took over the stale lock of a run that is gone: {owner.took_over}.', flush=True)
+    start = time.time()
+    data_dir = resolve_data_dir(config)
+    if config.data.from_stats or config.train.epochs:
+      from avt_jax import data_format, dataset_stats  # pylint: disable=g-import-not-at-top
+      fields = dataset_stats.apply_stats(config, data_dir)
+      validate(config)
+      print('From ' + data_format.stats_path(data_dir) + ': ' +
+            ', '.join(f'{k}={v}' for k, v in fields.items()), flush=True)
+    prepared_init = preflight.check_run(config, data_dir, str(workdir))  # before any write
+    workdir.mkdir(parents=True, exist_ok=True)
+    summary = train.train_and_evaluate(config, str(workdir), data_dir, prepared_init=prepared_init)
   summary['total_seconds'] = time.time() - start
   if jax.process_index() == 0:
     (workdir / 'results.json').write_text(json.dumps(summary, indent=2, default=float))

@@ -90,9 +90,9 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
   if checkpoint == 'best':
-    with checkpointing.BestCheckpointer(workdir, *check_eval_config(config)) as best:
+    with checkpointing.BestCheckpointer(workdir, *check_eval_config(config), read_only=True) as best:
       return best.restore(abstract.params)[0]
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints, read_only=True)
   state, _, _ = checkpointing.restore_adapted(ckpt, abstract, init=lambda: jax.jit(init)(rng),
                                               config=config, step=step, fresh_ok=('opt_state',))
   ckpt.close()
@@ -140,7 +140,7 @@ def _saved_steps(workdir: str, subdir: str) -> list[int]:
   """The complete steps in `<workdir>/<subdir>`, without creating the folder."""
   if not (epath.Path(workdir) / subdir).exists():
     return []
-  with checkpointing.Checkpointer(workdir, subdir=subdir) as ckpt:
+  with checkpointing.Checkpointer(workdir, subdir=subdir, read_only=True) as ckpt:
     return ckpt.all_steps()
 
 
@@ -148,7 +148,9 @@ def _open_best(config: ml_collections.ConfigDict, workdir: str, metric: str, mod
   """The run's BestCheckpointer when it evaluates during training or evaluates the best; else a
   context that yields None (eval_every = 0 keeps no best checkpoint)."""
   t = config.train
-  if t.eval_every > 0 or (t.eval_only and t.eval_checkpoint == 'best'):
+  if t.eval_only and t.eval_checkpoint == 'best':
+    return checkpointing.BestCheckpointer(workdir, metric, mode, read_only=True)
+  if t.eval_every > 0 and not t.eval_only:
     return checkpointing.BestCheckpointer(workdir, metric, mode)
   return contextlib.nullcontext()
 
@@ -207,9 +209,13 @@ def _evaluate_during_training(step: int, params, evaluator: Evaluator,
   return results, seconds
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str
-                       ) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str, *,
+                       prepared_init: pretrained.Prepared | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints), then evaluates.
+
+  With `train.eval_only` it only reads the workdir's checkpoints (read-only, so it may run next to
+  the run training there). `prepared_init`: `config.init`'s checkpoints already read by
+  `preflight.check_run` (else read here).
 
   With `train.eval_every` > 0 it also evaluates every that many steps and at the last step, and
   keeps the best checkpoint by `train.best_metric` in `<workdir>/best` (see `_train_loop`).
@@ -227,15 +233,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
   state_shardings = sharding.tree_shardings(abstract, mesh, param_axes(config, model))
-  if jax.process_index() == 0:
-    save_run(config, workdir, data_dir)
+  eval_only = bool(config.train.eval_only)
   # Leaving the `with` (also through an error) waits for checkpoint writes in flight.
   with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                  save_every=config.train.checkpoint_every) as ckpt, \
+                                  save_every=config.train.checkpoint_every,
+                                  read_only=eval_only) as ckpt, \
        _open_best(config, workdir, best_metric, best_mode) as best, \
        jax.set_mesh(mesh):
     state, meta = _initial_state(config, model, init, rng, abstract, state_shardings, tx, ckpt,
-                                 workdir)
+                                 workdir, prepared_init)
+    # After the start succeeded (a refused restore leaves the workdir's config as it was); an
+    # evaluation keeps the training run's.
+    if jax.process_index() == 0 and not (eval_only and (epath.Path(workdir) / CONFIG_FILE).exists()):
+      save_run(config, workdir, data_dir)
     start = int(state.step)
     summary = {'train': {}, 'steps': start, 'train_seconds': 0.0, 'eval_seconds': 0.0,
                **pretrained.saved_report(workdir)}
@@ -252,7 +262,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       summary['eval_seconds'] = summary['train'].pop('eval_seconds')
       last_eval = summary['train'].pop('last_eval')
       summary['steps'] = int(state.step)
-    images, reused = _final_evaluation(config, evaluator, state, best, summary, last_eval)
+    try:
+      with checkpointing.stop_on_preemption() if not eval_only else contextlib.nullcontext():
+        images, reused = _final_evaluation(config, evaluator, state, best, summary, last_eval)
+    except checkpointing.Preempted:  # the last step is saved: a resumed run only evaluates
+      ckpt.wait()
+      print(f'Preemption requested during the final evaluation: step {summary["steps"]} is saved, '
+            'exiting.', flush=True)
+      raise SystemExit(0) from None
     if best is not None and best.summary() is not None:
       summary['best'] = best.summary()
   if jax.process_index() == 0 and not reused:
@@ -263,7 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   return summary
 
 
-def _initial_state(config, model, init, rng, abstract, state_shardings, tx, ckpt, workdir: str):
+def _initial_state(config, model, init, rng, abstract, state_shardings, tx, ckpt, workdir: str,
+                   prepared_init: pretrained.Prepared | None = None):
   """The run's starting TrainState: a fresh init (plus `config.init`'s pretrained values) when the
   workdir holds no checkpoint, else the latest checkpoint adapted to `config`.
 
@@ -271,7 +289,7 @@ def _initial_state(config, model, init, rng, abstract, state_shardings, tx, ckpt
     (state, meta): `meta` is the checkpoint's metadata (empty for a fresh run).
   """
   if ckpt.latest_step() is None:
-    init_from = pretrained.prepare(config, abstract.params)  # config.init: read and map, no compile
+    init_from = prepared_init or pretrained.prepare(config, abstract.params)  # read, map; no compile
     state = jax.jit(init, out_shardings=state_shardings)(rng)
     state = _start_from_pretrained(init_from, state, state_shardings, tx, workdir)
     print(f'Initialised {model.__class__.__name__}: '
@@ -334,8 +352,14 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
   many steps and at the last one (`evaluator`), and saves improvements to `best`.
 
   Evaluation reads only the parameters: the training batches, PRNG keys and updates are the same
-  with or without it. A step where preemption is requested is saved but not evaluated (so the
-  process exits quickly); the resumed run evaluates at its next evaluation step.
+  with or without it.
+
+  Preemption (SIGTERM) saves and exits within about two step times plus the save: at most two steps
+  are in flight on the devices (the loop waits for step s-1 before it goes on after dispatching
+  step s), a step where preemption is requested is saved but not evaluated, and a signal during an
+  evaluation abandons it at once (`checkpointing.stop_on_preemption`) and saves its step; the
+  resumed run evaluates at its next evaluation step. A checkpoint write that fails in the
+  background stops the loop at the next step (`checkpointing.CheckpointWriteError`).
   """
   total_steps = int(config.train.steps)
   batch_size = int(config.input.batch_size)
@@ -359,12 +383,33 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
       metric_writers.MultiWriter([])
   progress = ProgressLog(writer, total_steps, start)
   checkpointing.install_preemption_handler()
+
+  def interruptible(params):  # an evaluation stops at once on preemption (raises Preempted)
+    with checkpointing.stop_on_preemption():
+      return evaluator(params)
   pending: list[tuple[int, dict]] = []
   means: dict[str, float] = {}
+
+  first_save = [True]
+
+  def save(step: int) -> None:
+    started = ckpt.save(step, state, {'step': step,
+                                      'examples_seen': examples_seen + (step - start) * batch_size,
+                                      'input_stream': stream,
+                                      'config': checkpointing.config_snapshot(config)}, force=True)
+    if started and first_save[0]:  # an unwritable folder (permissions, quota, size limit) stops
+      ckpt.wait()                  # the run here; later writes overlap training, checked each step
+      first_save[0] = False
+
   t0 = time.time()
   for step in range(start + 1, total_steps + 1):
     state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
     pending.append((step, metrics))
+    if len(pending) >= 2:  # at most two steps in flight: a preemption save waits for <= 2 steps
+      jax.block_until_ready(pending[-2][1])
+    ckpt.check_for_errors()  # a failed background write stops training here, one step later
+    if best is not None:
+      best.check_for_errors()
     preempted = checkpointing.preemption_requested(step)
     save_due = step % config.train.checkpoint_every == 0 or step == total_steps or preempted
     eval_due = eval_every > 0 and (step % eval_every == 0 or step == total_steps) and not preempted
@@ -377,14 +422,17 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
       pending = []
       means = progress.report(step, history)
     if save_due:
-      ckpt.save(step, state, {'step': step,
-                              'examples_seen': examples_seen + (step - start) * batch_size,
-                              'input_stream': stream,
-                              'config': checkpointing.config_snapshot(config)}, force=True)
+      save(step)
     if eval_due:
-      results, seconds = _evaluate_during_training(step, state.params, evaluator, best, writer,
-                                                   progress)
-      last_eval, eval_seconds = (step, results), eval_seconds + seconds
+      try:
+        results, seconds = _evaluate_during_training(step, state.params, interruptible, best,
+                                                     writer, progress)
+        last_eval, eval_seconds = (step, results), eval_seconds + seconds
+      except checkpointing.Preempted:
+        print(f'Preemption requested during the evaluation of step {step}: evaluation abandoned.',
+              flush=True)
+        save(step)
+        preempted = True
     if preempted:
       ckpt.wait()
       print(f'Preemption requested: saved step {step}, exiting.', flush=True)

@@ -73,6 +73,7 @@ import numpy as np
 import tensorflow as tf
 
 from avt_jax import data_format
+from avt_jax import record_files
 from avt_jax import records
 from avt_jax.input import augment
 
@@ -132,7 +133,10 @@ def count_records(files: tuple[str, ...]) -> tuple[int, ...]:
 
   counts = tf.data.Dataset.from_tensor_slices(list(files)).map(
       count, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return tuple(int(n) for n in counts.as_numpy_iterator())
+  try:
+    return tuple(int(n) for n in counts.as_numpy_iterator())
+  except tf.errors.DataLossError as error:
+    raise _damaged(error, os.path.dirname(files[0]), files) from error
 
 
 def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -450,14 +454,18 @@ def _options() -> tf.data.Options:
   return options
 
 
-def _numpy_batches(dataset: tf.data.Dataset, source: str) -> Iterator[Batch]:
-  """Iterates `dataset` as numpy dicts; failed record checks become a ValueError naming `source`."""
+def _numpy_batches(dataset: tf.data.Dataset, source: str, data_dir: str = '',
+                   files: Sequence[str] = ()) -> Iterator[Batch]:
+  """Iterates `dataset` as numpy dicts; failed record checks become a ValueError naming `source`, a
+  damaged record file (TensorFlow's DataLossError) a `RecordFileError` naming it among `files`."""
   iterator = dataset.as_numpy_iterator()
   while True:
     try:
       batch = next(iterator)
     except StopIteration:
       return
+    except tf.errors.DataLossError as error:
+      raise _damaged(error, data_dir, files) from error
     except tf.errors.InvalidArgumentError as error:
       message = error.message
       if 'assertion failed:' in message:  # keep only the record check's own text
@@ -466,8 +474,23 @@ def _numpy_batches(dataset: tf.data.Dataset, source: str) -> Iterator[Batch]:
     yield batch
 
 
-def _check_has_records(files: Sequence[str]) -> None:
-  if not any(True for _ in tf.data.TFRecordDataset(list(files)).take(1)):
+def _damaged(error: tf.errors.DataLossError, data_dir: str, files: Sequence[str]
+             ) -> record_files.RecordFileError:
+  """The error naming the damaged file among `files` behind TensorFlow's `error` (which does not)."""
+  found = record_files.locate_damage(list(files))
+  if found is None:
+    return record_files.RecordFileError(
+        f'A record file of {data_dir} is damaged ({error.message.splitlines()[0]}); check the '
+        'copy, or rerun the `python -m avt_jax.prepare` command on it to rewrite damaged shards.')
+  return record_files.RecordFileError(record_files.damaged_message(*found, data_dir))
+
+
+def _check_has_records(files: Sequence[str], data_dir: str) -> None:
+  try:
+    empty = not any(True for _ in tf.data.TFRecordDataset(list(files)).take(1))
+  except tf.errors.DataLossError as error:
+    raise _damaged(error, data_dir, files) from error
+  if empty:
     raise ValueError(f'The record files of this process hold no records: {list(files)}.')
 
 
@@ -510,7 +533,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
   reader_batch = batch_size * shards.shares  # the examples of all processes sharing the stream
   stats = load_stats(data_dir)
   decoder = ClipDecoder(config, stats, data_format.stats_path(data_dir))
-  _check_has_records(shards.files)
+  record_files.check_prepared(data_dir, list(shards.files))  # sizes as prepared: before step 1
+  _check_has_records(shards.files, data_dir)
   cycle_length = _cycle_length(config, len(shards.files))
   shuffle_buffer = int(config.input.shuffle_buffer)
   reader_seed = tf.constant([seed, shards.reader], tf.int64)
@@ -556,7 +580,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, *, see
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.map(lambda batch: {**batch, 'mask': tf.ones([batch_size], tf.float32)})
   dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return _numpy_batches(dataset, data_format.split_pattern(data_dir, config.data.train_split))
+  return _numpy_batches(dataset, data_format.split_pattern(data_dir, config.data.train_split),
+                        data_dir, shards.files)
 
 
 def stream_identity(config: ml_collections.ConfigDict, data_dir: str, *, seed: int,
@@ -644,6 +669,7 @@ def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str, split: 
   hosts = [plan_sharding(config, files, pattern, host, process_count)
            for host in range(process_count)]
   shards = hosts[process_index]
+  record_files.check_prepared(data_dir, list(shards.files))
   stats = load_stats(data_dir)
   decoder = ClipDecoder(config, stats, data_format.stats_path(data_dir))
   videos = _interleave(list(shards.files), _cycle_length(config, len(shards.files))).enumerate()
@@ -661,7 +687,27 @@ def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str, split: 
       dataset = dataset.concatenate(
           tf.data.Dataset.from_tensors(_empty_batch(dataset.element_spec)).repeat(extra))
   dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return _numpy_batches(dataset, pattern)
+  return _numpy_batches(dataset, pattern, data_dir, shards.files)
+
+
+def check_config(config: ml_collections.ConfigDict, data_dir: str, splits: Sequence[str]) -> None:
+  """The checks `make_train_iterator` / `make_eval_iterator` make on `config.input` and on the
+  files of `splits`, without reading a record: batch sizes, decoder fields against stats.json, file
+  sharding, record file sizes against those `prepare` recorded (run before anything is written).
+
+  Raises:
+    ValueError (`data_format.StatsError`, `record_files.RecordFileError`): naming the field or file.
+    FileNotFoundError: no data folder, stats.json or record files of a split.
+  """
+  process_index, process_count = _resolve_processes(None, None)
+  _per_host_batch(int(config.input.batch_size), process_count, 'batch_size')
+  _per_host_batch(int(config.input.eval_batch_size), process_count, 'eval_batch_size')
+  ClipDecoder(config, load_stats(data_dir), data_format.stats_path(data_dir))
+  for split in splits:
+    files = list_split_files(data_dir, split)
+    shards = plan_sharding(config, files, data_format.split_pattern(data_dir, split), process_index,
+                           process_count)
+    record_files.check_prepared(data_dir, list(shards.files))
 
 
 def _num_videos(shards: SplitSharding) -> int:

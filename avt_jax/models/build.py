@@ -96,6 +96,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   heads = dict(config.data.num_classes)
   _check(len(heads) > 0 and all(c >= 1 for c in heads.values()), 'data.num_classes',
          f'expected label head -> number of classes >= 1, got {heads}')
+  _check_training(config)
+
+
+def _check_training(config: ml_collections.ConfigDict) -> None:
+  """`config.optim` and `config.train`'s cadence: what the optimizer, the checkpointer and the loop
+  would otherwise refuse only after the workdir is written."""
+  o, t = config.optim, config.train
+  _check(o.name in ('adamw', 'sgd'), 'optim.name', f"expected 'adamw' or 'sgd', got {o.name!r}")
+  for field in ('learning_rate', 'weight_decay', 'warmup_steps'):
+    _check(isinstance(o[field], (int, float)) and o[field] >= 0, f'optim.{field}',
+           f'expected a number >= 0, got {o[field]!r}')
+  _check(not o.grad_clip_norm or o.grad_clip_norm > 0, 'optim.grad_clip_norm',
+         f'expected > 0 (or 0 for no clipping), got {o.grad_clip_norm!r}')
+  _check(isinstance(o.get('accumulation_steps', 1), int) and o.get('accumulation_steps', 1) >= 1,
+         'optim.accumulation_steps', f'expected an integer >= 1, got {o.get("accumulation_steps")!r}')
+  for field in ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    if field == 'steps' and t.get('epochs'):  # set from the data's size (`dataset_stats`)
+      continue
+    _check(isinstance(t[field], int) and t[field] >= 1, f'train.{field}',
+           f'expected an integer >= 1, got {t[field]!r}')
 
 
 def segment_patches(config: ml_collections.ConfigDict) -> int:

@@ -5,8 +5,11 @@ Output folder layout (`out_dir`, local or any path `tf.io.gfile` can write):
 * `{split}-{i:05d}-of-{n:05d}.tfrecord` (`data_format.shard_name`): records of `avt_jax.records`. A
   shard is written under `.incomplete/` and renamed into place when complete, so a shard file that
   exists is complete.
-* `shard_stats/{shard name}.json`: per-shard counts, log-mel sums and report lines, written just before
-  the shard is renamed; a shard counts as finished only when both files exist.
+* `shard_stats/{shard name}.json`: per-shard counts (`num_clips` records), the file's size in bytes
+  (`num_bytes`), log-mel sums and report lines, written just before the shard is renamed; a shard counts
+  as finished only when both files exist and the shard is whole (`avt_jax.record_files`: its size as
+  recorded; for folders prepared before sizes were recorded, its record framing and count). A rerun
+  writes a damaged shard again (an interrupted copy of the folder, a file cut short), naming it.
 * `prepare_plan.json`: settings and a fingerprint of the clip-to-shard assignment. A rerun with the same
   clips and settings keeps finished shards and only writes the missing ones; a rerun with different ones
   is refused instead of mixing two datasets in one folder.
@@ -38,6 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from avt_jax import data_format
+from avt_jax import record_files
 from avt_jax.prep import annotations
 from avt_jax.prep import logmel as logmel_lib
 from avt_jax.prep import media
@@ -359,12 +363,24 @@ def _tf():
 
 
 def _is_finished(out_dir: str, name: str) -> bool:
+  """Whether shard `name` and its stats exist and the shard is whole; a damaged shard is deleted
+  (with a line on stderr naming it) so that it is written again."""
   gfile = _tf().io.gfile
-  return gfile.exists(os.path.join(out_dir, name)) and gfile.exists(_shard_stats_path(out_dir, name))
+  path = os.path.join(out_dir, name)
+  if not (gfile.exists(path) and gfile.exists(_shard_stats_path(out_dir, name))):
+    return False
+  stats = _read_json(_shard_stats_path(out_dir, name))
+  reason = record_files.damage(path, stats.get('num_bytes'), stats.get('num_clips'))
+  if reason is None:
+    return True
+  sys.stderr.write(f'prepare: {path} is damaged ({reason}); writing it again.\n')
+  gfile.remove(_shard_stats_path(out_dir, name))
+  gfile.remove(path)
+  return False
 
 
 def _shard_stats_path(out_dir: str, name: str) -> str:
-  return os.path.join(out_dir, SHARD_STATS_DIR, name.replace('.tfrecord', '.json'))
+  return record_files.shard_stats_path(out_dir, name)
 
 
 def _run_tasks(tasks: Iterable[_Task], num_workers: int | None,
@@ -510,7 +526,7 @@ def _write_shard(out_dir: str, name: str, clips: Sequence[annotations.ClipSpec],
       num_written += 1
       meter.update(skipped=False)
   data_format.write_json(_shard_stats_path(out_dir, name), {
-      'num_clips': num_written, 'class_counts': counts, 'logmel_sum': total, 'logmel_sum_sq': total_sq,
+      'num_clips': num_written, 'num_bytes': tf.io.gfile.stat(temporary).length, 'class_counts': counts, 'logmel_sum': total, 'logmel_sum_sq': total_sq,
       'logmel_count': num_values, 'report': report})
   tf.io.gfile.rename(temporary, os.path.join(out_dir, name), overwrite=True)
 

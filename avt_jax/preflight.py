@@ -1,0 +1,107 @@
+"""Every check of a training config and of the files it names, before anything is written (our design).
+
+`python -m avt_jax.main` calls `check_config` (no data needed) and `check_run` after
+`models.validate` and before it writes into the workdir or compiles: the mesh against the devices, `config.input` against the data's stats.json and
+record files (batch sizes, sharding, record files cut short), evaluation settings, resuming (the
+input stream of the workdir's checkpoint) and `config.init`'s checkpoints (exist, readable, mapped
+onto the model). A problem is a `ConfigError` whose message starts with the field it is about, so a
+failed start prints one `Error:` line and leaves the workdir as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from avt_jax import checkpointing, input as input_lib, pretrained, sharding
+from avt_jax.input import pipeline
+from avt_jax.models import ConfigError
+
+_INIT_PATHS = ('checkpoint', 'video.checkpoint', 'audio.checkpoint')
+
+
+def _as_config_error(error: Exception, field: str) -> ConfigError:
+  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  return ConfigError(message if message.startswith('config.') else f'config.{field}: {message}')
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The evaluation settings (and the best checkpoint `eval_only` asks for) and the mesh.
+
+  Raises:
+    ConfigError: one line starting with the config field at fault.
+  """
+  from avt_jax import train  # pylint: disable=g-import-not-at-top  # train imports this module's deps
+  try:
+    train.check_eval_config(config, workdir)
+  except ValueError as e:
+    raise _as_config_error(e, 'train') from e
+  try:
+    sharding.make_mesh(config.mesh)
+  except ValueError as e:
+    raise _as_config_error(e, 'mesh') from e
+
+
+def check_run(config: ml_collections.ConfigDict, data_dir: str, workdir: str
+              ) -> pretrained.Prepared | None:
+  """`check_config`, then the checks of the data, of resuming and of `config.init` (see above).
+
+  Returns:
+    `config.init`'s checkpoints read and mapped (`pretrained.prepare`) for a run that starts afresh,
+    else None: pass it on to `train.train_and_evaluate` so the files are read once.
+
+  Raises:
+    ConfigError: one line starting with the config field (or naming the file) at fault.
+  """
+  check_config(config, workdir)  # again: `data.from_stats` may have changed fields
+  splits = [config.data.eval_split]
+  if not config.train.eval_only:
+    splits.insert(0, config.data.train_split)
+  try:
+    pipeline.check_config(config, data_dir, splits)
+  except ValueError as e:
+    raise _as_config_error(e, 'input') from e
+  resuming = (epath.Path(workdir) / 'checkpoints').exists() and _has_checkpoint(workdir)
+  if resuming:
+    if not config.train.eval_only:
+      _check_resumable(config, data_dir, workdir)
+    return None
+  return _read_init(config)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+    return ckpt.latest_step() is not None
+
+
+def _check_resumable(config: ml_collections.ConfigDict, data_dir: str, workdir: str) -> None:
+  """The workdir's latest checkpoint continues the same stream of training examples."""
+  with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
+    meta = ckpt.restore_meta()
+  try:
+    input_lib.check_same_stream(meta.get('input_stream'),
+                                input_lib.stream_identity(config, data_dir, seed=config.seed))
+  except ValueError as e:
+    raise checkpointing.IncompatibleCheckpointError(f'{workdir}: {e}') from None
+
+
+def _read_init(config: ml_collections.ConfigDict) -> pretrained.Prepared | None:
+  """`config.init`'s checkpoints, read and mapped onto the model's shapes (nothing compiled)."""
+  if not pretrained.requested(config):
+    return None
+  for field in _INIT_PATHS:
+    path = config.init
+    for key in field.split('.'):
+      path = path[key]
+    if path and not epath.Path(path).exists():
+      raise ConfigError(f'config.init.{field}: {path} does not exist.')
+  from avt_jax.train_step import setup  # pylint: disable=g-import-not-at-top
+  *_, init = setup(config)
+  abstract: Any = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  try:
+    return pretrained.prepare(config, abstract.params)
+  except pretrained.PretrainedError as e:
+    raise _as_config_error(e, 'init.checkpoint') from e
