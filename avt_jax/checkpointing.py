@@ -275,6 +275,7 @@ class Checkpointer:
         create=not read_only,
     )
     self._last_save: int | None = None
+    self._read_only = read_only
     # Handlers named up front (not only through the save/restore args), so that the metadata of a
     # directory's existing steps can be read before restoring (`saved_structure`).
     self._manager = ocp.CheckpointManager(
@@ -318,7 +319,10 @@ class Checkpointer:
     Raises:
       TypeError: a field of `meta` is not JSON-serialisable.
       CheckpointWriteError: this write could not start, or the previous one failed.
+      ValueError: the checkpointer is read-only.
     """
+    if self._read_only:
+      raise ValueError(f'{self.directory} was opened read-only: cannot save step {step}.')
     _check_json_meta(meta)
     if step in self._manager.all_steps():
       return False

@@ -55,6 +55,7 @@ flags.DEFINE_bool('verbose', False, 'Print the full traceback of errors (kept in
 flags.mark_flags_as_required(['config', 'workdir'])
 
 ERROR_LOG = 'error.log'  # in the workdir: the traceback behind an `Error:` line
+_started = False  # whether this run has begun writing into the workdir (it owns it)
 
 
 def resolve_data_dir(config) -> str:
@@ -136,10 +137,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _log_traceback(workdir: str) -> str | None:
-  """Appends the current exception's traceback to `<workdir>/error.log` when the workdir holds
-  the run's files (a failed start leaves it empty); returns the log's path, or None."""
+  """Appends the current exception's traceback to `<workdir>/error.log` once the run has started
+  writing there (a failed start leaves the workdir as it was); returns the log's path, or None."""
   try:
-    if not os.path.isdir(workdir) or not os.listdir(workdir):
+    if not _started or not os.path.isdir(workdir):
       return None
     path = os.path.join(workdir, ERROR_LOG)
     with open(path, 'a') as f:
@@ -189,6 +190,7 @@ def main(argv):
 
 def run(config) -> None:
   """Validates `config`, prepares or finds its data, trains and evaluates in `FLAGS.workdir`."""
+  global _started
   from avt_jax.models import validate  # pylint: disable=g-import-not-at-top
 
   validate(config)  # fail on impossible settings before heavy imports, data work or compilation
@@ -223,6 +225,7 @@ def run(config) -> None:
       print('From ' + data_format.stats_path(data_dir) + ': ' +
             ', '.join(f'{k}={v}' for k, v in fields.items()), flush=True)
     prepared_init = preflight.check_run(config, data_dir, str(workdir))  # before any write
+    _started = True
     workdir.mkdir(parents=True, exist_ok=True)
     summary = train.train_and_evaluate(config, str(workdir), data_dir, prepared_init=prepared_init)
   summary['total_seconds'] = time.time() - start

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -510,3 +512,65 @@ def test_restore_of_a_checkpoint_without_its_config_names_the_array(tmp_path):
                      match=r'the saved state differs \(\d+ arrays differ, e.g. \w+/.*: \(.*\) in the '
                            r'checkpoint, \(.*\) now\)'):
     _restore_avt(tmp_path, (('model.mlp_dim', 48),))
+
+
+def test_a_failed_background_write_is_one_line_and_keeps_the_previous_step(tmp_path):
+  """A file-size limit stands in for a full disk (Python ignores SIGXFSZ: the write gets EFBIG)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  small = {'w': jnp.ones(4)}
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  ckpt.save(1, small, {'step': 1}, force=True)
+  ckpt.wait()
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+  try:
+    noise = jax.random.normal(jax.random.PRNGKey(0), (256 * 1024,))  # 1 MB that does not compress
+    ckpt.save(2, {'w': noise}, {'step': 2}, force=True)
+    with pytest.raises(checkpointing.CheckpointWriteError) as error:
+      for _ in range(600):  # the write ends within seconds; polling never blocks on it
+        ckpt.check_for_errors()
+        time.sleep(0.05)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+  message = str(error.value)
+  assert '\n' not in message and str(tmp_path / 'checkpoints' / '2') in message
+  assert 'File too large' in message
+  ckpt.close()
+  with checkpointing.Checkpointer(tmp_path) as again:
+    assert again.all_steps() == [1]
+    state, meta = again.restore(abstract(small))
+  assert meta == {'step': 1}
+  np.testing.assert_array_equal(state['w'], np.ones(4))
+
+
+def test_read_only_leaves_writes_in_flight_alone(tmp_path):
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, {'w': jnp.ones(4)}, {'step': 1}, force=True)
+  in_flight = tmp_path / 'checkpoints' / '2.orbax-checkpoint-tmp'  # another process's write
+  in_flight.mkdir()
+  with checkpointing.Checkpointer(tmp_path, read_only=True) as reader:
+    assert reader.all_steps() == [1]
+    with pytest.raises(ValueError, match='read-only'):
+      reader.save(3, {'w': jnp.ones(4)}, {'step': 3}, force=True)
+  assert in_flight.exists()
+
+
+def test_a_signal_inside_stop_on_preemption_abandons_the_work(monkeypatch):
+  previous = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(checkpointing, '_preemption_flag', threading.Event())
+  checkpointing.install_preemption_handler()
+  done = []
+  try:
+    with pytest.raises(checkpointing.Preempted):
+      with checkpointing.stop_on_preemption():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # work that never polls the flag
+          time.sleep(0.05)
+        done.append(True)
+    assert not done and checkpointing.preemption_requested()
+    with pytest.raises(checkpointing.Preempted):  # already requested: refused on entry
+      with checkpointing.stop_on_preemption():
+        done.append(True)
+    assert not done
+  finally:
+    signal.signal(signal.SIGTERM, previous)

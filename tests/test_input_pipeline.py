@@ -8,12 +8,14 @@ level `10 + 20 k`, and its log-mel row `t` holds `100 c + t` in every mel bin. V
 import json
 import math
 import os
+import shutil
 
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from avt_jax import record_files
 from avt_jax import records
 from avt_jax.input import pipeline
 
@@ -452,3 +454,30 @@ def test_record_with_wrong_n_mels_names_the_clip(tmp_path):
   _write_stats(data_dir)
   with pytest.raises(ValueError, match=r'wrong number of mel bins[\s\S]*clip1'):
     list(pipeline.make_eval_iterator(_config(), data_dir, 'train'))
+
+
+def _damaged_copy(data_dir, tmp_path, name, keep, record_size):
+  """A copy of `data_dir` with file `name` cut to `keep` of its bytes; with `record_size`, a
+  shard_stats entry recording its whole size (as `prepare` writes)."""
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(data_dir, copy)
+  path = os.path.join(copy, name)
+  size = os.path.getsize(path)
+  if record_size:
+    os.makedirs(os.path.join(copy, 'shard_stats'), exist_ok=True)
+    with open(record_files.shard_stats_path(copy, name), 'w') as f:
+      json.dump({'num_bytes': size, 'num_clips': 1}, f)
+  os.truncate(path, int(size * keep))
+  return copy, path
+
+
+@pytest.mark.parametrize('recorded', [True, False])
+def test_a_damaged_record_file_is_named_before_the_first_batch(data_dir, tmp_path, recorded):
+  name = sorted(os.listdir(data_dir))[1]  # a train file after the first
+  assert name.startswith('train-')
+  copy, path = _damaged_copy(data_dir, tmp_path, name, 0.6, record_size=recorded)
+  with pytest.raises(record_files.RecordFileError) as error:
+    _take(pipeline.make_train_iterator(_config(), copy, seed=0), 3)
+  message = str(error.value)
+  assert path in message and 'avt_jax.prepare' in message and '\n' not in message
+  assert ('when written' if recorded else 'cut short') in message

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from avt_jax import record_files
 from avt_jax import records
 from avt_jax.prep import annotations
 from avt_jax.prep import shards
@@ -288,3 +290,42 @@ def test_workers_that_always_die_stop_the_run(videos, monkeypatch):
   tasks = _tasks(videos, ['crash0', 'crash1', 'crash2'])
   with pytest.raises(RuntimeError, match='died on 2 clips in a row'):
     list(shards._run_tasks(tasks, 1, process=crashing_decoder.stand_in_or_crash))
+
+
+@pytest.mark.parametrize('recorded_size', [True, False])  # False: a folder prepared before sizes
+def test_rerun_rewrites_a_damaged_shard_naming_it(videos, prepared, tmp_path, capsys, recorded_size):
+  folder, specs = videos
+  reference_dir, reference_stats = prepared
+  out_dir = str(tmp_path / 'out')
+  shutil.copytree(reference_dir, out_dir)
+  damaged = os.path.join(out_dir, 'train-00001-of-00002.tfrecord')
+  intact = os.path.join(out_dir, 'train-00000-of-00002.tfrecord')
+  size = os.path.getsize(damaged)
+  stats_file = os.path.join(out_dir, shards.SHARD_STATS_DIR, 'train-00001-of-00002.json')
+  shard_stats = json.load(open(stats_file))
+  assert shard_stats['num_bytes'] == size
+  if not recorded_size:
+    del shard_stats['num_bytes']
+    json.dump(shard_stats, open(stats_file, 'w'))
+  os.truncate(damaged, int(size * 0.6))  # an interrupted copy
+  assert record_files.damage(damaged, shard_stats.get('num_bytes'), shard_stats['num_clips'])
+  assert record_files.damage(intact) is None
+  os.utime(intact, ns=(1_000_000_000, 1_000_000_000))
+  capsys.readouterr()
+  assert shards.prepare_dataset(specs, folder, out_dir, num_workers=0, **SETTINGS) == reference_stats
+  assert f'{damaged} is damaged' in capsys.readouterr().err
+  with open(damaged, 'rb') as a, open(os.path.join(reference_dir, os.path.basename(damaged)), 'rb') as b:
+    assert a.read() == b.read()
+  assert os.stat(intact).st_mtime_ns == 1_000_000_000  # whole shards are kept
+
+
+def test_record_file_walk_counts_records_and_finds_the_cut(prepared, tmp_path):
+  out_dir, stats = prepared
+  name = 'train-00000-of-00002.tfrecord'
+  path = os.path.join(out_dir, name)
+  assert record_files.walk(path) == (len(_read(path)), None)
+  cut = str(tmp_path / name)
+  with open(path, 'rb') as f, open(cut, 'wb') as g:
+    g.write(f.read()[:-3])
+  count, broken = record_files.walk(cut)
+  assert count == len(_read(path)) - 1 and 0 < broken < os.path.getsize(cut)
