@@ -214,6 +214,21 @@ def _check_json_meta(meta: dict[str, Any]) -> None:
           'or float().') from e
 
 
+@contextlib.contextmanager
+def _quiet_orbax(quiet: bool) -> Iterator[None]:
+  """Within: with `quiet`, orbax's warnings are not logged (errors are)."""
+  if not quiet:
+    yield
+    return
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
 class Checkpointer:
   """Periodic, keep-N, atomic, asynchronous checkpoints of a train state.
 
@@ -278,10 +293,11 @@ class Checkpointer:
     self._read_only = read_only
     # Handlers named up front (not only through the save/restore args), so that the metadata of a
     # directory's existing steps can be read before restoring (`saved_structure`).
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
-                       _META: ocp.JsonCheckpointHandler()})
+    with _quiet_orbax(read_only):  # it warns that a read-only manager will not save
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={_STATE: ocp.StandardCheckpointHandler(),
+                         _META: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     """Returns the newest saved step, or None if there is none.

@@ -16,7 +16,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from avt_jax import checkpointing, input as input_lib, pretrained, sharding
+from avt_jax import (checkpointing, data_format, input as input_lib, pretrained, record_files,
+                     sharding)
 from avt_jax.input import pipeline
 from avt_jax.models import ConfigError
 
@@ -29,7 +30,8 @@ def _as_config_error(error: Exception, field: str) -> ConfigError:
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """The evaluation settings (and the best checkpoint `eval_only` asks for) and the mesh.
+  """The evaluation settings (and the best checkpoint `eval_only` asks for), the mesh, and the batch
+  sizes against the mesh.
 
   Raises:
     ConfigError: one line starting with the config field at fault.
@@ -40,9 +42,17 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   except ValueError as e:
     raise _as_config_error(e, 'train') from e
   try:
-    sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
   except ValueError as e:
     raise _as_config_error(e, 'mesh') from e
+  split = 1
+  for axis in sharding.BATCH_AXES:
+    split *= mesh.shape[axis]
+  for field in ('batch_size', 'eval_batch_size'):
+    if int(config.input[field]) % split:
+      raise ConfigError(f'config.input.{field}: {config.input[field]} is not a multiple of the '
+                        f'{split} devices the batch is split over (config.mesh '
+                        f'{" x ".join(sharding.BATCH_AXES)}).')
 
 
 def check_run(config: ml_collections.ConfigDict, data_dir: str, workdir: str
@@ -62,6 +72,8 @@ def check_run(config: ml_collections.ConfigDict, data_dir: str, workdir: str
     splits.insert(0, config.data.train_split)
   try:
     pipeline.check_config(config, data_dir, splits)
+  except (record_files.RecordFileError, data_format.StatsError):
+    raise  # about a file, and naming it
   except ValueError as e:
     raise _as_config_error(e, 'input') from e
   resuming = (epath.Path(workdir) / 'checkpoints').exists() and _has_checkpoint(workdir)
