@@ -220,13 +220,13 @@ def _quiet_orbax(quiet: bool) -> Iterator[None]:
   if not quiet:
     yield
     return
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)
+  orbax_logger = logging.getLogger('absl')  # orbax logs through absl's logger
+  level = orbax_logger.level
+  orbax_logger.setLevel(logging.ERROR)
   try:
     yield
   finally:
-    absl_logging.set_verbosity(verbosity)
+    orbax_logger.setLevel(level)
 
 
 class Checkpointer:
@@ -281,19 +281,19 @@ class Checkpointer:
     policies = [checkpoint_managers.PreemptionCheckpointingPolicy()]
     if save_every is not None:
       policies.append(checkpoint_managers.FixedIntervalPolicy(save_every))
-    options = ocp.CheckpointManagerOptions(
-        save_decision_policy=checkpoint_managers.AnySavePolicy(policies),
-        preservation_policy=checkpoint_managers.LatestN(keep),
-        cleanup_tmp_directories=not read_only,
-        enable_async_checkpointing=True,
-        read_only=read_only,
-        create=not read_only,
-    )
     self._last_save: int | None = None
     self._read_only = read_only
     # Handlers named up front (not only through the save/restore args), so that the metadata of a
     # directory's existing steps can be read before restoring (`saved_structure`).
     with _quiet_orbax(read_only):  # it warns that a read-only manager will not save
+      options = ocp.CheckpointManagerOptions(
+          save_decision_policy=checkpoint_managers.AnySavePolicy(policies),
+          preservation_policy=checkpoint_managers.LatestN(keep),
+          cleanup_tmp_directories=not read_only,
+          enable_async_checkpointing=True,
+          read_only=read_only,
+          create=not read_only,
+      )
       self._manager = ocp.CheckpointManager(
           self.directory, options=options,
           item_handlers={_STATE: ocp.StandardCheckpointHandler(),

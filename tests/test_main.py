@@ -105,18 +105,29 @@ def test_non_finite_loss_stops_naming_objective_and_keeps_good_checkpoints(data_
   assert saved and max(saved) == bad_step - 1
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+def test_a_second_run_is_refused_and_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
   proc = subprocess.Popen(command(tmp_path, data_dir, '--config.train.steps=100000'), cwd=ROOT, env=ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   for line in proc.stdout:
     if line.startswith('step 2/'):
-      proc.send_signal(signal.SIGTERM)
       break
+  config_json = (tmp_path / 'config.json').read_text()
+  second = run(command(tmp_path, data_dir, '--config.train.steps=100000',
+                       '--config.optim.learning_rate=0.5'))
+  assert proc.poll() is None, 'the first run must still be training'
+  proc.send_signal(signal.SIGTERM)
+  assert second.returncode == 1 and 'Traceback' not in second.stderr, second.stderr[-3000:]
+  errors = [line for line in second.stderr.splitlines() if line.startswith('Error: ')]
+  assert len(errors) == 1 and f'{tmp_path} is in use' in errors[0] and f'pid {proc.pid}' in errors[0]
+  assert 'Resumed' not in second.stdout and 'step ' not in second.stdout
+  assert (tmp_path / 'config.json').read_text() == config_json
+  assert not (tmp_path / 'error.log').exists()  # nothing written into the other run's workdir
   out = proc.stdout.read()
   assert proc.wait(timeout=300) == 0
   assert 'Preemption requested: saved step' in out
   saved = int(out.split('saved step ')[1].split(',')[0])
   assert saved >= 2 and (tmp_path / 'checkpoints' / str(saved)).is_dir()
+  assert not (tmp_path / 'run.lock').exists()  # released on the way out
 
 
 def test_eval_only_restores_onto_another_mesh(data_dir, straight_run):
