@@ -387,19 +387,20 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
   def interruptible(params):  # an evaluation stops at once on preemption (raises Preempted)
     with checkpointing.stop_on_preemption():
       return evaluator(params)
+
   pending: list[tuple[int, dict]] = []
   means: dict[str, float] = {}
-
-  first_save = [True]
+  saved_once = False
 
   def save(step: int) -> None:
+    nonlocal saved_once
     started = ckpt.save(step, state, {'step': step,
                                       'examples_seen': examples_seen + (step - start) * batch_size,
                                       'input_stream': stream,
                                       'config': checkpointing.config_snapshot(config)}, force=True)
-    if started and first_save[0]:  # an unwritable folder (permissions, quota, size limit) stops
-      ckpt.wait()                  # the run here; later writes overlap training, checked each step
-      first_save[0] = False
+    if started and not saved_once:  # an unwritable folder (permissions, quota, size limit) stops
+      ckpt.wait()                   # the run here; later writes overlap training, checked each step
+      saved_once = True
 
   t0 = time.time()
   for step in range(start + 1, total_steps + 1):
