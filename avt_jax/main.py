@@ -129,11 +129,16 @@ def summary_table(config, summary: dict) -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
   """Failures a user can cause and fix, reported as one line (their messages name field or file)."""
   # pylint: disable=g-import-not-at-top
-  from avt_jax import checkpointing, data_format, dataset_stats, record_files, workdir_lock
+  from avt_jax import data_format, dataset_stats, record_files, workdir_lock
   from avt_jax.models import ConfigError
-  return (ConfigError, data_format.StatsError, dataset_stats.DatasetStatsError, FileNotFoundError,
-          record_files.RecordFileError, checkpointing.CheckpointWriteError,
-          checkpointing.IncompatibleCheckpointError, workdir_lock.WorkdirInUseError)
+  errors = [ConfigError, data_format.StatsError, dataset_stats.DatasetStatsError, FileNotFoundError,
+            record_files.RecordFileError, workdir_lock.WorkdirInUseError]
+  for module, names in (('avt_jax.checkpointing', ('CheckpointWriteError',
+                                                   'IncompatibleCheckpointError')),
+                        ('avt_jax.input.pipeline', ('BadRecordError',))):
+    if module in sys.modules:  # raised only once imported; importing costs seconds
+      errors += [getattr(sys.modules[module], name) for name in names]
+  return tuple(errors)
 
 
 def _log_traceback(workdir: str) -> str | None:

@@ -454,6 +454,10 @@ def _options() -> tf.data.Options:
   return options
 
 
+class BadRecordError(ValueError):
+  """A record fails the reader's checks; the message is one line naming the files and the check."""
+
+
 def _numpy_batches(dataset: tf.data.Dataset, source: str, data_dir: str = '',
                    files: Sequence[str] = ()) -> Iterator[Batch]:
   """Iterates `dataset` as numpy dicts; failed record checks become a ValueError naming `source`, a
@@ -470,7 +474,7 @@ def _numpy_batches(dataset: tf.data.Dataset, source: str, data_dir: str = '',
       message = error.message
       if 'assertion failed:' in message:  # keep only the record check's own text
         message = message.split('assertion failed:', 1)[1].split('\n', 1)[0].strip()
-      raise ValueError(f'Bad record in {source}: {message}') from error
+      raise BadRecordError(f'Bad record in {source}: {message}') from error
     yield batch
 
 
