@@ -46,10 +46,10 @@ def modality_score_names(kind: str, heads: Sequence[str] = ('class',)) -> tuple[
   return tuple(s for s in score_names(kind, heads) if s.endswith('top1'))
 
 
-def _as_2d(name: str, array: np.ndarray) -> np.ndarray:
+def _as_2d(name: str, array: np.ndarray, dims: str = 'N, C') -> np.ndarray:
   array = np.asarray(array)
   if array.ndim != 2:
-    raise ValueError(f'{name}: expected shape [N, C], got {array.shape}.')
+    raise ValueError(f'{name}: expected shape [{dims}], got {array.shape}.')
   return array
 
 
@@ -201,7 +201,7 @@ def retrieval_recall(queries: np.ndarray, gallery: np.ndarray,
   Raises:
     ValueError: shapes that are not two [N, P] arrays with N >= 1, or k < 1.
   """
-  queries, gallery = _as_2d('queries', queries), _as_2d('gallery', gallery)
+  queries, gallery = _as_2d('queries', queries, 'N, P'), _as_2d('gallery', gallery, 'N, P')
   if queries.shape != gallery.shape or len(queries) == 0:
     raise ValueError(f'gallery: expected shape {queries.shape} like queries (N >= 1), got '
                      f'{gallery.shape}.')
@@ -320,6 +320,8 @@ class MultiViewAccumulator:
     _, mean_logits, labels = self.videos()
     count = self.num_videos
     if kind == 'multi_head':
+      if len(mean_logits) < 2:
+        raise ValueError(f"kind 'multi_head': expected two or more heads, got {sorted(mean_logits)}.")
       results = multi_head_accuracies(
           mean_logits, {h: _one_hot_to_ids(h, labels[h]) for h in mean_logits})
     else:
