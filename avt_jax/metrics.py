@@ -210,9 +210,10 @@ def retrieval_recall(queries: np.ndarray, gallery: np.ndarray,
   queries, gallery = queries.astype(np.float64), gallery.astype(np.float64)
   ranks = np.empty(len(queries), np.int64)
   for start in range(0, len(queries), _RETRIEVAL_CHUNK):  # bounds memory to chunk x N
-    rows = slice(start, start + _RETRIEVAL_CHUNK)
+    rows = np.arange(start, min(start + _RETRIEVAL_CHUNK, len(queries)))
     similarity = queries[rows] @ gallery.T  # [chunk, N]
-    partner = np.einsum('ip,ip->i', queries[rows], gallery[rows])[:, None]  # [chunk, 1]
+    # The partner's score from the same product (a separate dot product may differ in the last bit).
+    partner = similarity[np.arange(len(rows)), rows][:, None]  # [chunk, 1]
     ranks[rows] = (similarity >= partner).sum(axis=1) - 1
   return {f'R@{k}': float(np.mean(ranks < k)) for k in ks}
 
