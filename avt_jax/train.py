@@ -100,7 +100,8 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
 
 def check_eval_config(config: ml_collections.ConfigDict, workdir: str | None = None
                       ) -> tuple[str, str]:
-  """Checks `config.train`'s evaluation fields; returns (best metric, best mode) with '' resolved.
+  """Checks the evaluation fields of `config.train` and `config.eval`; returns (best metric, best
+  mode) with '' resolved.
 
   With `workdir`, also checks that `eval_only` with `eval_checkpoint='best'` has a best checkpoint.
 
@@ -111,6 +112,10 @@ def check_eval_config(config: ml_collections.ConfigDict, workdir: str | None = N
   if not isinstance(t.eval_every, int) or t.eval_every < 0:
     raise ValueError('config.train.eval_every: expected an integer >= 0 (steps between evaluations; '
                      f'0 evaluates only at the end), got {t.eval_every!r}.')
+  subset = config.eval.train_subset_size
+  if not isinstance(subset, int) or subset < 0:
+    raise ValueError('config.eval.train_subset_size: expected an integer >= 0 (training clips scored '
+                     f'at every evaluation; 0 turns it off), got {subset!r}.')
   scores = evaluate.score_names(config)
   if not scores:  # masked objectives only
     if t.eval_every > 0:
@@ -188,10 +193,18 @@ Evaluator = Callable[[Any], Evaluation]
 def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str) -> Evaluator:
   """Returns evaluator(params) -> `Evaluation`, compiling the eval step once for both splits.
 
-  The pictures are written by process 0 only.
+  Without records of `data.train_split` the training subset is not evaluated (a note says so). The
+  pictures are drawn by process 0 only.
   """
   score = evaluate.make_scorer(config, model, mesh, data_dir)
   subset = int(config.eval.train_subset_size)
+  if subset > 0:
+    try:
+      input_lib.pipeline.list_split_files(data_dir, config.data.train_split)
+    except FileNotFoundError as e:  # e.g. eval_only on a folder holding the eval split only
+      print(f'{e} The training-subset evaluation (config.eval.train_subset_size) is off.',
+            flush=True)
+      subset = 0
   draw = None
   if config.train.eval_pictures and jax.process_index() == 0 and evaluate.has_classifier(config):
     draw = pictures.make_eval_pictures(
