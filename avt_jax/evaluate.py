@@ -51,8 +51,10 @@ def has_classifier(config: ml_collections.ConfigDict) -> bool:
 
 
 def has_retrieval(config: ml_collections.ConfigDict) -> bool:
-  """Whether evaluation reports retrieval: the contrastive objective is trained (weight > 0)."""
-  return 'contrastive' in config_objectives(config)
+  """Whether evaluation reports retrieval: the contrastive objective is trained (weight > 0, which
+  needs both modalities)."""
+  return ('contrastive' in config_objectives(config)
+          and {'video', 'audio'} <= set(config.model.modalities))
 
 
 def score_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -160,7 +162,8 @@ def make_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: str
       results = videos.result(kind)
       for m, accumulator in per_modality.items():
         own = accumulator.result(kind)
-        results.update({f'modality_{s}/{m}': own[s] for s in metrics.modality_score_names(kind, heads)})
+        results.update({f'modality_{s}/{m}': own[s]
+                        for s in metrics.modality_score_names(kind, heads)})
     if retrieve:
       if embeddings is None:
         embeddings = _Embeddings()
@@ -174,7 +177,7 @@ def make_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: str
 
 
 class _Embeddings:
-  """Collects each clip's contrastive projections (one row per clip) for `metrics.retrieval_recall`."""
+  """Collects each clip's contrastive projections (one row per clip) for retrieval recall."""
 
   def __init__(self):
     self._rows: dict[str, list[np.ndarray]] = {}

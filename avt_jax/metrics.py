@@ -322,7 +322,8 @@ class MultiViewAccumulator:
     count = self.num_videos
     if kind == 'multi_head':
       if len(mean_logits) < 2:
-        raise ValueError(f"kind 'multi_head': expected two or more heads, got {sorted(mean_logits)}.")
+        raise ValueError(f"kind 'multi_head': expected two or more heads, got "
+                         f'{sorted(mean_logits)}.')
       results = multi_head_accuracies(
           mean_logits, {h: _one_hot_to_ids(h, labels[h]) for h in mean_logits})
     else:

@@ -222,8 +222,9 @@ def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str
 def _write_evaluation(writer: metric_writers.MetricWriter, step: int, evaluation: Evaluation
                       ) -> None:
   """TensorBoard: `eval/<key>`, `train_eval/<key>` and the pictures."""
-  writer.write_scalars(step, {**{f'eval/{k}': v for k, v in evaluation.metrics.items()},
-                              **{f'train_eval/{k}': v for k, v in evaluation.train_metrics.items()}})
+  scalars = {f'eval/{k}': v for k, v in evaluation.metrics.items()}
+  scalars.update({f'train_eval/{k}': v for k, v in evaluation.train_metrics.items()})
+  writer.write_scalars(step, scalars)
   writer.write_images(step, evaluation.images)
 
 

@@ -31,11 +31,11 @@ def test_not_fit_after_most_of_the_schedule_names_the_score_and_what_to_try():
 
 
 def test_a_weak_branch_and_fusion_that_loses_are_named_per_split():
-  # Eval split: video far below the fused (0.7 - 0.5 > 0.15) and fused below audio (0.75 > 0.7 + 0.02).
+  # Eval split: video far below the fused (0.7 - 0.5 > 0.15), fused below audio (0.75 > 0.72).
   notes = diagnosis.diagnose(config(), scores(0.7, 0.5, 0.75), scores(0.8, 0.75, 0.8), 100)
   assert len(notes) == 2, notes
-  assert notes[0].startswith("On test, the video branch's own predictions (top1 0.500) are far below "
-                             'the fused ones (0.700)')
+  assert notes[0].startswith("On test, the video branch's own predictions (top1 0.500) are far "
+                             'below the fused ones (0.700)')
   assert notes[1].startswith('On test, fusion loses to audio alone: fused top1 0.700, audio 0.750')
   assert "config.model.fusion='late'" in notes[1]
   # Within the margins nothing is said: a gap of 0.14, fused 0.01 under the better modality.
