@@ -8,6 +8,7 @@ Fields (override any of them on the command line with `--config.<field>=value`):
   optim:  optimizer and learning-rate schedule.
   mesh:   device mesh shape for data / fsdp / model parallelism.
   train:  steps, logging, checkpointing and evaluation cadence.
+  eval:   what every evaluation reports besides the eval split (see `avt_jax.evaluate`).
   init:   pretrained checkpoints to start from (see `avt_jax.pretrained`); empty = random init.
 
 Also the pieces that several config files share: the paper fine-tuning recipe, the single-modality
@@ -133,6 +134,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # TensorBoard pictures at every evaluation (avt_jax/pictures.py): confusion matrix, per-class
   # accuracy, bottleneck attention maps of a few clips.
   c.train.eval_pictures = True
+
+  c.eval = ml_collections.ConfigDict()
+  # Every evaluation also scores the first N clips of data.train_split (the reader's order, the
+  # eval-mode views) with the same metrics, as train_eval/<metric>, to show whether the model fits
+  # its training data (avt_jax/diagnosis.py). 0 disables it.
+  c.eval.train_subset_size = 256
 
   # Pretrained initialisation (avt_jax/pretrained, README "Start from pretrained weights"). Applied
   # after the random init of a run without checkpoints in its workdir; a resumed run ignores it.

@@ -113,17 +113,21 @@ def distributed_args(*, multihost: bool, coordinator_address: str | None,
 
 
 def summary_table(config, summary: dict) -> str:
-  """A short markdown table of the run."""
+  """A short markdown table of the run, then its diagnosis (`avt_jax.diagnosis`), if any."""
   rows = [('config', config.data.name), ('steps', summary['steps']),
           ('train time', f'{summary["train_seconds"]:.0f} s')]
   rows += [(f'train {k}', f'{v:.4f}') for k, v in summary['train'].items() if k.startswith('loss')]
-  rows += [(f'eval {k}', f'{v:.4f}' if isinstance(v, float) else v) for k, v in summary['eval'].items()]
+  for part in ('eval', 'train_eval'):
+    rows += [(f'{part} {k}', f'{v:.4f}' if isinstance(v, float) else v)
+             for k, v in summary.get(part, {}).items()]
   if 'best' in summary:
     rows.append((f'best {summary["best"]["metric"]}',
                  f'{summary["best"]["value"]:.4f} (step {summary["best"]["step"]})'))
   width = max(len(str(k)) for k, _ in rows)
   lines = [f'| {"":{width}} | value |', f'|{"-" * (width + 2)}|-------|']
-  return '\n'.join(lines + [f'| {str(k):{width}} | {v} |' for k, v in rows])
+  table = '\n'.join(lines + [f'| {str(k):{width}} | {v} |' for k, v in rows])
+  notes = summary.get('diagnosis') or []
+  return table + ''.join(f'\n\nDiagnosis: {note}' for note in notes)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

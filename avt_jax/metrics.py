@@ -16,24 +16,40 @@ Conventions, chosen here and used by every function below:
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 KINDS = ('single_label', 'multi_label', 'multi_head')
-# The scores `MultiViewAccumulator.result` returns for each kind (besides 'num_videos'); the first
-# is the kind's headline number (the default `config.train.best_metric`).
-SCORES = {
-    'single_label': ('top1', 'top5', 'mAP'),
-    'multi_label': ('mAP',),
-    'multi_head': ('action_top1', 'verb_top1', 'verb_top5', 'noun_top1', 'noun_top5'),
-}
+JOINT = 'action'  # the multi-head joint score: every head right (EPIC-Kitchens' "action")
 
 
-def _as_2d(name: str, array: np.ndarray) -> np.ndarray:
+def score_names(kind: str, heads: Sequence[str] = ('class',)) -> tuple[str, ...]:
+  """The scores `MultiViewAccumulator.result` returns for `kind` (besides 'num_videos').
+
+  The first is the kind's headline number (the default `config.train.best_metric`): 'top1', 'mAP',
+  or for multi-head labels 'action_top1' (all heads right), then `<head>_top1`, `<head>_top5` per
+  head in the given order.
+  """
+  if kind not in KINDS:
+    raise ValueError(f'kind: expected one of {KINDS}, got {kind!r}.')
+  if kind == 'multi_head':
+    return (f'{JOINT}_top1', *(f'{h}_top{k}' for h in heads for k in (1, 5)))
+  return ('top1', 'top5', 'mAP') if kind == 'single_label' else ('mAP',)
+
+
+def modality_score_names(kind: str, heads: Sequence[str] = ('class',)) -> tuple[str, ...]:
+  """The scores reported for each modality's own logits (as `modality_<score>/<modality>`): the
+  top-1 scores of `kind` ('top1'; 'mAP' for multi-label; the joint and each head's top-1)."""
+  if kind == 'multi_label':
+    return ('mAP',)
+  return tuple(s for s in score_names(kind, heads) if s.endswith('top1'))
+
+
+def _as_2d(name: str, array: np.ndarray, dims: str = 'N, C') -> np.ndarray:
   array = np.asarray(array)
   if array.ndim != 2:
-    raise ValueError(f'{name}: expected shape [N, C], got {array.shape}.')
+    raise ValueError(f'{name}: expected shape [{dims}], got {array.shape}.')
   return array
 
 
@@ -130,40 +146,76 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
       [average_precision(scores[:, c], targets[:, c]) for c in classes]))
 
 
-def epic_accuracies(
-    verb_logits: np.ndarray,
-    noun_logits: np.ndarray,
-    verb_labels: np.ndarray,
-    noun_labels: np.ndarray,
-) -> dict[str, float]:
-  """EPIC-Kitchens accuracies: verb, noun and action (both right).
+def multi_head_accuracies(logits: Mapping[str, np.ndarray],
+                          labels: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """Per-head accuracies and the joint one, for any two or more heads (e.g. EPIC verb + noun).
 
   Args:
-    verb_logits: [N, V] verb scores.
-    noun_logits: [N, M] noun scores.
-    verb_labels: [N] verb class ids.
-    noun_labels: [N] noun class ids.
+    logits: head -> [N, C_head] scores.
+    labels: head -> [N] class ids, the same heads.
 
   Returns:
-    verb_top1, verb_top5, noun_top1, noun_top5 and action_top1, where an
-    action is correct when the top-1 verb and the top-1 noun are both correct.
+    `<head>_top1` and `<head>_top5` per head, and `action_top1`: the fraction of samples whose
+    top-1 is right on every head (EPIC-Kitchens' action accuracy for verb + noun).
+
+  Raises:
+    ValueError: fewer than two heads, different heads in `labels`, or bad shapes (naming them).
   """
-  verb_names, noun_names = ('verb_logits', 'verb_labels'), ('noun_logits',
-                                                              'noun_labels')
-  verb_right = _top_k_correct(verb_logits, verb_labels, 1, verb_names)  # [N]
-  noun_right = _top_k_correct(noun_logits, noun_labels, 1, noun_names)  # [N]
-  if len(verb_right) != len(noun_right):
-    raise ValueError(f'noun_logits: expected {len(verb_right)} rows like '
-                     f'verb_logits, got {len(noun_right)}.')
-  verb_top5 = _top_k_correct(verb_logits, verb_labels, 5, verb_names)
-  noun_top5 = _top_k_correct(noun_logits, noun_labels, 5, noun_names)
-  return {
-      'verb_top1': float(np.mean(verb_right)),
-      'verb_top5': float(np.mean(verb_top5)),
-      'noun_top1': float(np.mean(noun_right)),
-      'noun_top5': float(np.mean(noun_top5)),
-      'action_top1': float(np.mean(verb_right & noun_right)),
-  }
+  if len(logits) < 2 or set(labels) != set(logits):
+    raise ValueError(f'labels: expected the same two or more heads as logits {sorted(logits)}, '
+                     f'got {sorted(labels)}.')
+  results, joint = {}, None
+  for head, head_logits in logits.items():
+    names = (f'logits[{head!r}]', f'labels[{head!r}]')
+    right = _top_k_correct(head_logits, labels[head], 1, names)  # [N]
+    if joint is not None and len(right) != len(joint):
+      raise ValueError(f'{names[0]}: expected {len(joint)} rows like the other heads, got '
+                       f'{len(right)}.')
+    joint = right if joint is None else joint & right
+    results[f'{head}_top1'] = float(np.mean(right))
+    results[f'{head}_top5'] = float(np.mean(_top_k_correct(head_logits, labels[head], 5, names)))
+  return {f'{JOINT}_top1': float(np.mean(joint)), **results}
+
+
+_RETRIEVAL_CHUNK = 1024  # queries scored at once
+
+
+def retrieval_recall(queries: np.ndarray, gallery: np.ndarray,
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """Recall@k of cross-modal retrieval where query i's true partner is gallery item i.
+
+  Protocol (as CAV-MAE reports audio-video retrieval; the gallery is every item of the other
+  modality): each query is scored against all N gallery items by dot product (cosine similarity
+  for unit vectors); its rank is the number of *other* gallery items that score at least as high as
+  its partner, so ties count against the query (a constant similarity row never retrieves).
+  R@k is the fraction of queries with rank < k.
+
+  Args:
+    queries: [N, P] embeddings of one modality.
+    gallery: [N, P] embeddings of the other modality, row i the partner of query i.
+    ks: the k of each recall, >= 1 (k >= N always retrieves).
+
+  Returns:
+    {'R@<k>': recall in [0, 1]} for each k.
+
+  Raises:
+    ValueError: shapes that are not two [N, P] arrays with N >= 1, or k < 1.
+  """
+  queries, gallery = _as_2d('queries', queries, 'N, P'), _as_2d('gallery', gallery, 'N, P')
+  if queries.shape != gallery.shape or len(queries) == 0:
+    raise ValueError(f'gallery: expected shape {queries.shape} like queries (N >= 1), got '
+                     f'{gallery.shape}.')
+  if min(ks) < 1:
+    raise ValueError(f'ks: expected values >= 1, got {tuple(ks)}.')
+  queries, gallery = queries.astype(np.float64), gallery.astype(np.float64)
+  ranks = np.empty(len(queries), np.int64)
+  for start in range(0, len(queries), _RETRIEVAL_CHUNK):  # bounds memory to chunk x N
+    rows = np.arange(start, min(start + _RETRIEVAL_CHUNK, len(queries)))
+    similarity = queries[rows] @ gallery.T  # [chunk, N]
+    # The partner's score from the same product (a separate dot product may differ in the last bit).
+    partner = similarity[np.arange(len(rows)), rows][:, None]  # [chunk, 1]
+    ranks[rows] = (similarity >= partner).sum(axis=1) - 1
+  return {f'R@{k}': float(np.mean(ranks < k)) for k in ks}
 
 
 def _one_hot_to_ids(head: str, labels: np.ndarray) -> np.ndarray:
@@ -259,7 +311,7 @@ class MultiViewAccumulator:
 
     Args:
       kind: 'single_label' (one head: top1, top5, mAP), 'multi_label' (one head:
-        mAP) or 'multi_head' (heads 'verb' and 'noun': `epic_accuracies`).
+        mAP) or 'multi_head' (two or more heads: `multi_head_accuracies`).
 
     Returns:
       The metrics plus 'num_videos'.
@@ -269,13 +321,11 @@ class MultiViewAccumulator:
     _, mean_logits, labels = self.videos()
     count = self.num_videos
     if kind == 'multi_head':
-      if set(mean_logits) != {'verb', 'noun'}:
-        raise ValueError("kind 'multi_head': expected heads 'verb' and 'noun', "
-                         f'got {sorted(mean_logits)}.')
-      results = epic_accuracies(
-          mean_logits['verb'], mean_logits['noun'],
-          _one_hot_to_ids('verb', labels['verb']),
-          _one_hot_to_ids('noun', labels['noun']))
+      if len(mean_logits) < 2:
+        raise ValueError(f"kind 'multi_head': expected two or more heads, got "
+                         f'{sorted(mean_logits)}.')
+      results = multi_head_accuracies(
+          mean_logits, {h: _one_hot_to_ids(h, labels[h]) for h in mean_logits})
     else:
       if len(mean_logits) != 1:
         raise ValueError(f'kind {kind!r}: expected one head, got '

@@ -3,7 +3,7 @@
 import contextlib
 import json
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import ml_collections
@@ -11,9 +11,8 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from avt_jax import (checkpointing, data_format, dataset_stats, evaluate, input as input_lib,
-                     pictures, pretrained, sharding)
-from avt_jax.models.build import objectives as config_objectives
+from avt_jax import (checkpointing, data_format, dataset_stats, diagnosis, evaluate,
+                     input as input_lib, pictures, pretrained, sharding)
 from avt_jax.train_step import check_finite, make_train_step, param_axes, setup
 
 
@@ -101,7 +100,8 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
 
 def check_eval_config(config: ml_collections.ConfigDict, workdir: str | None = None
                       ) -> tuple[str, str]:
-  """Checks `config.train`'s evaluation fields; returns (best metric, best mode) with '' resolved.
+  """Checks the evaluation fields of `config.train` and `config.eval`; returns (best metric, best
+  mode) with '' resolved.
 
   With `workdir`, also checks that `eval_only` with `eval_checkpoint='best'` has a best checkpoint.
 
@@ -112,7 +112,17 @@ def check_eval_config(config: ml_collections.ConfigDict, workdir: str | None = N
   if not isinstance(t.eval_every, int) or t.eval_every < 0:
     raise ValueError('config.train.eval_every: expected an integer >= 0 (steps between evaluations; '
                      f'0 evaluates only at the end), got {t.eval_every!r}.')
+  subset = config.eval.train_subset_size
+  if not isinstance(subset, int) or subset < 0:
+    raise ValueError('config.eval.train_subset_size: expected an integer >= 0 (training clips scored '
+                     f'at every evaluation; 0 turns it off), got {subset!r}.')
   scores = evaluate.score_names(config)
+  if not scores:  # masked objectives only
+    if t.eval_every > 0:
+      raise ValueError('config.train.eval_every: the run has nothing to evaluate (no classification '
+                       f'or contrastive objective in config.loss.weights); expected 0, got '
+                       f'{t.eval_every}.')
+    return t.best_metric, t.best_mode or 'max'
   metric = t.best_metric or scores[0]
   if metric not in scores:
     raise ValueError(f'config.train.best_metric: {metric!r} is not among the evaluation metrics of '
@@ -165,48 +175,86 @@ def _with_best_params(state, best: checkpointing.BestCheckpointer, abstract, sta
   return state.replace(params=params), meta['step']
 
 
-Evaluator = Callable[[Any], tuple[dict[str, float], dict[str, np.ndarray]]]
+class Evaluation(NamedTuple):
+  """One evaluation of the parameters (keys: `avt_jax.evaluate`'s module docstring).
+
+  Attributes:
+    metrics: on `data.eval_split`.
+    train_metrics: on the first `eval.train_subset_size` training clips, with eval-mode views
+      ({} when the size is 0).
+    images: TensorBoard pictures (`avt_jax.pictures`; none with `train.eval_pictures` off).
+  """
+  metrics: dict[str, float]
+  train_metrics: dict[str, float]
+  images: dict[str, np.ndarray]
+
+
+Evaluator = Callable[[Any], Evaluation]
 
 
 def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str) -> Evaluator:
-  """Returns evaluator(params) -> (metrics on `data.eval_split`, TensorBoard images).
+  """Returns evaluator(params) -> `Evaluation`, compiling the eval step once for both splits.
 
-  The images are `avt_jax.pictures`' (written by process 0; none with `train.eval_pictures` off).
+  Without records of `data.train_split` the training subset is not evaluated (a note says so). The
+  pictures are drawn by process 0 only.
   """
-  split = config.data.eval_split
-  score = evaluate.make_video_scorer(config, model, mesh, data_dir, split)
-  kind = evaluate.metric_kind(config)
+  score = evaluate.make_scorer(config, model, mesh, data_dir)
+  subset = int(config.eval.train_subset_size)
+  if subset > 0:
+    try:
+      input_lib.pipeline.list_split_files(data_dir, config.data.train_split)
+    except FileNotFoundError as e:  # e.g. eval_only on a folder holding the eval split only
+      print(f'{e} The training-subset evaluation (config.eval.train_subset_size) is off.',
+            flush=True)
+      subset = 0
   draw = None
-  if config.train.eval_pictures and jax.process_index() == 0:
+  if config.train.eval_pictures and jax.process_index() == 0 and evaluate.has_classifier(config):
     draw = pictures.make_eval_pictures(
-        config, model, data_dir, split,
+        config, model, data_dir, config.data.eval_split,
         dataset_stats.class_names(config, input_lib.load_stats(data_dir)))
 
   def run(params):
-    videos = score(params)
-    return videos.result(kind), draw(params, videos) if draw else {}
+    scored = score(params, config.data.eval_split)
+    train_metrics = score(params, config.data.train_split, subset).metrics if subset > 0 else {}
+    return Evaluation(scored.metrics, train_metrics, draw(params, scored.videos) if draw else {})
 
   return run
+
+
+def _write_evaluation(writer: metric_writers.MetricWriter, step: int, evaluation: Evaluation
+                      ) -> None:
+  """TensorBoard: `eval/<key>`, `train_eval/<key>` and the pictures."""
+  scalars = {f'eval/{k}': v for k, v in evaluation.metrics.items()}
+  scalars.update({f'train_eval/{k}': v for k, v in evaluation.train_metrics.items()})
+  writer.write_scalars(step, scalars)
+  writer.write_images(step, evaluation.images)
+
+
+def _format_scores(results: dict[str, float]) -> str:
+  """'top1 0.5000 ... (N videos)' for the progress line."""
+  scores = ' '.join(f'{k} {v:.4f}' for k, v in results.items() if k != 'num_videos')
+  return f'{scores} ({results["num_videos"]} videos)'
 
 
 def _evaluate_during_training(step: int, params, evaluator: Evaluator,
                               best: checkpointing.BestCheckpointer,
                               writer: metric_writers.MetricWriter, progress: ProgressLog
-                              ) -> tuple[dict[str, float], float]:
-  """Evaluates `params`, logs `eval/<metric>` at `step`, keeps them if best; returns the metrics
-  and the seconds it took (left out of the progress log's steps/s)."""
+                              ) -> tuple[Evaluation, float]:
+  """Evaluates `params`, logs `eval/<metric>` and `train_eval/<metric>` at `step`, keeps them if
+  best; returns the evaluation (without pictures) and the seconds it took (left out of the
+  progress log's steps/s)."""
   t0 = time.time()
-  results, images = evaluator(params)
-  writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()})
-  writer.write_images(step, images)
-  new = best.update(step, params, results)
+  evaluation = evaluator(params)
+  _write_evaluation(writer, step, evaluation)
+  new = best.update(step, params, evaluation.metrics)
   seconds = time.time() - t0
   progress.exclude(seconds)
-  scores = ' '.join(f'{k} {v:.4f}' for k, v in results.items() if k != 'num_videos')
-  print(f'eval step {step}/{progress.total} | {scores} ({results["num_videos"]} videos) | best '
-        f'{best.metric} {best.value:.4f} at step {best.step}{" (new)" if new else ""} | '
+  train_part = (f' | train subset {_format_scores(evaluation.train_metrics)}'
+                if evaluation.train_metrics else '')
+  print(f'eval step {step}/{progress.total} | {_format_scores(evaluation.metrics)}{train_part} | '
+        f'best {best.metric} {best.value:.4f} at step {best.step}{" (new)" if new else ""} | '
         f'{seconds:.1f} s', flush=True)
-  return results, seconds
+  return evaluation._replace(images={}), seconds
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str, *,
@@ -221,10 +269,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   keeps the best checkpoint by `train.best_metric` in `<workdir>/best` (see `_train_loop`).
 
   Returns:
-    {'train': last logged means, 'eval': evaluation metrics, 'steps': final (or evaluated best)
-     step, 'train_seconds': wall time of this run's training without evaluations,
-     'eval_seconds': of the evaluations during training, and with a best checkpoint 'best':
-     {'metric', 'mode', 'step', 'value'}}.
+    {'train': last logged means, 'eval': evaluation metrics, 'train_eval': the same on the
+     training subset (`config.eval.train_subset_size`), 'diagnosis': sentences on fit and on each
+     modality (`avt_jax.diagnosis`), 'steps': final (or evaluated best) step, 'train_seconds':
+     wall time of this run's training without evaluations, 'eval_seconds': of the evaluations
+     during training, and with a best checkpoint 'best': {'metric', 'mode', 'step', 'value'}}.
   """
   model, tx, schedule, init = setup(config)
   best_metric, best_mode = check_eval_config(config, workdir)
@@ -264,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       summary['steps'] = int(state.step)
     try:
       with checkpointing.stop_on_preemption() if not eval_only else contextlib.nullcontext():
-        images, reused = _final_evaluation(config, evaluator, state, best, summary, last_eval)
+        evaluation, reused = _final_evaluation(config, evaluator, state, best, summary, last_eval)
     except checkpointing.Preempted:  # the last step is saved: a resumed run only evaluates
       ckpt.wait()
       print(f'Preemption requested during the final evaluation: step {summary["steps"]} is saved, '
@@ -274,9 +323,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       summary['best'] = best.summary()
   if jax.process_index() == 0 and not reused:
     writer = metric_writers.SummaryWriter(workdir)
-    writer.write_scalars(summary['steps'], {f'eval/{k}': v for k, v in summary['eval'].items()})
-    writer.write_images(summary['steps'], images)
+    _write_evaluation(writer, summary['steps'], evaluation)
     writer.close()
+  summary['diagnosis'] = diagnosis.diagnose(config, summary['eval'], summary['train_eval'],
+                                            summary['steps'])
   return summary
 
 
@@ -309,27 +359,30 @@ def _initial_state(config, model, init, rng, abstract, state_shardings, tx, ckpt
 
 
 def _final_evaluation(config, evaluator, state, best, summary: dict, last_eval
-                      ) -> tuple[dict, bool]:
-  """Puts the evaluation of the final (or chosen best) state into `summary['eval']`.
+                      ) -> tuple[Evaluation | None, bool]:
+  """Puts the evaluation of the final (or chosen best) state into `summary['eval']` and
+  `summary['train_eval']`.
 
   Reuses the training loop's evaluation of the same step when there is one; a run without a
-  classification objective has nothing to evaluate.
+  classification or contrastive objective has nothing to evaluate.
 
   Returns:
-    (images to log, reused): `reused` is True when nothing new was evaluated (nothing to log).
+    (the evaluation to log, reused): `reused` is True when nothing new was evaluated (nothing to
+    log).
   """
   if last_eval is not None and last_eval[0] == summary['steps']:  # evaluated (and logged) already
-    summary['eval'] = last_eval[1]
-    return {}, True
-  if 'classification' not in config_objectives(config):  # self-supervised only: no classifier
-    print('No classification objective (config.loss.weights.classification = 0): the run has no '
-          'classifier to evaluate; fine-tune from this workdir with config.init.', flush=True)
-    summary['eval'] = {}
-    return {}, True
-  summary['eval'], images = evaluator(state.params)
+    summary['eval'], summary['train_eval'] = last_eval[1].metrics, last_eval[1].train_metrics
+    return None, True
+  if not evaluate.score_names(config):  # self-supervised without contrastive: nothing to score
+    print('No classification or contrastive objective (config.loss.weights): the run has nothing '
+          'to evaluate; fine-tune from this workdir with config.init.', flush=True)
+    summary['eval'], summary['train_eval'] = {}, {}
+    return None, True
+  evaluation = evaluator(state.params)
+  summary['eval'], summary['train_eval'] = evaluation.metrics, evaluation.train_metrics
   if best is not None and not config.train.eval_only:
     best.update(summary['steps'], state.params, summary['eval'])
-  return images, False
+  return evaluation, False
 
 
 def _start_from_pretrained(init_from, state, state_shardings, tx, workdir: str):
@@ -426,9 +479,9 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
       save(step)
     if eval_due:
       try:
-        results, seconds = _evaluate_during_training(step, state.params, interruptible, best,
-                                                     writer, progress)
-        last_eval, eval_seconds = (step, results), eval_seconds + seconds
+        evaluation, seconds = _evaluate_during_training(step, state.params, interruptible, best,
+                                                        writer, progress)
+        last_eval, eval_seconds = (step, evaluation), eval_seconds + seconds
       except checkpointing.Preempted:
         print(f'Preemption requested during the evaluation of step {step}: evaluation abandoned.',
               flush=True)

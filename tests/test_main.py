@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from avt_jax import checkpointing
+from avt_jax import evaluate
 from avt_jax import train
 from avt_jax.prep import demo_data
 from conftest import TINY_MAIN_FLAGS, demo_main_config as demo_config
@@ -77,6 +78,17 @@ def test_sigkill_then_resume_matches_uninterrupted(data_dir, straight_run, tmp_p
   assert results['steps'] == 8 and results['eval']['num_videos'] == 9
 
 
+def test_results_hold_the_training_subset_and_a_diagnosis(data_dir, straight_run):
+  results = json.loads((straight_run / 'results.json').read_text())
+  with open(os.path.join(data_dir, 'stats.json')) as f:
+    train_clips = json.load(f)['num_clips']['train']
+  assert set(results['train_eval']) == set(results['eval'])  # the same scores
+  assert results['train_eval']['num_videos'] == min(train_clips, 256)  # eval.train_subset_size
+  assert {'modality_top1/video', 'modality_top1/audio', 'retrieval/v2a_R@1'} <= set(results['eval'])
+  assert isinstance(results['diagnosis'], list) and all(isinstance(n, str) for n in
+                                                         results['diagnosis'])
+
+
 def test_tensorboard_events_hold_every_objective_progress_and_pictures(straight_run):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tags = set()
@@ -87,6 +99,10 @@ def test_tensorboard_events_hold_every_objective_progress_and_pictures(straight_
                 'masked_audio_segment')  # all six are on in configs/demo.py
   assert {f'loss/{o}' for o in objectives} <= tags
   assert {'loss', 'learning_rate', 'grad_norm', 'steps_per_sec', 'eta_seconds', 'eval/top1'} <= tags
+  # Each modality's own scores and retrieval (contrastive is on), also on the training subset.
+  for split in ('eval', 'train_eval'):
+    assert {f'{split}/{k}' for k in ('top1', 'modality_top1/video', 'modality_top1/audio',
+                                     'retrieval/v2a_R@1', 'retrieval/a2v_R@10')} <= tags
   assert {'eval_pictures/confusion/class', 'eval_pictures/per_class_accuracy/class',
           'eval_pictures/attention/clip_0'} <= tags
 
@@ -237,7 +253,9 @@ def test_eval_every_keeps_the_best_checkpoint_through_resume_and_eval_only(
 
   # eval/<metric> at every evaluated step, once: the final evaluation reuses step 8's.
   scalars = eval_scalars(workdir)
-  assert set(scalars) == {'eval/top1', 'eval/top5', 'eval/mAP', 'eval/num_videos'}
+  assert set(scalars) == {f'eval/{k}' for k in (*evaluate.score_names(demo_config()), 'num_videos')}
+  assert {'eval/top1', 'eval/top5', 'eval/mAP', 'eval/modality_top1/audio',
+          'eval/retrieval/a2v_R@5'} <= set(scalars)
   for tag, points in scalars.items():
     assert [step for step, _ in points] == [2, 4, 6, 8], tag
   logged = {step: {tag.removeprefix('eval/'): points[i][1] for tag, points in scalars.items()}
@@ -289,13 +307,18 @@ def test_bad_eval_settings_name_the_field_and_what_exists(straight_run, tmp_path
 
   assert train.check_eval_config(demo_config()) == ('top1', 'max')
   message = error(best_metric='top3')
-  assert 'config.train.best_metric' in message and "('top1', 'top5', 'mAP')" in message
+  assert 'config.train.best_metric' in message
+  assert "('top1', 'top5', 'mAP', 'modality_top1/video'" in message
   epic = demo_config()
   epic.data.label_heads = ('verb', 'noun')
   assert train.check_eval_config(epic) == ('action_top1', 'max')
   assert 'config.train.best_mode' in error(best_mode='maximum')
   assert 'config.train.eval_every' in error(eval_every=-1)
   assert 'config.train.eval_checkpoint' in error(eval_checkpoint='oldest')
+  bad_subset = demo_config()
+  bad_subset.eval.train_subset_size = -1
+  with pytest.raises(ValueError, match='config.eval.train_subset_size: expected an integer >= 0'):
+    train.check_eval_config(bad_subset)
   # straight_run trained without eval_every: it has latest checkpoints and no best one.
   message = error(straight_run, eval_only=True, eval_checkpoint='best')
   assert re.search(r"config.train.eval_checkpoint='best': there is no best checkpoint in .*best "

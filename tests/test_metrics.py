@@ -109,46 +109,100 @@ def test_mean_average_precision_rejects_bad_input():
 
 
 # ----------------------------------------------------------------------------
-# EPIC-Kitchens
+# Several label heads (EPIC-Kitchens verb + noun, or any others)
 
 
-def test_epic_accuracies_hand_computed():
+def test_multi_head_accuracies_hand_computed():
   eye6 = np.eye(6)
-  verb_logits = eye6[[0, 1, 2, 3]]  # predicts 0, 1, 2, 3
-  noun_logits = eye6[[4, 4, 5, 5]]  # predicts 4, 4, 5, 5
-  verb_labels = np.array([0, 1, 2, 0])  # right, right, right, wrong
-  noun_labels = np.array([0, 4, 5, 5])  # wrong, right, right, right
-  result = metrics.epic_accuracies(verb_logits, noun_logits, verb_labels,
-                                   noun_labels)
+  logits = {'verb': eye6[[0, 1, 2, 3]],  # predicts 0, 1, 2, 3
+            'noun': eye6[[4, 4, 5, 5]]}  # predicts 4, 4, 5, 5
+  labels = {'verb': np.array([0, 1, 2, 0]),  # right, right, right, wrong
+            'noun': np.array([0, 4, 5, 5])}  # wrong, right, right, right
+  result = metrics.multi_head_accuracies(logits, labels)
   assert result == pytest.approx({
       'verb_top1': 0.75, 'noun_top1': 0.75,
       'action_top1': 0.5,  # samples 1 and 2
       # Top-5 of 6 with one-hot logits: ties at 0 count against, so a wrong
       # top-1 with the label among five zeros is still outside the top 5.
       'verb_top5': 0.75, 'noun_top5': 0.75})
+  assert list(result) == list(metrics.score_names('multi_head', ('verb', 'noun')))
 
 
-def test_epic_accuracies_match_sklearn_on_random_data():
+def test_multi_head_accuracies_any_heads_hand_computed():
+  """Three heads not called verb/noun: the joint score needs all three right."""
+  eye3 = np.eye(3)
+  logits = {'colour': eye3[[0, 1, 2, 0]], 'shape': eye3[[1, 1, 1, 1]], 'size': eye3[[2, 2, 0, 0]]}
+  labels = {'colour': np.array([0, 1, 2, 1]),  # right, right, right, wrong
+            'shape': np.array([1, 1, 0, 1]),  # right, right, wrong, right
+            'size': np.array([2, 0, 0, 0])}  # right, wrong, right, right
+  result = metrics.multi_head_accuracies(logits, labels)
+  assert result == pytest.approx({
+      'action_top1': 0.25,  # only sample 0
+      'colour_top1': 0.75, 'shape_top1': 0.75, 'size_top1': 0.75,
+      'colour_top5': 1.0, 'shape_top5': 1.0, 'size_top5': 1.0})  # 5 >= 3 classes
+  assert metrics.score_names('multi_head', ('colour', 'shape', 'size')) == (
+      'action_top1', 'colour_top1', 'colour_top5', 'shape_top1', 'shape_top5', 'size_top1',
+      'size_top5')
+  assert metrics.modality_score_names('multi_head', ('colour', 'shape')) == (
+      'action_top1', 'colour_top1', 'shape_top1')
+
+
+def test_multi_head_accuracies_match_sklearn_on_random_data():
   rng = np.random.default_rng(3)
-  verb_logits, noun_logits = rng.normal(size=(100, 8)), rng.normal(size=(100, 12))
-  verb_labels, noun_labels = rng.integers(0, 8, 100), rng.integers(0, 12, 100)
-  result = metrics.epic_accuracies(verb_logits, noun_logits, verb_labels,
-                                   noun_labels)
-  both = (verb_logits.argmax(1) == verb_labels) & (noun_logits.argmax(1) == noun_labels)
+  logits = {'verb': rng.normal(size=(100, 8)), 'noun': rng.normal(size=(100, 12))}
+  labels = {'verb': rng.integers(0, 8, 100), 'noun': rng.integers(0, 12, 100)}
+  result = metrics.multi_head_accuracies(logits, labels)
+  both = (logits['verb'].argmax(1) == labels['verb']) & (logits['noun'].argmax(1) == labels['noun'])
   assert result['action_top1'] == pytest.approx(both.mean())
   assert result['verb_top5'] == pytest.approx(
-      skm.top_k_accuracy_score(verb_labels, verb_logits, k=5))
+      skm.top_k_accuracy_score(labels['verb'], logits['verb'], k=5))
   assert result['noun_top1'] == pytest.approx(
-      skm.top_k_accuracy_score(noun_labels, noun_logits, k=1))
+      skm.top_k_accuracy_score(labels['noun'], logits['noun'], k=1))
 
 
-def test_epic_accuracies_rejects_bad_input():
-  with pytest.raises(ValueError, match='noun_logits: expected 3 rows'):
-    metrics.epic_accuracies(np.zeros((3, 5)), np.zeros((2, 5)),
-                            np.zeros(3, int), np.zeros(2, int))
-  with pytest.raises(ValueError, match=r'noun_labels: expected class ids in \[0, 5\)'):
-    metrics.epic_accuracies(np.zeros((2, 5)), np.zeros((2, 5)),
-                            np.zeros(2, int), np.array([0, 5]))
+def test_multi_head_accuracies_rejects_bad_input():
+  with pytest.raises(ValueError, match=r"logits\['noun'\]: expected 3 rows"):
+    metrics.multi_head_accuracies({'verb': np.zeros((3, 5)), 'noun': np.zeros((2, 5))},
+                                  {'verb': np.zeros(3, int), 'noun': np.zeros(2, int)})
+  with pytest.raises(ValueError, match=r"labels\['noun'\]: expected class ids in \[0, 5\)"):
+    metrics.multi_head_accuracies({'verb': np.zeros((2, 5)), 'noun': np.zeros((2, 5))},
+                                  {'verb': np.zeros(2, int), 'noun': np.array([0, 5])})
+  with pytest.raises(ValueError, match='two or more heads'):
+    metrics.multi_head_accuracies({'verb': np.zeros((2, 5))}, {'verb': np.zeros(2, int)})
+
+
+# ----------------------------------------------------------------------------
+# retrieval_recall
+
+
+def test_retrieval_recall_hand_computed_with_ties():
+  # Similarities (queries x gallery), partner on the diagonal:
+  #   q0: [0.9, 0.1, 0.0, 0.0]  partner best                -> rank 0
+  #   q1: [0.5, 0.5, 0.2, 0.0]  tie with g0 counts against  -> rank 1
+  #   q2: [0.3, 0.4, 0.2, 0.1]  g0 and g1 higher             -> rank 2
+  #   q3: [0.0, 0.0, 0.0, 0.0]  all tied: 3 others >= it     -> rank 3
+  similarity = np.array([[0.9, 0.1, 0.0, 0.0], [0.5, 0.5, 0.2, 0.0],
+                         [0.3, 0.4, 0.2, 0.1], [0.0, 0.0, 0.0, 0.0]])
+  queries, gallery = similarity, np.eye(4)  # queries @ gallery.T == similarity
+  result = metrics.retrieval_recall(queries, gallery, ks=(1, 2, 3, 4, 10))
+  assert result == pytest.approx({'R@1': 0.25, 'R@2': 0.5, 'R@3': 0.75, 'R@4': 1.0, 'R@10': 1.0})
+
+
+def test_retrieval_recall_matches_a_sorting_reference_in_chunks(monkeypatch):
+  monkeypatch.setattr(metrics, '_RETRIEVAL_CHUNK', 7)  # several chunks
+  rng = np.random.default_rng(4)
+  queries, gallery = rng.normal(size=(30, 5)), rng.normal(size=(30, 5))
+  order = np.argsort(-(queries @ gallery.T), axis=1)  # no ties in random data
+  ranks = np.array([list(row).index(i) for i, row in enumerate(order)])
+  result = metrics.retrieval_recall(queries, gallery)
+  assert result == pytest.approx({f'R@{k}': np.mean(ranks < k) for k in (1, 5, 10)})
+
+
+def test_retrieval_recall_rejects_bad_input():
+  with pytest.raises(ValueError, match=r'gallery: expected shape \(3, 4\)'):
+    metrics.retrieval_recall(np.zeros((3, 4)), np.zeros((2, 4)))
+  with pytest.raises(ValueError, match='ks: expected values >= 1'):
+    metrics.retrieval_recall(np.zeros((3, 4)), np.zeros((3, 4)), ks=(0,))
 
 
 # ----------------------------------------------------------------------------
@@ -201,7 +255,7 @@ def test_single_label_averages_view_logits_and_ignores_padding():
   acc = metrics.MultiViewAccumulator()
   feed(acc, index, logits, labels, batch=16, rng=rng)
   result = acc.result('single_label')
-  assert set(result) == {*metrics.SCORES['single_label'], 'num_videos'}
+  assert set(result) == {*metrics.score_names('single_label'), 'num_videos'}
   ids = video_labels['label'].argmax(1)
   assert result['num_videos'] == 40
   assert result['top1'] == pytest.approx(
@@ -237,23 +291,22 @@ def test_multi_label_map_matches_sklearn_on_averaged_logits():
   acc = metrics.MultiViewAccumulator()
   feed(acc, index, logits, labels, batch=7, rng=rng)
   result = acc.result('multi_label')
-  assert set(result) == {*metrics.SCORES['multi_label'], 'num_videos'}
+  assert set(result) == {*metrics.score_names('multi_label'), 'num_videos'}
   assert result['num_videos'] == 30
   assert result['mAP'] == pytest.approx(skm.average_precision_score(
       video_labels['labels'], mean_logits['labels'], average='macro'))
 
 
-def test_multi_head_matches_epic_accuracies_on_averaged_logits():
+def test_multi_head_matches_multi_head_accuracies_on_averaged_logits():
   rng = np.random.default_rng(2)
   index, logits, labels, mean_logits, video_labels = make_views(
       rng, num_videos=25, num_views=2, heads={'verb': 6, 'noun': 9})
   acc = metrics.MultiViewAccumulator()
   feed(acc, index, logits, labels, batch=8, rng=rng)
   result = acc.result('multi_head')
-  assert set(result) == {*metrics.SCORES['multi_head'], 'num_videos'}
-  expected = metrics.epic_accuracies(
-      mean_logits['verb'], mean_logits['noun'],
-      video_labels['verb'].argmax(1), video_labels['noun'].argmax(1))
+  assert set(result) == {*metrics.score_names('multi_head', ('verb', 'noun')), 'num_videos'}
+  expected = metrics.multi_head_accuracies(
+      mean_logits, {h: video_labels[h].argmax(1) for h in ('verb', 'noun')})
   assert result == pytest.approx({**expected, 'num_videos': 25})
   both = ((mean_logits['verb'].argmax(1) == video_labels['verb'].argmax(1))
           & (mean_logits['noun'].argmax(1) == video_labels['noun'].argmax(1)))
@@ -313,7 +366,7 @@ def test_accumulator_rejects_bad_input():
           np.array([1]))
   with pytest.raises(ValueError, match=r"labels\['x'\]: expected one-hot"):
     acc.result('single_label')
-  with pytest.raises(ValueError, match="expected heads 'verb' and 'noun'"):
+  with pytest.raises(ValueError, match="kind 'multi_head': expected two or more heads"):
     acc.result('multi_head')
 
 

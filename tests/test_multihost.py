@@ -48,6 +48,8 @@ FLAGS = [f'--config.train.steps={STEPS}', '--config.optim.name=sgd',
          '--config.train.keep_checkpoints=20', f'--config.train.eval_every={STEPS}',
          '--config.input.num_frames=4', '--config.input.image_size=32',
          '--config.input.min_resize=36', '--config.input.audio_frames=64',
+         # 2 processes take the first 4 of their (interleaved) shares: the first 8 clips, like 1.
+         '--config.eval.train_subset_size=8',
          *[f'--config.loss.weights.{o}=0' for o in ('contrastive', 'matching', 'masked_video',
                                                      'masked_audio', 'masked_audio_segment')]]
 TIMEOUT = 600
@@ -191,13 +193,14 @@ def test_resumed_on_another_process_count_ends_with_the_same_parameters(runs):
 
 def test_evaluation_counts_every_video_once_and_agrees_on_all_processes(runs):
   base, outputs = runs
-  reference = json.loads((base / 'reference' / 'results.json').read_text())['eval']
-  assert reference['num_videos'] == 9
-  for name in ('resumed_on_one', 'resumed_on_two'):
-    results = json.loads((base / name / 'results.json').read_text())['eval']
-    assert results.keys() == reference.keys()
-    np.testing.assert_allclose([results[k] for k in reference], list(reference.values()),
-                               rtol=1e-5, err_msg=name)
+  for split, videos in (('eval', 9), ('train_eval', 8)):  # train_eval: the training subset
+    reference = json.loads((base / 'reference' / 'results.json').read_text())[split]
+    assert reference['num_videos'] == videos
+    for name in ('resumed_on_one', 'resumed_on_two'):
+      results = json.loads((base / name / 'results.json').read_text())[split]
+      assert results.keys() == reference.keys()
+      np.testing.assert_allclose([results[k] for k in reference], list(reference.values()),
+                                 rtol=1e-5, err_msg=f'{name} {split}')
   lines = [_eval_line(output) for output in outputs['resumed_on_two']]
   assert lines[0] == lines[1] == _eval_line(outputs['reference'][0])
 

@@ -143,7 +143,9 @@ def test_evaluation_writes_pictures_to_tensorboard(setting, tmp_path):
   config = setting['config']
   mesh = sharding.make_mesh(config.mesh)
   evaluator = train.make_evaluator(config, build_model(config), mesh, setting['data_dir'])
-  results, images = evaluator(setting['predictor'].params)
+  evaluation = evaluator(setting['predictor'].params)
+  results, images = evaluation.metrics, evaluation.images
+  assert evaluation.train_metrics == {}  # the records hold no training split
   assert results['num_videos'] == 9
   writer = metric_writers.SummaryWriter(str(tmp_path))
   writer.write_images(5, images)
