@@ -28,8 +28,8 @@ boundary cannot be told from a short video: give `end` (a fixed clip duration) t
 Streams: a file with several video or audio streams is read from one of each, chosen as ffmpeg's
 `av_find_best_stream` chooses (a default-flagged stream first, then one that is not marked for the hearing
 or visually impaired, then the one with more frames, the higher bit rate), except that cover images
-(`attached_pic` streams: album art in MP3/M4A/Matroska) and single-picture tracks are never the video when
-another video stream exists. A file whose only video is a cover image raises `MediaError` with the
+(`attached_pic` streams: album art in MP3/M4A/Matroska; single-picture JPEG/PNG tracks) are never the
+video. A file whose only video is a cover image raises `MediaError` with the
 reason `COVER_ONLY`. `DecodedClip.notes` says which streams were used when there was a choice.
 
 Timestamps that restart or leap (files joined with `cat`: recorder segments, DVB/HLS chunks): a first
@@ -74,7 +74,7 @@ _AUDIO_PREROLL_S = 0.5
 _SEEK_MARGINS_S = (0.0, 2.0, 10.0, 60.0)
 SILENCE_NOTE = 'audio is digital silence'  # the `DecodedClip.degraded` line of all-zero audio
 # The `MediaError.reason` of a file whose only video stream is a cover image (audio with album art).
-COVER_ONLY = 'no video: the only video stream is a cover image (attached picture)'
+COVER_ONLY = 'no video: the only video stream is a cover image (album art)'
 # Timestamp jumps followed as the ffmpeg CLI follows them in formats with discontinuities
 # (fftools/ffmpeg_demux.c, ts_discontinuity_detect: 0.1 s back, `-dts_delta_threshold` 10 s).
 _BACKWARD_JUMP_S = 0.1
@@ -309,19 +309,28 @@ def _describe(stream: av.stream.Stream) -> str:
   return f'#{stream.index} ({", ".join(parts)})'
 
 
+_PICTURE_CODECS = ('mjpeg', 'png', 'bmp', 'gif', 'webp', 'tiff', 'jpeg2000', 'jpegls')
+
+
+def _is_picture(stream: av.stream.Stream, packets: dict[int, int]) -> bool:
+  """Whether a video stream is a cover image: an `attached_pic` stream, or a track of at most one
+  packet of a picture codec (how some muxers keep a cover given as an ordinary stream)."""
+  if stream.disposition & av.stream.Disposition.attached_pic:
+    return True
+  name = stream.codec_context.name if stream.codec_context is not None else ''
+  return packets.get(stream.index, 0) <= 1 and name in _PICTURE_CODECS
+
+
 def _choose_streams(path: str, container: av.container.InputContainer, packets: dict[int, int]
                     ) -> tuple[av.stream.Stream, av.stream.Stream | None, list[str]]:
   """(video stream, audio stream or None, notes naming the choice when there was one)."""
   videos = list(container.streams.video)
   if not videos:
     raise MediaError(path, 'no video stream')
-  cover = av.stream.Disposition.attached_pic
-  moving = [s for s in videos if not s.disposition & cover]
+  moving = [s for s in videos if not _is_picture(s, packets)]
   if not moving:
     raise MediaError(path, COVER_ONLY)
-  # Single pictures (a cover kept as an ordinary 1-frame track) lose to any stream with several frames.
-  several = [s for s in moving if packets.get(s.index, 0) > 1]
-  video = _best(several or moving, packets)
+  video = _best(moving, packets)
   # Audio streams without a decoder, channels or sample rate are taken only when there is no other.
   audios = list(container.streams.audio)
   usable = [s for s in audios
