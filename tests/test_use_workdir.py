@@ -167,7 +167,14 @@ data = np.load(sys.argv[2])
 out = model.signatures['serving_default'](frames=tf.constant(data['frames']),
                                           waveform=tf.constant(data['waveform']))
 names = model.signatures['labels']()['class'].numpy().astype(str)
-np.savez(sys.argv[3], probabilities=out['class'].numpy(), names=names)
+errors = []
+for frames, waveform in ((data['frames'][:0], data['waveform']), (data['frames'], data['waveform'][:0])):
+  try:
+    model.signatures['serving_default'](frames=tf.constant(frames), waveform=tf.constant(waveform))
+    errors.append('no error')
+  except tf.errors.InvalidArgumentError as e:
+    errors.append(e.message)
+np.savez(sys.argv[3], probabilities=out['class'].numpy(), names=names, errors=errors)
 assert not any(name.split('.')[0] in ('avt_jax', 'flax') for name in sys.modules)  # TF imports jax
 """
 
@@ -203,6 +210,10 @@ def test_saved_model_serves_with_plain_tensorflow_like_the_jax_model(setting, tm
   assert result.returncode == 0, result.stderr[-3000:]
   served = np.load(tmp_path / 'out.npz')
   assert list(served['names']) == stats['label_names']['class']
+  no_frames, no_audio = served['errors']  # empty inputs: a message naming the input, not a GatherV2 error
+  assert ('assertion failed: [frames: expected uint8 [T, H, W, 3] with at least one frame of at least one '
+          'pixel, got shape] [0 96 96...]') in no_frames and 'Gather' not in no_frames, no_frames
+  assert 'assertion failed: [waveform: expected float32 [samples]' in no_audio, no_audio
 
   # The JAX model on the same frames and librosa's log-mel, cut into views by the input pipeline.
   decoder = input_lib.pipeline.ClipDecoder(config, stats)
