@@ -13,6 +13,11 @@ Signature `serving_default` (our design):
   `frames`    uint8 [T, H, W, 3] RGB frames of one video at the training data's frame rate
               (`stats.json` `fps`, e.g. 25), any size (crops are relative to the short side).
   `waveform`  float32 [samples] mono audio in [-1, 1] at 16 kHz, covering the same time as `frames`.
+              To feed what training saw, decode a file's streams as `prepare` does
+              (`avt_jax.prep.media.decode_clip`: the default-flagged audio track, never a cover image
+              as the video; timestamps that restart mid-file followed).
+  errors      at least one frame (and one audio sample when the model uses audio) is needed: empty
+              inputs fail with InvalidArgumentError `assertion failed: [frames: expected ...]`.
   returns     label head -> float32 [C] class probabilities (softmax of the view-averaged logits;
               sigmoid for multi-label data), as `python -m avt_jax.predict` computes them.
 Inside, the log-mel spectrogram is computed with TensorFlow ops (`tf_log_mel`: the STFT, Hann window
