@@ -304,7 +304,7 @@ def _describe(stream: av.stream.Stream) -> str:
   parts += [flag for flag in ('default', 'attached_pic') if stream.disposition & getattr(
       av.stream.Disposition, flag)]
   title = stream.metadata.get('title') or stream.metadata.get('language')
-  if title:
+  if title and title != 'und':  # 'und': language undetermined
     parts.append(repr(title))
   return f'#{stream.index} ({", ".join(parts)})'
 
