@@ -164,6 +164,8 @@ def decode_clip(path: str, start: float | None, end: float | None, fps: float, s
     stat = os.stat(path)
     layout = _layout(path, stat.st_size, stat.st_mtime_ns)
     if end is None:
+      if layout.video_end is None:
+        raise MediaError(path, 'cannot determine the video duration')
       end = layout.video_end
       if end <= start:
         raise MediaError(path, f'the window start {start:.3f}s is past the video end {end:.3f}s')
@@ -211,7 +213,8 @@ class _Layout:
     video: index of the video stream to decode.
     audio: index of the audio stream to decode, or None.
     origin: container start time, seconds (times are measured from it).
-    video_end: end of the video stream, seconds from `origin`, on the joined timeline.
+    video_end: end of the video stream, seconds from `origin`, on the joined timeline; None when
+      neither the packets nor the metadata tell.
     forward_jumps: whether large forward timestamp jumps are followed (formats with discontinuities).
     jumps: whether the timestamps jump (then decoding starts at the first packet and follows them).
     notes: the `DecodedClip.notes` of the file.
@@ -219,7 +222,7 @@ class _Layout:
   video: int
   audio: int | None
   origin: float
-  video_end: float
+  video_end: float | None
   forward_jumps: bool
   jumps: bool
   notes: tuple[str, ...]
@@ -390,11 +393,10 @@ def _layout(path: str, size: int, mtime_ns: int) -> _Layout:
       last = float(((video.start_time or 0) + video.duration) * video.time_base)
     if last is None and container.duration is not None:
       last = container.duration / av.time_base + origin
-    if last is None or last - origin <= 0:
-      raise MediaError(path, 'cannot determine the video duration')
     jump_note = follower.note(origin)
     return _Layout(video=video.index, audio=None if audio is None else audio.index, origin=origin,
-                   video_end=last - origin, forward_jumps=bool(container.format.flags & _AVFMT_TS_DISCONT),
+                   video_end=None if last is None or last <= origin else last - origin,
+                   forward_jumps=bool(container.format.flags & _AVFMT_TS_DISCONT),
                    jumps=bool(follower.jumps), notes=tuple(notes + ([jump_note] if jump_note else [])))
 
 
