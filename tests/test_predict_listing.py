@@ -45,4 +45,5 @@ def test_folders_follow_links_once_and_name_every_entry_left_out(tmp_path):
 def test_skipped_entries_are_printed(tmp_path, capsys):
   _touch(str(tmp_path / '._x.mp4'))
   assert list(predict.predict_files(None, [str(tmp_path)], progress=False)) == []
-  assert capsys.readouterr().err == f'predict: skipped {tmp_path / "._x.mp4"} (macOS metadata file, not a video)\n'
+  expected = f'predict: skipped {tmp_path / "._x.mp4"} (macOS metadata file, not a video)\n'
+  assert capsys.readouterr().err == expected
