@@ -13,6 +13,11 @@ Signature `serving_default` (our design):
   `frames`    uint8 [T, H, W, 3] RGB frames of one video at the training data's frame rate
               (`stats.json` `fps`, e.g. 25), any size (crops are relative to the short side).
   `waveform`  float32 [samples] mono audio in [-1, 1] at 16 kHz, covering the same time as `frames`.
+              To feed what training saw, decode a file's streams as `prepare` does
+              (`avt_jax.prep.media.decode_clip`: the default-flagged audio track, never a cover image
+              as the video; timestamps that restart mid-file followed).
+  errors      at least one frame (and one audio sample when the model uses audio) is needed: empty
+              inputs fail with InvalidArgumentError `assertion failed: [frames: expected ...]`.
   returns     label head -> float32 [C] class probabilities (softmax of the view-averaged logits;
               sigmoid for multi-label data), as `python -m avt_jax.predict` computes them.
 Inside, the log-mel spectrogram is computed with TensorFlow ops (`tf_log_mel`: the STFT, Hann window
@@ -100,7 +105,21 @@ class ServingModule(tf.Module):
                input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name='frames'),
                                 tf.TensorSpec([None], tf.float32, name='waveform')])
   def serve(self, frames: tf.Tensor, waveform: tf.Tensor) -> dict[str, tf.Tensor]:
-    """uint8 [T, H, W, 3] frames and float32 [samples] 16 kHz audio -> head -> [C] probabilities."""
+    """uint8 [T, H, W, 3] frames and float32 [samples] 16 kHz audio -> head -> [C] probabilities.
+
+    Raises (when called) InvalidArgumentError `frames: expected ...` for empty frames (T, H or W 0),
+    and `waveform: expected ...` for an empty waveform when the model uses audio.
+    """
+    checks = [tf.debugging.Assert(
+        tf.reduce_all(tf.shape(frames)[:3] > 0),
+        ['frames: expected uint8 [T, H, W, 3] with at least one frame of at least one pixel, got shape',
+         tf.shape(frames)])]
+    if 'audio' in self._modalities:
+      checks.append(tf.debugging.Assert(
+          tf.size(waveform) > 0, ['waveform: expected float32 [samples] 16 kHz audio with at least one '
+                                  'sample, got 0 (pass zeros of the video\'s duration for silence)']))
+    with tf.control_dependencies(checks):
+      frames, waveform = tf.identity(frames), tf.identity(waveform)
     clip = {'logmel': tf_log_mel(waveform, self._n_mels), 'fps': self._fps,
             'audio_fps': data_format.AUDIO_FRAMES_PER_SECOND}
     views = self._decoder.views(lambda ids: tf.gather(frames, ids), tf.shape(frames)[0],

@@ -18,8 +18,13 @@ Every file gets one outcome, never a crash of the run:
               is repeated and the audio padded with silence, as in evaluation), `silent_audio` (the
               audio is digital silence), `damaged` (corrupt packets skipped, reading stopped early);
               `notes` says what happened.
-  `failed`    no prediction; `error` says why (file not found, unreadable or corrupt, no video).
-Folders are searched recursively for video files (`annotations.VIDEO_EXTENSIONS`).
+  `failed`    no prediction; `error` says why (file not found, unreadable or corrupt, no video, or only
+              a cover image: `media.COVER_ONLY`).
+Folders are searched recursively for video files (`annotations.VIDEO_EXTENSIONS`), following symbolic
+links to files and sub-folders (a folder reached twice is listed once); macOS metadata files (`._*`),
+other extensions and broken links are left out, each named on stderr with the reason (`video_files`).
+A file with several video or audio streams is read from the ones `prepare` chooses (`avt_jax.prep.media`);
+`notes` names them, and says when timestamps that restart mid-file (joined recordings) were followed.
 
 Output: a table on stdout, one row per file as it is done (progress on stderr), and with `--output`
 one JSON line per file: `path`, `status`, `issues`, `notes`, `views`, `seconds` (decoded duration),
@@ -45,18 +50,54 @@ from avt_jax.models import build_model  # noqa: E402
 from avt_jax.prep import annotations, media, shards  # noqa: E402
 
 
-def video_files(paths: Sequence[str]) -> list[str]:
-  """The files named in `paths`, and the video files (by extension) under the folders, sorted per
-  folder. Paths that do not exist are kept (their outcome is `failed: file not found`)."""
-  files = []
+def video_files(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """The files to predict and the folder entries left out, with why.
+
+  Files named in `paths` are kept as they are (a missing one gets the outcome `failed: file not
+  found`). Folders are searched recursively, sorted per folder, following symbolic links to files and
+  sub-folders; a folder reached a second time (a link loop, or two links to one folder) is listed once.
+  A folder entry is left out when its extension is not in `annotations.VIDEO_EXTENSIONS`, when it is a
+  macOS metadata file (`._name`, `.DS_Store`), or a broken link.
+
+  Returns:
+    (files, [(entry, reason)] for every entry left out).
+  """
+  files, skipped = [], []
   for path in paths:
-    if not os.path.isdir(path):
+    if os.path.isdir(path):
+      _walk(path, files, skipped, visited=set())
+    else:
       files.append(path)
-      continue
-    found = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-             if os.path.splitext(name)[1].lower() in annotations.VIDEO_EXTENSIONS]
-    files.extend(sorted(found))
-  return files
+  return files, skipped
+
+
+def _walk(folder: str, files: list[str], skipped: list[tuple[str, str]], visited: set[str]) -> None:
+  """Adds the videos under `folder` to `files`, and the entries left out to `skipped`."""
+  real = os.path.realpath(folder)
+  if real in visited:
+    skipped.append((folder, f'folder already listed (link to {real})'))
+    return
+  visited.add(real)
+  try:
+    names = sorted(os.listdir(folder))
+  except OSError as e:
+    skipped.append((folder, f'cannot list the folder ({e.strerror})'))
+    return
+  subfolders = []
+  for name in names:
+    entry = os.path.join(folder, name)
+    if name.startswith('._') or name == '.DS_Store':
+      skipped.append((entry, 'macOS metadata file, not a video'))
+    elif os.path.isdir(entry):
+      subfolders.append(entry)
+    elif not os.path.exists(entry):
+      skipped.append((entry, 'broken link'))
+    elif os.path.splitext(name)[1].lower() not in annotations.VIDEO_EXTENSIONS:
+      skipped.append((entry, 'not a video file extension'))
+    else:
+      files.append(entry)
+  for subfolder in sorted(subfolders, key=os.path.islink):  # a folder's own path before a link's
+    _walk(subfolder, files, skipped, visited)
 
 
 @dataclasses.dataclass
@@ -121,6 +162,7 @@ class Predictor:
       issues.append('too_short')
       notes.append(f'{seconds:.2f} s is shorter than the {self.view_seconds:.2f} s a view covers; '
                    'padded as in evaluation')
+    notes.extend(decoded.notes)  # streams chosen, timestamp jumps followed: information, not damage
     for note in decoded.degraded:
       issue = 'silent_audio' if note == media.SILENCE_NOTE else 'damaged'
       if issue not in issues:
@@ -184,8 +226,11 @@ def table_row(outcome: dict[str, Any]) -> str:
 
 def predict_files(predictor: Predictor, paths: Sequence[str], top_k: int = 5,
                   progress: bool = True) -> Iterator[dict[str, Any]]:
-  """Yields the outcome of every file in `paths` (folders expanded), printing progress on stderr."""
-  files = video_files(paths)
+  """Yields the outcome of every file in `paths` (folders expanded), printing progress and the
+  folder entries left out on stderr."""
+  files, skipped = video_files(paths)
+  for entry, reason in skipped:
+    sys.stderr.write(f'predict: skipped {entry} ({reason})\n')
   for number, path in enumerate(files, 1):
     if progress:
       sys.stderr.write(f'predict: [{number}/{len(files)}] {path}\n')

@@ -90,7 +90,8 @@ def test_default_ids_that_would_coincide_are_refused(tmp_path):
     ('m.csv', 'path,label,start\nx.mp4,a,-1\n', r'm\.csv:2: `start` must be a finite number >= 0'),
     ('m.csv', 'path,label\nx.mp4,a\ny.mp4,b,extra\n', r'm\.csv:3: expected 2 columns'),
     ('m.csv', 'path,label\nx.mp4,a\ny.mp4\n', r'm\.csv:3: expected 2 columns'),
-    ('m.csv', 'video,label\nx.mp4,a\n', r"m\.csv:1: expected keys.*missing \['path'\], unknown \['video'\]"),
+    ('m.csv', 'video,label\nx.mp4,a\n',
+     r"m\.csv:1: expected keys.*missing \['path'\], got \['video', 'label'\]"),
     ('m.csv', 'path,label\nx.mp4,a\n,b\n', r'm\.csv:3: `path` must be a non-empty string'),
     ('m.csv', 'path,label\nx.mp4,a\ny.mp4,1\n', r'm\.csv:3: labels mix class names and integer indices'),
     ('m.csv', 'path,label\nx.mp4,a||b\n', r'm\.csv:2: labels must be non-empty'),
@@ -103,6 +104,50 @@ def test_default_ids_that_would_coincide_are_refused(tmp_path):
 def test_malformed_manifests_name_file_and_line(tmp_path, name, text, message):
   with pytest.raises(ValueError, match=message):
     manifest.read_manifest(_write(tmp_path, name, text))
+
+
+def test_spreadsheet_manifest_with_bom_crlf_and_extra_columns(tmp_path, capsys):
+  """What a spreadsheet program saves: byte-order mark, CRLF, header in title case, notes columns,
+  an empty trailing row."""
+  path = tmp_path / 'm.csv'
+  path.write_bytes('\ufeffPath,Label,Notes,Start,end ,Duration\r\n'
+                   'a.mp4,dog,"good, clear",1,2.5,1.5\r\n'
+                   'b.mp4,cat,,,,\r\n'
+                   ',,,,,\r\n'.encode('utf-8'))
+  specs, names = manifest.read_manifest(str(path))
+  assert names == {'class': ['cat', 'dog']}
+  assert [(s.path, s.labels, s.start, s.end, s.split) for s in specs] == [
+      ('a.mp4', {'class': [1]}, 1.0, 2.5, 'train'), ('b.mp4', {'class': [0]}, None, None, 'train')]
+  assert capsys.readouterr().err == (f"manifest: note: {path}: columns ['duration', 'notes'] ignored "
+                                     '(read: path,label,start,end,split,id).\n')
+
+
+def test_jsonl_manifest_with_bom_and_extra_keys(tmp_path, capsys):
+  path = tmp_path / 'm.jsonl'
+  path.write_bytes('\ufeff{"path": "a.mp4", "label": "dog", "comment": "x"}\r\n'
+                   '{"path": "b.mp4", "label": "cat", "rating": 3}\r\n'.encode('utf-8'))
+  specs, _ = manifest.read_manifest(str(path))
+  assert [s.path for s in specs] == ['a.mp4', 'b.mp4']
+  assert "columns ['comment', 'rating'] ignored" in capsys.readouterr().err
+
+
+def test_a_video_in_two_splits_is_warned_about_naming_both_rows(tmp_path, capsys):
+  path = _write(tmp_path, 'm.csv', 'path,label,start,end,split\n'
+                'a.mp4,dog,0,2,train\n'
+                'b.mp4,cat,,,train\n'
+                './a.mp4,dog,5,7,test\n'   # another segment of the same video, in test
+                'a.mp4,dog,8,9,test\n'     # a second test row: no second warning
+                'b.mp4,cat,,,validation\n')
+  specs, _ = manifest.read_manifest(path)
+  assert len(specs) == 5  # still read
+  assert capsys.readouterr().err.splitlines() == [
+      f"manifest: warning: {path}: the video './a.mp4' is in split 'train' (line 2) and in split 'test' "
+      '(line 4); the splits overlap.',
+      f"manifest: warning: {path}: the video 'b.mp4' is in split 'train' (line 3) and in split "
+      "'validation' (line 6); the splits overlap."]
+  capsys.readouterr()
+  manifest.read_manifest(_write(tmp_path, 'ok.csv', 'path,label,split\na.mp4,x,train\nb.mp4,x,test\n'))
+  assert capsys.readouterr().err == ''
 
 
 @pytest.mark.parametrize('label, message', [('cow', "m.csv:3: unknown class name 'cow'"),

@@ -10,6 +10,7 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import av
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -22,6 +23,7 @@ from avt_jax.prep import demo_data
 from avt_jax.prep import preparation
 from avt_jax.prep import shards
 from avt_jax.prep import smoke_data
+import media_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,6 +129,33 @@ def test_summary_groups_reasons(tmp_path):
       '  skipped: 2 x file not found',
       '  degraded: 2 x audio ends at #s before the window end #s; padded with silence',
       f'  (per clip: {tmp_path}/report.jsonl)']
+
+
+def test_report_notes_the_stream_used_and_timestamps_followed(tmp_path):
+  """A file with two audio tracks and a joined MPEG-TS are written whole, each with a `note`."""
+  videos = tmp_path / 'videos'
+  videos.mkdir()
+  media_files.write(str(videos / 'two_audio.mkv'), 'matroska', media_files.BLUE, [300.0, 2000.0],
+                    dispositions=[0, av.stream.Disposition.default], titles=['commentary', 'main'])
+  os.rename(media_files.joined(tmp_path, 'mpegts', 'libx264', 'aac', 0.0), videos / 'joined.ts')
+  manifest = tmp_path / 'm.csv'
+  manifest.write_text('path,label\ntwo_audio.mkv,a\njoined.ts,b\n')
+  out = tmp_path / 'out'
+  stats = preparation.prepare('manifest', [str(manifest)], str(videos), str(out), fps=5, short_side=32,
+                              n_mels=16, workers=0, progress=False)
+  assert stats['num_clips'] == {'train': 2} and stats['num_degraded'] == {'train': 0}
+  report = {e['clip_id']: e for e in map(json.loads, (out / 'report.jsonl').read_text().splitlines())}
+  assert report['two_audio.mkv']['status'] == 'note'
+  assert report['two_audio.mkv']['reason'] == ("audio stream #2 (aac, default, 'main') used of 2 "
+                                               "(not #1 (aac, 'commentary'))")
+  assert report['joined.ts']['status'] == 'note'
+  assert report['joined.ts']['reason'].startswith('timestamps jump 1 time(s) (back ')
+  files = pipeline.list_split_files(str(out), 'train')
+  frames = {c['id'].numpy().decode(): len(c['jpeg'])
+            for c in map(records.parse_clip, tf.data.TFRecordDataset(files))}
+  assert frames == {'joined.ts': 20, 'two_audio.mkv': 10}  # 4 s and 2 s at 5 fps: both recordings
+  lines = preparation.summary(str(out), stats).splitlines()
+  assert "  note: 1 x audio stream ## (aac, default, 'main') used of # (not ## (aac, 'commentary'))" in lines
 
 
 def _run_main(tmp_path, dataset, annotation_text, *extra, name='annotations.csv'):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import av
 import jax
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from avt_jax.models import build_model
 from avt_jax.prep import demo_data, logmel, media, preparation
 from avt_jax.train_step import setup
 from conftest import random_params, tiny_config
+from media_files import BLUE, write, write_song
 
 CLIP = 'videos/test_00004.mp4'  # green_mid
 LOG_MEL_TOLERANCE = 1e-3  # TensorFlow's float32 FFT against librosa's, log units (measured <= 2.3e-4)
@@ -101,13 +103,18 @@ def test_command_line_names_each_files_outcome(setting, tmp_path, capsys):
   demo_data.write_mp4(str(folder / 'short.mp4'), frames[:4], demo_data.render_audio(scene, rng)[:4000])
   (folder / 'broken.mp4').write_bytes(b'\0not a video' * 100)
   (folder / 'notes.txt').write_text('not a video: ignored')
+  (folder / '._short.mp4').write_bytes(b'\0\5\26\7' + b'\0' * 60)  # macOS AppleDouble metadata
+  write(str(folder / 'two_audio.mkv'), 'matroska', BLUE, [300.0, 2000.0],
+        dispositions=[0, av.stream.Disposition.default], titles=['commentary', 'main'])
+  write_song(str(folder / 'song.mkv'), 'matroska', 'aac')  # audio and a cover image only
   good = os.path.join(setting['videos'], CLIP)
   output = tmp_path / 'out.jsonl'
   status = predict.main(['--workdir', setting['workdir'], '--top_k=3', f'--output={output}', good,
                          str(folder), str(tmp_path / 'missing.mp4')])
   assert status == 0
   outcomes = {os.path.basename(o['path']): o for o in map(json.loads, output.read_text().splitlines())}
-  assert list(outcomes) == ['test_00004.mp4', 'broken.mp4', 'no_audio.mp4', 'short.mp4', 'missing.mp4']
+  assert list(outcomes) == ['test_00004.mp4', 'broken.mp4', 'no_audio.mp4', 'short.mp4', 'song.mkv',
+                            'two_audio.mkv', 'missing.mp4']
   ok = outcomes['test_00004.mp4']
   assert ok['status'] == 'ok' and ok['views'] == 6 and ok['seconds'] == pytest.approx(2.0)
   assert len(ok['top_k']['class']) == 3 and ok['top_k']['class'][0]['label'] in demo_data.CLASS_NAMES
@@ -117,11 +124,18 @@ def test_command_line_names_each_files_outcome(setting, tmp_path, capsys):
   assert outcomes['no_audio.mp4']['issues'] == ['no_audio']
   assert outcomes['short.mp4']['issues'] == ['too_short']
   assert outcomes['broken.mp4']['status'] == 'failed' and 'cannot' in outcomes['broken.mp4']['error']
+  assert outcomes['song.mkv'] == {'path': str(folder / 'song.mkv'), 'status': 'failed',
+                                  'error': media.COVER_ONLY}
+  two_audio = outcomes['two_audio.mkv']
+  assert two_audio['status'] == 'ok' and two_audio['notes'] == [
+      "audio stream #2 (aac, default, 'main') used of 2 (not #1 (aac, 'commentary'))"]
   assert outcomes['missing.mp4'] == {'path': str(tmp_path / 'missing.mp4'), 'status': 'failed',
                                      'error': 'file not found'}
   out, err = capsys.readouterr()
-  assert '5 files: 1 ok, 2 degraded, 2 failed' in out
-  assert f'[5/5] {tmp_path / "missing.mp4"}' in err
+  assert '7 files: 2 ok, 2 degraded, 3 failed' in out
+  assert f'[7/7] {tmp_path / "missing.mp4"}' in err
+  assert f'predict: skipped {folder / "._short.mp4"} (macOS metadata file, not a video)\n' in err
+  assert f'predict: skipped {folder / "notes.txt"} (not a video file extension)\n' in err
   assert ok['top_k']['class'][0]['label'] in out.splitlines()[1]
 
 
@@ -169,7 +183,14 @@ data = np.load(sys.argv[2])
 out = model.signatures['serving_default'](frames=tf.constant(data['frames']),
                                           waveform=tf.constant(data['waveform']))
 names = model.signatures['labels']()['class'].numpy().astype(str)
-np.savez(sys.argv[3], probabilities=out['class'].numpy(), names=names)
+errors = []
+for frames, waveform in ((data['frames'][:0], data['waveform']), (data['frames'], data['waveform'][:0])):
+  try:
+    model.signatures['serving_default'](frames=tf.constant(frames), waveform=tf.constant(waveform))
+    errors.append('no error')
+  except tf.errors.InvalidArgumentError as e:
+    errors.append(e.message)
+np.savez(sys.argv[3], probabilities=out['class'].numpy(), names=names, errors=errors)
 assert not any(name.split('.')[0] in ('avt_jax', 'flax') for name in sys.modules)  # TF imports jax
 """
 
@@ -205,6 +226,10 @@ def test_saved_model_serves_with_plain_tensorflow_like_the_jax_model(setting, tm
   assert result.returncode == 0, result.stderr[-3000:]
   served = np.load(tmp_path / 'out.npz')
   assert list(served['names']) == stats['label_names']['class']
+  no_frames, no_audio = served['errors']  # empty inputs: a message naming the input, not a GatherV2 error
+  assert ('assertion failed: [frames: expected uint8 [T, H, W, 3] with at least one frame of at least one '
+          'pixel, got shape] [0 96 96...]') in no_frames and 'Gather' not in no_frames, no_frames
+  assert 'assertion failed: [waveform: expected float32 [samples]' in no_audio, no_audio
 
   # The JAX model on the same frames and librosa's log-mel, cut into views by the input pipeline.
   decoder = input_lib.pipeline.ClipDecoder(config, stats)

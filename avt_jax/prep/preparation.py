@@ -128,7 +128,7 @@ def summary(output_dir: str, stats: dict[str, Any]) -> str:
   lines = [f'Prepared {output_dir}:']
   lines += ['  ' + '  '.join(cell.rjust(w) if i else cell.ljust(w)
                              for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
-  reasons = {'skipped': collections.Counter(), 'degraded': collections.Counter()}
+  reasons = {status: collections.Counter() for status in ('skipped', 'degraded', 'note')}
   with open(os.path.join(output_dir, 'report.jsonl'), encoding='utf-8') as f:
     for line in f:
       entry = json.loads(line)

@@ -15,7 +15,8 @@ Output folder layout (`out_dir`, local or any path `tf.io.gfile` can write):
   is refused instead of mixing two datasets in one folder.
 * `stats.json`: dataset statistics (`avt_jax.data_format`), rewritten at the end of every run.
 * `report.jsonl`: one JSON line per skipped or degraded clip: `clip_id`, `path`, `split`, `status`
-  (`skipped` or `degraded`) and `reason`.
+  (`skipped` or `degraded`) and `reason`; and a line of status `note` for a clip whose file needed a
+  choice (which of several audio/video streams, timestamps that restart mid-file, `media.DecodedClip.notes`).
 
 The assignment of clips to shards is deterministic: within a split, clips are sorted by id, shuffled
 with a fixed seed (so that shards mix classes even when the annotation file is sorted by class) and cut
@@ -94,6 +95,7 @@ class _Result:
   width: int = 0
   logmel: np.ndarray | None = None  # [frames, n_mels] float32
   audio_missing: bool = False
+  notes: list[str] = dataclasses.field(default_factory=list)  # `media.DecodedClip.notes`
 
 
 def clip_window(spec: annotations.ClipSpec, clip_seconds: float | None) -> tuple[float | None, float | None]:
@@ -131,7 +133,8 @@ def _process_clip(task: _Task) -> _Result:
     issues.append(f'{missing}; silence substituted')
   return _Result(task.spec, issues=issues, start=decoded.start, end=decoded.end,
                  jpeg_frames=decoded.jpeg_frames, height=decoded.height, width=decoded.width,
-                 logmel=clip_log_mel(decoded, settings.n_mels), audio_missing=decoded.waveform is None)
+                 logmel=clip_log_mel(decoded, settings.n_mels), audio_missing=decoded.waveform is None,
+                 notes=decoded.notes)
 
 
 def clip_log_mel(decoded: media.DecodedClip, n_mels: int) -> np.ndarray:
@@ -511,6 +514,8 @@ def _write_shard(out_dir: str, name: str, clips: Sequence[annotations.ClipSpec],
         continue
       if result.issues:
         report.append(dict(entry, status='degraded', reason='; '.join(result.issues)))
+      if result.notes:
+        report.append(dict(entry, status='note', reason='; '.join(result.notes)))
       stored = result.logmel.astype(np.float16).astype(np.float64)  # what readers will see
       total += stored.sum()
       total_sq += np.square(stored).sum()

@@ -13,6 +13,12 @@ file with the same keys (our design):
   every distinct file and segment gets its own id; rows whose default ids would still coincide (a file
   literally named like another file's segment id) are refused with both lines named.
 
+Manifests saved by spreadsheet programs are read as they come: a UTF-8 byte-order mark, Windows line
+endings, header names in another case or with spaces around them, rows left empty. Columns other than
+the ones above (notes, durations, ...) are ignored, with one note on stderr listing them. A video that
+appears in two splits (a train/test leak) gets a warning on stderr naming both rows; the manifest is
+still read.
+
 Defaults: 25 fps, short side 256 px, 128 mel bins, the annotated segments as they are. The demo and
 VoiceDigits datasets (`avt_jax.prep.demo_data`, `avt_jax.prep.voice_digits`) are written as manifests.
 """
@@ -21,6 +27,7 @@ import csv
 import json
 import os
 import posixpath
+import sys
 from typing import Any, Iterator, Mapping, Sequence
 
 from avt_jax.prep import annotations
@@ -69,15 +76,20 @@ def read_manifest(
     (clips in file order, {'class': class names}).
 
   Raises:
-    ValueError: unknown file type, missing/unknown columns, or a malformed row; the message names
-      the file and line.
+    ValueError: unknown file type, missing columns, or a malformed row; the message names the file and
+      line.
   """
   rows = list(_read_rows(path))
+  ignored = sorted({key for _, row in rows for key in row} - set(_MANIFEST_KEYS))
+  if ignored:
+    sys.stderr.write(f'manifest: note: {path}: columns {ignored} ignored (read: '
+                     f'{",".join(_MANIFEST_KEYS)}).\n')
   raw_labels = [_split_labels(row['label'], path, line) for line, row in rows]
   names = list(class_names) if class_names is not None else _infer_class_names(raw_labels, path, rows)
   index_of = {name: i for i, name in enumerate(names)}
   specs = []
   default_ids: dict[str, tuple[int, tuple]] = {}  # default id -> (line, (path, start, end))
+  splits_of: dict[str, dict[str, int]] = {}  # normalised video path -> split -> first line
   for (line, row), labels in zip(rows, raw_labels):
     where = f'{path}:{line}'
     video = row.get('path')
@@ -98,27 +110,42 @@ def read_manifest(
                          f'line {other_line} ({other_key[0]!r}); give the rows an `id`.')
     if not isinstance(split, str) or not isinstance(clip_id, str):
       raise ValueError(f'{where}: `split` and `id` must be strings.')
+    _warn_if_in_two_splits(splits_of.setdefault(default_clip_id(video, None, None), {}), split, line,
+                           video, path)
     indices = [_label_index(label, index_of, len(names), where) for label in labels]
     specs.append(ClipSpec(clip_id=clip_id, path=video, labels={CLASS_HEAD: indices},
                           start=start, end=end, split=split))
   return specs, {CLASS_HEAD: names}
 
 
+def _warn_if_in_two_splits(first_lines: dict[str, int], split: str, line: int, video: str,
+                           path: str) -> None:
+  """Warns once per pair of splits that share the video `video` (first rows of each named)."""
+  if split not in first_lines:
+    for other, other_line in first_lines.items():
+      sys.stderr.write(f'manifest: warning: {path}: the video {video!r} is in split {other!r} (line '
+                       f'{other_line}) and in split {split!r} (line {line}); the splits overlap.\n')
+    first_lines[split] = line
+
+
 def _read_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
   """Yields (1-based line number, row dict) from a CSV or JSON-lines manifest."""
   extension = os.path.splitext(path)[1].lower()
   if extension == '.csv':
-    with open(path, newline='', encoding='utf-8') as f:
+    with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a byte-order mark is dropped
       reader = csv.DictReader(f)
-      header = reader.fieldnames or []
+      header = [name.strip().lower() for name in reader.fieldnames or []]
+      reader.fieldnames = header
       _check_keys(header, path, 1)
       for row in reader:
         if None in row or any(value is None for value in row.values()):
           raise ValueError(f'{path}:{reader.line_num}: expected {len(header)} columns '
                            f'({",".join(header)}), got a row with a different count.')
+        if not any(value.strip() for value in row.values()):
+          continue  # a row left empty (spreadsheets write `,,,`)
         yield reader.line_num, {key: value.strip() for key, value in row.items()}
   elif extension in ('.jsonl', '.json'):
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8-sig') as f:
       for line, text in enumerate(f, start=1):
         if not text.strip():
           continue
@@ -135,11 +162,10 @@ def _read_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _check_keys(keys: Sequence[str], path: str, line: int) -> None:
-  unknown = sorted(set(keys) - set(_MANIFEST_KEYS))
   missing = [key for key in ('path', 'label') if key not in keys]
-  if unknown or missing:
+  if missing:
     raise ValueError(f'{path}:{line}: expected keys path,label[,start,end][,split][,id]; '
-                     f'missing {missing}, unknown {unknown}.')
+                     f'missing {missing}, got {list(keys)}.')
 
 
 def _split_labels(value: Any, path: str, line: int) -> list[str | int]:
