@@ -636,10 +636,10 @@ def test_shapes_that_cannot_be_mapped_stop_with_name_and_both_shapes(tmp_path):
 
 def test_unsupported_variants_and_bad_config_fields(tmp_path, weights, files):
   flat = timm(weights)
-  flat['blocks.0.ls1.gamma'] = np.ones(D, np.float32)
-  path = tmp_path / 'deit3.safetensors'
+  flat['blocks.0.mlp.w12.weight'] = np.ones((2 * MLP, D), np.float32)
+  path = tmp_path / 'vitg.safetensors'
   safetensors.numpy.save_file(flat, path)
-  with pytest.raises(PretrainedError, match=r"'blocks\.0\.ls1\.gamma'.*layer scale"):
+  with pytest.raises(PretrainedError, match=r"'blocks\.0\.mlp\.w12\.weight'.*SwiGLU MLP"):
     mapped(config_for(path))
   for field, value, message in (('format', 'torch', r'config\.init\.format: expected auto'),
                                 ('video_kernel', 'middle', r'config\.init\.video_kernel'),
