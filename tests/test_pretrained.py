@@ -572,10 +572,12 @@ def test_separate_checkpoint_per_modality(files, weights, tmp_path):
   assert not any('audio' in n for n in mapped(video_only).values)
 
 
-def test_scanned_bfloat16_model_on_a_sharded_mesh_gets_its_shards(files):
+@pytest.mark.parametrize('fmt', ['big_vision', 'hf_dinov2'])
+def test_scanned_bfloat16_model_on_a_sharded_mesh_gets_its_shards(files, dinov2_files, fmt):
   """The train loop's sequence on a data=2 x fsdp=2 x model=2 mesh of 8 CPU devices; a 3-layer model
   (2 unimodal layers stacked) with layer 1 of video excluded and layer 2 absent from the 2-layer ViT."""
-  config = config_for(files['big_vision'], **{
+  checkpoint = {**files, **dinov2_files}[fmt]
+  config = config_for(checkpoint, **{
       'model.scan_layers': True, 'model.dtype': 'bfloat16', 'model.num_layers': 3,
       'model.fusion_layer': 2, 'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.model': 2,
       'init.exclude': ('encoderblock_1_video/',)})
@@ -600,7 +602,7 @@ def test_scanned_bfloat16_model_on_a_sharded_mesh_gets_its_shards(files):
       split += 1
       assert all(s.data.size < leaf.size for s in leaf.addressable_shards), name
   assert split > 0
-  unscanned = mapped(config_for(files['big_vision'], **{'model.num_layers': 3,
+  unscanned = mapped(config_for(checkpoint, **{'model.num_layers': 3,
                                                        'model.fusion_layer': 2})).values
   stacked = 'encoder/encoderblocks_video/MlpBlock_3/Dense_0/kernel'
   got = np.asarray(params[stacked])
