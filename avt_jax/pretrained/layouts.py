@@ -32,7 +32,9 @@ Formats (each layout learned from the publisher's code, cited in the converter):
     `MlpBlock_0`), layers unrolled (`encoderblock_{i}`) or scanned (`encoderblock`, leading layer
     axis); two-tower files (SigLIP, LiT) contribute their `img` tower.
   `timm`: timm VisionTransformer state_dict in safetensors (`patch_embed.proj.weight` [D, C, h, w],
-    `cls_token`, `pos_embed`, `blocks.{i}.attn.qkv.weight` [3D, D] fused q/k/v, `norm`, `head`).
+    `cls_token`, `reg_token`, `pos_embed`, `blocks.{i}.attn.qkv.weight` [3D, D] fused q/k/v,
+    `blocks.{i}.ls1|ls2.gamma` LayerScale, `norm`, `head`); `pos_embed` covers the class and
+    register tokens unless the model was made with `no_embed_class`, which only its config.json says.
   `hf_vit`: Hugging Face transformers ViTModel / ViTForImageClassification safetensors
     (`[vit.]embeddings.*`, `[vit.]encoder.layer.{i}.attention.attention.query|key|value.*`,
     `layernorm_before|after`, `intermediate.dense`, `output.dense`, `layernorm`, `pooler`,
