@@ -544,7 +544,7 @@ class _Put:
     self.params[key], self.origin[key] = _as_float32(value), source
 
 
-def _timm_prefix(p: str, take: _Taker, side: dict, where: str) -> tuple[int, ...]:
+def _timm_prefix(p: str, take: _Taker, side: dict) -> tuple[int, ...]:
   """Possible prefix rows of timm's `pos_embed`: the class and register tokens unless the model was
   made with `no_embed_class` (its config.json's `model_args` says so; the file alone does not)."""
   tokens = (1 if take.has(f'{p}cls_token') else 0) + (
@@ -568,7 +568,7 @@ def _timm(flat: Flat, where: str, fmt: str, side: dict) -> Source:
     put('cls', take.take(f'{p}cls_token'), f'{p}cls_token')
   put('posemb', take.take(f'{p}pos_embed'), f'{p}pos_embed')
   # DINOv2 adds `pos_embed` (CLS + patches) before inserting its registers; timm, see _timm_prefix.
-  prefix = (1,) if fmt == 'dinov2' else _timm_prefix(p, take, side, where)
+  prefix = (1,) if fmt == 'dinov2' else _timm_prefix(p, take, side)
   # DINOv2 with block_chunks > 0 (its training checkpoints) nests blocks as blocks.{chunk}.{i}.
   blocks = {}
   for key in flat:
