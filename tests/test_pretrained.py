@@ -957,3 +957,21 @@ def test_hugging_face_config_json_states_a_rectangular_grid(tmp_path, weights):
   (folder / 'config.json').write_text('{"image_size": 32,')
   with pytest.raises(PretrainedError, match=r'hf/config\.json: not readable JSON'):
     mapped(single_modality('video', folder / 'model.safetensors'))
+
+
+def test_bicubic_posemb_resize_is_cubic_convolution():
+  """Keys' cubic convolution (half-pixel centres, clamped edges): the identity at equal sizes,
+  constants kept, and with Keys' a = -0.5 (the only a whose kernel reproduces linear functions) ramps
+  kept away from the clamped edges; PyTorch's a = -0.75 against onnxruntime's Resize on DINOv2's real
+  37x37 grid in tests/test_pretrained_dinov2.py."""
+  from avt_jax.pretrained import mapping  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(mapping._cubic_matrix(7, 7), np.eye(7), atol=1e-12)
+  np.testing.assert_allclose(mapping._cubic_matrix(37, 16).sum(1), 1.0, atol=1e-12)
+  ramp = np.arange(37, dtype=np.float64)
+  centres = (np.arange(16) + 0.5) * 37 / 16 - 0.5
+  np.testing.assert_allclose((mapping._cubic_matrix(37, 16, a=-0.5) @ ramp)[2:-2], centres[2:-2],
+                             atol=1e-9)
+  assert np.abs(mapping._cubic_matrix(37, 16) @ ramp - centres)[2:-2].max() > 1e-3
+  grid = np.full((1, 37, 37, 2), 0.25, np.float32)
+  np.testing.assert_allclose(mapping.resize_bicubic(grid, (16, 8)), np.full((1, 16, 8, 2), 0.25),
+                             rtol=1e-6)
