@@ -90,6 +90,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.attention_chunk_size = 128  # queries per chunk of 'chunked' attention
   c.model.remat_policy = 'none'  # 'dots' or 'full': recompute block activations in the backward pass
   c.model.scan_layers = False  # nn.scan over identical layers (stacked parameters, faster compile)
+  c.model.gelu_approximate = True  # tanh GELU (ViT, big_vision); False: exact erf GELU (PyTorch, DINOv2)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.weights = ml_collections.ConfigDict(dict(
@@ -145,7 +146,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # after the random init of a run without checkpoints in its workdir; a resumed run ignores it.
   c.init = ml_collections.ConfigDict()
   c.init.checkpoint = ''  # file or directory, local or gs://; '' = random init
-  c.init.format = 'auto'  # or vit_npz, big_vision, timm, hf_vit, scenic, avt
+  c.init.format = 'auto'  # or vit_npz, big_vision, timm, hf_vit, hf_dinov2, dinov2, scenic, avt
+  # The checkpoint's patch grid, e.g. (14, 14), where neither the file nor a config.json beside it
+  # says it and its position embedding's layout is ambiguous; () = from the checkpoint.
+  c.init.posemb_grid = ()
   c.init.modalities = ('video', 'audio')  # encoders that receive init.checkpoint
   c.init.video_kernel = 'central'  # 2D patch kernel -> tubelet: 'central' frame or 'average'
   # Pixel normalisation the (external) checkpoint was trained with, folded into the video patch
@@ -154,7 +158,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.init.pixel_normalization = 'minus_one_to_one'
   c.init.exclude = ()  # regular expressions of parameter names to leave at their init
   for m in ('video', 'audio'):  # a separate checkpoint for one encoder: init.audio.checkpoint=...
-    c.init[m] = ml_collections.ConfigDict(dict(checkpoint='', format='auto'))
+    c.init[m] = ml_collections.ConfigDict(dict(checkpoint='', format='auto', posemb_grid=()))
   return c
 
 

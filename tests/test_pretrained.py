@@ -6,6 +6,8 @@ pre_logits) written from one set of numpy weights in each format's real key layo
 """
 
 import importlib.util
+import json
+import math
 import pathlib
 import re
 import zipfile
@@ -147,6 +149,53 @@ def hf_vit(w: dict, prefix: str = 'vit.') -> dict:
   return out
 
 
+def layer_scales(seed: int = 11) -> dict:
+  """LayerScale vectors {(layer, 1 | 2): [D]} as DINOv2 learns them (small, of either sign)."""
+  rng = np.random.default_rng(seed)
+  return {(i, j): rng.normal(0.3, 0.2, D).astype(np.float32) for i in range(LAYERS) for j in (1, 2)}
+
+
+def hf_dinov2(w: dict, gammas: dict, prefix: str = '', registers: int = 0) -> dict:
+  """Hugging Face Dinov2Model (prefix '') / Dinov2ForImageClassification ('dinov2.'): ViT names with
+  norm1/norm2, mlp.fc1/fc2, layer_scale{1,2}.lambda1, a mask_token (and register_tokens)."""
+  vit = hf_vit(w, prefix='')
+  rename = {'layernorm_before': 'norm1', 'layernorm_after': 'norm2', 'intermediate.dense': 'mlp.fc1',
+            'output.dense': 'mlp.fc2'}
+  out = {}
+  for key, value in vit.items():
+    if key.startswith('pooler.'):
+      continue
+    for old, new in rename.items():
+      key = re.sub(rf'(encoder\.layer\.\d+\.){re.escape(old)}\.', rf'\g<1>{new}.', key)
+    out[prefix + key] = value
+  for (i, j), gamma in gammas.items():
+    out[f'{prefix}encoder.layer.{i}.layer_scale{j}.lambda1'] = gamma
+  out[f'{prefix}embeddings.mask_token'] = np.zeros((1, D), np.float32)
+  if registers:
+    out[f'{prefix}embeddings.register_tokens'] = np.ones((1, registers, D), np.float32)
+  if prefix:
+    out['classifier.weight'] = np.zeros((CLASSES, 2 * D), np.float32)
+    out['classifier.bias'] = np.zeros(CLASSES, np.float32)
+  return out
+
+
+def dinov2_original(w: dict, gammas: dict, registers: int = 0, chunks: int = 0) -> dict:
+  """facebookresearch/dinov2 DinoVisionTransformer state_dict: timm names plus ls{1,2}.gamma,
+  mask_token, register_tokens; with `chunks`, blocks nested as blocks.{chunk}.{i} (FSDP chunks)."""
+  out = {k: v for k, v in timm(w).items() if not k.startswith(('head.', 'pre_logits.'))}
+  if chunks:
+    per = LAYERS // chunks
+    out = {re.sub(r'^blocks\.(\d+)\.', lambda m: f'blocks.{int(m.group(1)) // per}.{m.group(1)}.', k): v
+           for k, v in out.items()}
+  for (i, j), gamma in gammas.items():
+    block = f'blocks.{i // (LAYERS // chunks)}.{i}.' if chunks else f'blocks.{i}.'
+    out[f'{block}ls{j}.gamma'] = gamma
+  out['mask_token'] = np.zeros((1, D), np.float32)
+  if registers:
+    out['register_tokens'] = np.ones((1, registers, D), np.float32)
+  return out
+
+
 def nested(flat: dict) -> dict:
   tree = {}
   for key, value in flat.items():
@@ -196,16 +245,22 @@ def _layer_norm(x, scale, bias):
   return (x - mean) / np.sqrt(var + 1e-6) * scale + bias
 
 
-def _gelu(x):  # flax's nn.gelu (tanh approximation), as in the original ViT
+def _gelu(x, exact=False):  # flax's nn.gelu: the tanh approximation (original ViT) or erf (PyTorch)
+  if exact:
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
   return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def vit_reference(w: dict, images: np.ndarray) -> np.ndarray:
-  """Normalised CLS output [B, D] of the 2D ViT `w` (release layout) on images [B, 32, 32, 3]."""
+def vit_reference(w: dict, images: np.ndarray, gammas: dict | None = None,
+                  exact_gelu: bool = False) -> np.ndarray:
+  """Normalised CLS output [B, D] of the 2D ViT `w` (release layout) on square images [B, S, S, 3];
+  `gammas` {(layer, 1 | 2): [D]} adds LayerScale to the attention (1) and MLP (2) branches."""
   w = {k: v.astype(np.float64) for k, v in w.items()}
+  gammas = gammas or {}
   batch, size = images.shape[0], images.shape[1]
-  grid = size // PATCH
-  patches = images.reshape(batch, grid, PATCH, grid, PATCH, 3).transpose(0, 1, 3, 2, 4, 5)
+  patch = w['embedding/kernel'].shape[0]
+  grid = size // patch
+  patches = images.reshape(batch, grid, patch, grid, patch, 3).transpose(0, 1, 3, 2, 4, 5)
   x = patches.reshape(batch, grid * grid, -1) @ w['embedding/kernel'].reshape(-1, D) + w['embedding/bias']
   x = np.concatenate([np.broadcast_to(w['cls'], (batch, 1, D)), x], axis=1)
   x = x + w['Transformer/posembed_input/pos_embedding']
@@ -218,10 +273,12 @@ def vit_reference(w: dict, images: np.ndarray) -> np.ndarray:
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     attended = np.einsum('bhqn,bnhk->bqhk', weights, v)
-    x = x + np.einsum('bqhk,hkd->bqd', attended, w[f'{b}{ATT}/out/kernel']) + w[f'{b}{ATT}/out/bias']
+    x = x + gammas.get((i, 1), 1.0) * (
+        np.einsum('bqhk,hkd->bqd', attended, w[f'{b}{ATT}/out/kernel']) + w[f'{b}{ATT}/out/bias'])
     y = _layer_norm(x, w[f'{b}LayerNorm_2/scale'], w[f'{b}LayerNorm_2/bias'])
-    y = _gelu(y @ w[f'{b}MlpBlock_3/Dense_0/kernel'] + w[f'{b}MlpBlock_3/Dense_0/bias'])
-    x = x + y @ w[f'{b}MlpBlock_3/Dense_1/kernel'] + w[f'{b}MlpBlock_3/Dense_1/bias']
+    y = _gelu(y @ w[f'{b}MlpBlock_3/Dense_0/kernel'] + w[f'{b}MlpBlock_3/Dense_0/bias'], exact_gelu)
+    x = x + gammas.get((i, 2), 1.0) * (y @ w[f'{b}MlpBlock_3/Dense_1/kernel'] +
+                                       w[f'{b}MlpBlock_3/Dense_1/bias'])
   x = _layer_norm(x, w['Transformer/encoder_norm/scale'], w['Transformer/encoder_norm/bias'])
   return x[:, 0]
 
@@ -515,10 +572,12 @@ def test_separate_checkpoint_per_modality(files, weights, tmp_path):
   assert not any('audio' in n for n in mapped(video_only).values)
 
 
-def test_scanned_bfloat16_model_on_a_sharded_mesh_gets_its_shards(files):
+@pytest.mark.parametrize('fmt', ['big_vision', 'hf_dinov2'])
+def test_scanned_bfloat16_model_on_a_sharded_mesh_gets_its_shards(files, dinov2_files, fmt):
   """The train loop's sequence on a data=2 x fsdp=2 x model=2 mesh of 8 CPU devices; a 3-layer model
   (2 unimodal layers stacked) with layer 1 of video excluded and layer 2 absent from the 2-layer ViT."""
-  config = config_for(files['big_vision'], **{
+  checkpoint = {**files, **dinov2_files}[fmt]
+  config = config_for(checkpoint, **{
       'model.scan_layers': True, 'model.dtype': 'bfloat16', 'model.num_layers': 3,
       'model.fusion_layer': 2, 'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.model': 2,
       'init.exclude': ('encoderblock_1_video/',)})
@@ -543,7 +602,7 @@ def test_scanned_bfloat16_model_on_a_sharded_mesh_gets_its_shards(files):
       split += 1
       assert all(s.data.size < leaf.size for s in leaf.addressable_shards), name
   assert split > 0
-  unscanned = mapped(config_for(files['big_vision'], **{'model.num_layers': 3,
+  unscanned = mapped(config_for(checkpoint, **{'model.num_layers': 3,
                                                        'model.fusion_layer': 2})).values
   stacked = 'encoder/encoderblocks_video/MlpBlock_3/Dense_0/kernel'
   got = np.asarray(params[stacked])
@@ -620,12 +679,6 @@ def test_missing_entries_are_named(tmp_path, weights):
 
 
 def test_shapes_that_cannot_be_mapped_stop_with_name_and_both_shapes(tmp_path):
-  patch16 = write_npz(tmp_path / 'p16.npz', vit_release(patch=16))
-  with pytest.raises(PretrainedError, match=re.escape(
-      "tokenizer_video/embedding/kernel: the checkpoint's embedding/kernel has shape (16, 16, 3, 32) "
-      '(central over 2 frames, input normalisation minus_one_to_one folded in: (2, 16, 16, 3, 32)), '
-      'the model needs (2, 8, 8, 3, 32).')):
-    mapped(config_for(patch16))
   heads4 = write_npz(tmp_path / 'h4.npz', vit_release(heads=4))
   with pytest.raises(PretrainedError, match=r'4 attention heads, the model 2 \(set model.num_heads=4\)'):
     mapped(config_for(heads4))
@@ -636,10 +689,10 @@ def test_shapes_that_cannot_be_mapped_stop_with_name_and_both_shapes(tmp_path):
 
 def test_unsupported_variants_and_bad_config_fields(tmp_path, weights, files):
   flat = timm(weights)
-  flat['blocks.0.ls1.gamma'] = np.ones(D, np.float32)
-  path = tmp_path / 'deit3.safetensors'
+  flat['blocks.0.mlp.w12.weight'] = np.ones((2 * MLP, D), np.float32)
+  path = tmp_path / 'vitg.safetensors'
   safetensors.numpy.save_file(flat, path)
-  with pytest.raises(PretrainedError, match=r"'blocks\.0\.ls1\.gamma'.*layer scale"):
+  with pytest.raises(PretrainedError, match=r"'blocks\.0\.mlp\.w12\.weight'.*SwiGLU MLP"):
     mapped(config_for(path))
   for field, value, message in (('format', 'torch', r'config\.init\.format: expected auto'),
                                 ('video_kernel', 'middle', r'config\.init\.video_kernel'),
@@ -672,3 +725,253 @@ def test_paper_configs_use_the_imagenet21k_finetuning_recipe(name, warmup):
   assert 'ViT-B_16.npz' in module.__doc__ and '--config.init.checkpoint=' in module.__doc__
   smoke = module.get_config('smoke')
   assert smoke.loss.label_smoothing == get_base_config().loss.label_smoothing  # smoke runs unchanged
+
+
+# ------------------------------------------------------------------------------------------------
+# DINOv2 layouts: LayerScale folded, extra tokens unused
+
+
+@pytest.fixture(scope='module')
+def dinov2_files(tmp_path_factory, weights):
+  d = tmp_path_factory.mktemp('dinov2')
+  gammas = layer_scales()
+  out = {'hf_dinov2': (d / 'hf_dinov2.safetensors', hf_dinov2(weights, gammas)),
+         'hf_dinov2_classifier': (d / 'hf_cls.safetensors', hf_dinov2(weights, gammas, 'dinov2.')),
+         'hf_dinov2_registers': (d / 'hf_reg.safetensors', hf_dinov2(weights, gammas, registers=4)),
+         'dinov2': (d / 'dinov2.safetensors', dinov2_original(weights, gammas)),
+         'dinov2_chunked_registers': (d / 'dinov2_reg.safetensors',
+                                      dinov2_original(weights, gammas, registers=4, chunks=2))}
+  for path, flat in out.values():
+    safetensors.numpy.save_file(flat, path)
+  return {name: path for name, (path, _) in out.items()}
+
+
+def test_dinov2_layouts_load_alike_with_layer_scale_folded_and_tokens_reported_unused(dinov2_files):
+  gammas = layer_scales()
+  config = single_modality('video', '', **{'init.pixel_normalization': 'none'})
+  results = {}
+  for name, path in dinov2_files.items():
+    config.init.checkpoint = str(path)
+    results[name] = mapped(config)
+    assert results[name].report['sources']['video']['format'] == name.split('_')[0] + (
+        '_dinov2' if name.startswith('hf') else ''), name
+  reference = results['hf_dinov2']
+  for name, result in results.items():
+    for key, value in reference.values.items():
+      np.testing.assert_allclose(result.values[key], value, rtol=1e-6, err_msg=f'{name}: {key}')
+  out = 'encoder/encoderblock_1_video/MultiHeadDotProductAttention_1/out'
+  np.testing.assert_allclose(
+      reference.values[f'{out}/bias'],
+      vit_release()[f'Transformer/encoderblock_1/{ATT}/out/bias'] * gammas[(1, 1)], rtol=1e-6)
+  assert reference.report['loaded'][f'{out}/kernel'] == (
+      'encoder.layer.1.attention.output.dense.weight x encoder.layer.1.layer_scale1.lambda1')
+  assert results['dinov2'].report['loaded']['encoder/encoderblock_0_video/MlpBlock_3/Dense_1/bias'] == (
+      'blocks.0.mlp.fc2.bias x blocks.0.ls2.gamma')
+  unused = {name: r.report['unused'] for name, r in results.items()}
+  assert unused['hf_dinov2'] == ['embeddings.mask_token']
+  assert unused['hf_dinov2_classifier'] == ['classifier.bias', 'classifier.weight',
+                                            'dinov2.embeddings.mask_token']
+  assert unused['hf_dinov2_registers'] == ['embeddings.mask_token', 'embeddings.register_tokens']
+  assert unused['dinov2_chunked_registers'] == ['mask_token', 'register_tokens']
+
+
+def test_static_video_through_a_dinov2_encoder_equals_the_2d_model_with_layer_scale(dinov2_files,
+                                                                                    weights):
+  """Exact GELU (`model.gelu_approximate=False`, DINOv2's) and LayerScale in the numpy reference."""
+  rng = np.random.default_rng(3)
+  frame = rng.uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  normalized = (frame - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  expected = vit_reference(weights, normalized, layer_scales(), exact_gelu=True)
+  for scan in (False, True):
+    config = single_modality('video', dinov2_files['dinov2'], **{
+        'model.gelu_approximate': False, 'init.pixel_normalization': 'imagenet',
+        'model.scan_layers': scan})
+    params = abstract_params(config)
+    values = {**dict(_flat(random_params(params))), **mapped(config).values}
+    got = np.asarray(_forward(build_model(config), 'video')(_nested(values),
+                                                           np.repeat(frame[:, None], 2, axis=1)))
+    np.testing.assert_allclose(got, expected, atol=3e-5, rtol=3e-5, err_msg=f'scan_layers={scan}')
+  approximate = single_modality('video', dinov2_files['dinov2'], **{
+      'init.pixel_normalization': 'imagenet'})
+  values = {**dict(_flat(random_params(abstract_params(approximate)))), **mapped(approximate).values}
+  got = np.asarray(_forward(build_model(approximate), 'video')(_nested(values),
+                                                               np.repeat(frame[:, None], 2, axis=1)))
+  assert np.abs(got - expected).max() > 1e-4  # the tanh GELU is another function
+
+
+# ------------------------------------------------------------------------------------------------
+# Patch sizes: FlexiViT resampling, or the model at the checkpoint's patch size
+
+
+@pytest.mark.parametrize('old, new', [((8, 8), (12, 12)), ((14, 14), (16, 16)), ((16, 16), (16, 8))])
+def test_resampled_kernel_keeps_tokens_of_resized_patches(old, new):
+  """<resize(x), w_hat> = <x, w> for every patch x when upsampling; least squares otherwise."""
+  from avt_jax.pretrained import patch_resize  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=(*old, 3, 5)).astype(np.float32)
+  patches = rng.normal(size=(500, *old, 3)).astype(np.float32)
+  resized = np.asarray(jax.image.resize(patches, (500, *new, 3), 'bilinear'))
+  new_kernel = patch_resize.resample_kernel(kernel, new)
+  assert new_kernel.shape == (*new, 3, 5)
+  want = np.einsum('bhwc,hwcd->bd', patches, kernel)
+  got = np.einsum('bhwc,hwcd->bd', resized, new_kernel)
+  if new[0] >= old[0] and new[1] >= old[1]:
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  else:  # downsampling loses detail: the least-squares optimum beats resizing the kernel (FlexiViT)
+    naive = np.asarray(jax.image.resize(kernel, (*new, 3, 5), 'bilinear')) * (
+        math.prod(old) / math.prod(new))
+    plain = np.einsum('bhwc,hwcd->bd', resized, naive)
+    assert ((got - want) ** 2).mean() < ((plain - want) ** 2).mean()
+  tubelet = patch_resize.resample_kernel(np.stack([kernel, 2 * kernel]), new)
+  np.testing.assert_allclose(tubelet[1], 2 * new_kernel, rtol=1e-5)
+
+
+def test_other_patch_sizes_are_resampled_in_every_format_and_reported(tmp_path, weights):
+  patch16 = write_npz(tmp_path / 'p16.npz', vit_release(patch=16))  # a 2x2 grid of 16 px patches
+  report = mapped(config_for(patch16)).report
+  video = report['inflated']['tokenizer_video/embedding/kernel']
+  assert (video['from'], video['to']) == ([16, 16, 3, D], [2, 8, 8, 3, D])
+  assert video['how'] == ('central over 2 frames, input normalisation minus_one_to_one folded in, '
+                          'patch 16x16 -> 8x8 (FlexiViT pseudo-inverse resize, least squares: '
+                          'downsampling)')
+  audio = report['transformed']['tokenizer_audio/embedding/kernel']
+  assert audio['to'] == [8, 8, 1, D] and 'patch 16x16 -> 8x8' in audio['how']
+  # An AVT checkpoint (kind 'avt') with 8 px patches into a model with 16 px patches.
+  c8 = config_for()
+  saved = dict(_flat(jax.tree_util.tree_map(np.asarray, _save_own_checkpoint(tmp_path / 'own', c8))))
+  c16 = config_for(tmp_path / 'own', **{'model.video_patch': (2, 16, 16), 'model.audio_patch': (16, 16),
+                                        'init.exclude': ('decoder',)})  # pixel targets: other sizes
+  prepared = mapped(c16)
+  entry = prepared.report['transformed']['tokenizer_video/embedding/kernel']
+  assert entry['how'] == 'patch 8x8 -> 16x16 (FlexiViT pseudo-inverse resize, exact on bilinearly resized patches)'
+  from avt_jax.pretrained import patch_resize  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(prepared.values['tokenizer_video/embedding/kernel'],
+                             patch_resize.resample_kernel(saved['tokenizer_video/embedding/kernel'],
+                                                          (16, 16)), rtol=1e-6)
+
+
+def test_model_built_at_the_checkpoints_patch_size(tmp_path):
+  """A 14 px DINOv2 checkpoint into video_patch (2, 14, 14) / audio_patch (14, 14) on 28 px frames
+  and 56 x 28 spectrograms: kernels inflated / summed, never resampled; static video = 2D model."""
+  w14 = vit_release(patch=14)  # 32 // 14 = 2: a 2x2 grid
+  path = tmp_path / 'dinov2_14.safetensors'
+  safetensors.numpy.save_file(dinov2_original(w14, layer_scales()), path)
+  config = config_for(path, **{'model.video_patch': (2, 14, 14), 'model.audio_patch': (14, 14),
+                               'input.image_size': 28, 'input.audio_frames': 56, 'input.n_mels': 28,
+                               'init.pixel_normalization': 'none', 'model.gelu_approximate': False})
+  report = mapped(config).report
+  assert report['inflated']['tokenizer_video/embedding/kernel']['how'] == 'central over 2 frames'
+  assert report['transformed']['tokenizer_audio/embedding/kernel']['to'] == [14, 14, 1, D]
+  assert report['resized']['posembed_audio/posembed_input']['to'] == [1, 4, 2, D]
+  video_only = single_modality('video', path, **{
+      'model.video_patch': (2, 14, 14), 'input.image_size': 28, 'init.pixel_normalization': 'none',
+      'model.gelu_approximate': False})
+  frame = np.random.default_rng(4).normal(size=(2, 28, 28, 3)).astype(np.float32)
+  values = {**dict(_flat(random_params(abstract_params(video_only)))), **mapped(video_only).values}
+  got = np.asarray(_forward(build_model(video_only), 'video')(_nested(values),
+                                                             np.repeat(frame[:, None], 2, axis=1)))
+  np.testing.assert_allclose(got, vit_reference(w14, frame, layer_scales(), exact_gelu=True),
+                             atol=3e-5, rtol=3e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Position-embedding layouts: prefix rows from what the file says, rectangular grids (issue 23.3)
+
+
+def _timm_audio(tmp_path, name, rows, cls=True, registers=0, side=None):
+  """The tiny ViT in timm's layout with pos_embed row r = r (row 0 = 0), for reading the split."""
+  flat = timm(vit_release())
+  flat['pos_embed'] = np.broadcast_to(np.arange(rows, dtype=np.float32)[None, :, None],
+                                      (1, rows, D)).copy()
+  flat['cls_token'] = np.full((1, 1, D), 0.5, np.float32)
+  if not cls:
+    del flat['cls_token']
+  if registers:
+    flat['reg_token'] = np.zeros((1, registers, D), np.float32)
+  folder = tmp_path / name
+  folder.mkdir()
+  safetensors.numpy.save_file(flat, folder / 'model.safetensors')
+  if side is not None:
+    (folder / 'config.json').write_text(json.dumps(side))
+  return folder / 'model.safetensors'
+
+
+def _audio_only(path, grid, **overrides):
+  return single_modality('audio', path, **{'input.audio_frames': grid[0] * PATCH,
+                                          'input.n_mels': grid[1] * PATCH, **overrides})
+
+
+@pytest.mark.parametrize('grid', [(4, 2), (2, 2), (8, 1)])
+def test_timm_rectangular_grids_split_the_cls_row_by_the_models_grid(tmp_path, grid):
+  """4x2: 9 rows (a square count) are still 1 CLS + 8 patches; 2x2: 5 rows; 8x1: 9 rows."""
+  n = grid[0] * grid[1]
+  prepared = mapped(_audio_only(_timm_audio(tmp_path, 'f', 1 + n), grid))
+  np.testing.assert_array_equal(prepared.values['posembed_audio/posembed_input'][..., 0],
+                                np.arange(1, n + 1, dtype=np.float32).reshape(1, *grid))
+  np.testing.assert_array_equal(prepared.values['cls_audio'], np.full((1, 1, D), 0.5))
+  how = prepared.report['resized']['posembed_audio/posembed_input']['how']
+  assert how == f"1 prefix rows (the model's patch grid), laid out on a {grid} grid"
+  assert prepared.report['loaded']['cls_audio'] == 'cls_token + pos_embed[0]'
+
+
+def test_timm_prefix_rows_from_config_json_and_from_config_init(tmp_path):
+  # no_embed_class (its config.json says so): 8 patch rows, the CLS token keeps its value.
+  path = _timm_audio(tmp_path, 'noembed', 8, side={'architecture': 'deit3_small_patch8',
+                                                    'model_args': {'no_embed_class': True}})
+  prepared = mapped(_audio_only(path, (4, 2)))
+  np.testing.assert_array_equal(prepared.values['posembed_audio/posembed_input'][0, ..., 0],
+                                np.arange(8, dtype=np.float32).reshape(4, 2))
+  np.testing.assert_array_equal(prepared.values['cls_audio'], np.full((1, 1, D), 0.5))
+  assert prepared.report['resized']['posembed_audio/posembed_input']['how'].startswith(
+      '0 prefix rows (the timm layout)')
+  # 1 CLS + 4 registers + 4 patches (2x2), or no prefix rows and 9 patches (3x3): both square, the
+  # model's grids (4x4 video, 8x4 audio) match neither, and the file does not say: stop.
+  ambiguous = _timm_audio(tmp_path, 'reg', 9, registers=4)
+  with pytest.raises(PretrainedError, match=r"reg/model\.safetensors \(timm\): cannot tell the layout of "
+                     r"pos_embed \(9 rows: 5 prefix rows \+ 4 patches, 0 prefix rows \+ 9 patches\)"
+                     r".*config\.init\.posemb_grid"):
+    mapped(config_for(ambiguous))
+  stated = mapped(config_for(ambiguous, **{'init.posemb_grid': (2, 2)}))
+  assert stated.report['resized']['posembed_video/posembed_input']['how'].startswith(
+      '5 prefix rows (the stated patch grid (2, 2)), laid out on a (2, 2) grid, bilinear resize')
+  assert 'pos_embed[1:5]' in stated.report['unused'] and 'reg_token' in stated.report['unused']
+  np.testing.assert_array_equal(stated.values['cls_video'], np.full((1, 1, D), 0.5))  # 0.5 + row 0
+  # timm's pretrained_cfg states the input size: a rectangular 16 x 64 px image of 8 px patches.
+  wide = _timm_audio(tmp_path, 'wide', 17, side={'pretrained_cfg': {'input_size': [3, 16, 64]}})
+  how = mapped(config_for(wide)).report['resized']['posembed_video/posembed_input']['how']
+  assert how.startswith('1 prefix rows (the stated patch grid (2, 8)), laid out on a (2, 8) grid, '
+                        'bilinear resize (2, 8) -> (4, 4)')
+  with pytest.raises(PretrainedError, match=r'config\.init\.audio\.posemb_grid: expected \(\) or two'):
+    pretrained.validate(config_for(wide, **{'init.audio.posemb_grid': (0, 3)}))
+
+
+def test_hugging_face_config_json_states_a_rectangular_grid(tmp_path, weights):
+  folder = tmp_path / 'hf'
+  folder.mkdir()
+  safetensors.numpy.save_file(hf_vit(weights), folder / 'model.safetensors')
+  (folder / 'config.json').write_text(json.dumps({'image_size': [16, 64], 'patch_size': 8}))
+  prepared = mapped(single_modality('video', folder / 'model.safetensors'))
+  how = prepared.report['resized']['posembed_video/posembed_input']['how']
+  assert how == ('1 prefix rows (the stated patch grid (2, 8)), laid out on a (2, 8) grid, '
+                 'bilinear resize (2, 8) -> (4, 4), repeated over 1 time steps')
+  (folder / 'config.json').write_text('{"image_size": 32,')
+  with pytest.raises(PretrainedError, match=r'hf/config\.json: not readable JSON'):
+    mapped(single_modality('video', folder / 'model.safetensors'))
+
+
+def test_bicubic_posemb_resize_is_cubic_convolution():
+  """Keys' cubic convolution (half-pixel centres, clamped edges): the identity at equal sizes,
+  constants kept, and with Keys' a = -0.5 (the only a whose kernel reproduces linear functions) ramps
+  kept away from the clamped edges; PyTorch's a = -0.75 against onnxruntime's Resize on DINOv2's real
+  37x37 grid in tests/test_pretrained_dinov2.py."""
+  from avt_jax.pretrained import mapping  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(mapping._cubic_matrix(7, 7), np.eye(7), atol=1e-12)
+  np.testing.assert_allclose(mapping._cubic_matrix(37, 16).sum(1), 1.0, atol=1e-12)
+  ramp = np.arange(37, dtype=np.float64)
+  centres = (np.arange(16) + 0.5) * 37 / 16 - 0.5
+  np.testing.assert_allclose((mapping._cubic_matrix(37, 16, a=-0.5) @ ramp)[2:-2], centres[2:-2],
+                             atol=1e-9)
+  assert np.abs(mapping._cubic_matrix(37, 16) @ ramp - centres)[2:-2].max() > 1e-3
+  grid = np.full((1, 37, 37, 2), 0.25, np.float32)
+  np.testing.assert_allclose(mapping.resize_bicubic(grid, (16, 8)), np.full((1, 16, 8, 2), 0.25),
+                             rtol=1e-6)

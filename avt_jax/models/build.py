@@ -135,7 +135,7 @@ def _model(config: ml_collections.ConfigDict) -> AVT:
   dtype name, token grids)."""
   m = config.model
   _check(m.dtype in DTYPES, 'model.dtype', f'expected one of {sorted(DTYPES)}, got {m.dtype!r}')
-  options = {f.name: m[f.name] for f in dataclasses.fields(EncoderOptions)}
+  options = {f.name: m.get(f.name, f.default) for f in dataclasses.fields(EncoderOptions)}
   grids = token_grids(config)
   return AVT(
       num_classes=dict(config.data.num_classes), modalities=tuple(m.modalities), **encoder_size(m),

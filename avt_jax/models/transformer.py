@@ -158,7 +158,7 @@ class MlpBlock(nn.Module):
     x = nn.Dense(self.mlp_dim, dtype=dtype,
                  kernel_init=nn.with_logical_partitioning(init, ('embed', 'mlp')),
                  bias_init=nn.with_logical_partitioning(bias_init, ('mlp',)))(x)
-    x = nn.gelu(x)
+    x = nn.gelu(x, approximate=self.options.gelu_approximate)
     x = nn.Dropout(rate)(x, deterministic=deterministic)
     x = nn.Dense(width, dtype=dtype, kernel_init=nn.with_logical_partitioning(init, ('mlp', 'embed')),
                  bias_init=bias_init)(x)

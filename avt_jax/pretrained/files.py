@@ -14,6 +14,7 @@ Paths may be local or `gs://` (etils.epath); every process of a multi-host job r
 """
 
 import io
+import json
 import logging
 import re
 import zipfile
@@ -183,6 +184,25 @@ def _read_orbax_params(state_dir: epath.Path) -> Flat:
   finally:
     absl_logger.setLevel(level)
   return _flatten(restored['params'])
+
+
+def side_config(path: str | epath.Path) -> dict:
+  """The `config.json` beside a checkpoint file (Hugging Face and timm hub folders), or {}.
+
+  Raises:
+    PretrainedError: the file exists but is not a JSON object.
+  """
+  path = epath.Path(path)
+  side = path.parent / 'config.json'
+  if path.is_dir() or not side.exists():
+    return {}
+  try:
+    config = json.loads(side.read_text())
+  except ValueError as e:
+    raise PretrainedError(f'{side}: not readable JSON ({e}).') from e
+  if not isinstance(config, dict):
+    raise PretrainedError(f'{side}: expected a JSON object, got {type(config).__name__}.')
+  return config
 
 
 def describe(flat: Flat, limit: int = 8) -> str:

@@ -3,15 +3,23 @@
 `kind='vit'`: one image (or ViViT video) encoder under canonical keys, the flax ViT names of the
 original release with attention projections flattened over heads:
   `embedding/kernel` [h, w, C, D] (ViViT: [t, h, w, C, D]), `embedding/bias` [D];
-  `cls` [1, 1, D], holding the checkpoint's CLS token plus its position embedding where the
-    checkpoint adds position embeddings after prepending CLS (AVT's CLS token gets no position
-    embedding, so the sum keeps the first token's input unchanged);
-  `posemb` [1, N, D], the patch positions only, row-major over the patch grid;
+  `cls` [1, 1, D], the checkpoint's CLS token; `posemb` [1, P + N, D], the checkpoint's position
+    embedding as stored: P prefix rows (CLS, registers) then N patch rows, row-major over the patch
+    grid. How many prefix rows there are is what the file or its config says (`Source.prefix`); where
+    a format leaves it open (timm's `no_embed_class`, old big_vision files) `resolve_posemb` decides
+    from the stated or the model's patch grid, or stops naming the entry. Resolved, `cls` holds the
+    CLS token plus its position row (AVT's CLS token gets no position embedding, so the sum keeps the
+    first token's input unchanged) and `posemb` only the N patch rows;
   `encoderblock_{i}/LayerNorm_0|LayerNorm_2/scale|bias` [D];
   `encoderblock_{i}/MultiHeadDotProductAttention_1/query|key|value/kernel` [D, D] (input, heads x
     head_dim), `.../bias` [D], `.../out/kernel` [D, D] (heads x head_dim, output), `.../out/bias` [D];
   `encoderblock_{i}/MlpBlock_3/Dense_0/kernel` [D, mlp], `Dense_1/kernel` [mlp, D], biases;
   `encoder_norm/scale|bias` [D].
+LayerScale (CaiT, DeiT-III, DINOv2: x + gamma * f(x), gamma [D] per residual branch) is folded into
+the attention output and second MLP projections (kernel * gamma over its output axis, bias * gamma),
+which computes the same function with AVT's unchanged block (our design: no extra parameter, so the
+parameter tree, sharding rules, scanned layout and own checkpoints stay as they are; the difference
+is in fine-tuning only, where gamma no longer has its own learning rate and weight decay).
 `kind='avt'`: parameters already under AVT's names (`avt_jax.models.AVT`, unrolled layer layout),
   e.g. `encoder/encoderblock_3_audio/...`; position embeddings may still be flat [1, N, D] (Scenic).
 
@@ -24,11 +32,24 @@ Formats (each layout learned from the publisher's code, cited in the converter):
     `MlpBlock_0`), layers unrolled (`encoderblock_{i}`) or scanned (`encoderblock`, leading layer
     axis); two-tower files (SigLIP, LiT) contribute their `img` tower.
   `timm`: timm VisionTransformer state_dict in safetensors (`patch_embed.proj.weight` [D, C, h, w],
-    `cls_token`, `pos_embed`, `blocks.{i}.attn.qkv.weight` [3D, D] fused q/k/v, `norm`, `head`).
+    `cls_token`, `reg_token`, `pos_embed`, `blocks.{i}.attn.qkv.weight` [3D, D] fused q/k/v,
+    `blocks.{i}.ls1|ls2.gamma` LayerScale, `norm`, `head`); `pos_embed` covers the class and
+    register tokens unless the model was made with `no_embed_class`, which only its config.json says.
   `hf_vit`: Hugging Face transformers ViTModel / ViTForImageClassification safetensors
     (`[vit.]embeddings.*`, `[vit.]encoder.layer.{i}.attention.attention.query|key|value.*`,
     `layernorm_before|after`, `intermediate.dense`, `output.dense`, `layernorm`, `pooler`,
     `classifier`).
+  `hf_dinov2`: Hugging Face Dinov2Model / Dinov2ForImageClassification / Dinov2WithRegistersModel
+    safetensors (modeling_dinov2.py: `[dinov2.]embeddings.cls_token|mask_token|register_tokens|
+    position_embeddings` [1, 1 + N, D], `patch_embeddings.projection`, `encoder.layer.{i}.norm1|norm2`,
+    `attention.attention.query|key|value`, `attention.output.dense`, `layer_scale1|2.lambda1`,
+    `mlp.fc1|fc2`, `layernorm`, `classifier` [C, 2D]).
+  `dinov2`: the original facebookresearch/dinov2 `dinov2_vit*14` state_dict written to safetensors
+    (`cls_token`, `mask_token`, `register_tokens`, `pos_embed` [1, 1 + N, D], `patch_embed.proj`,
+    `blocks.{i}.` or chunked `blocks.{c}.{i}.` with `norm1`, `attn.qkv`, `attn.proj`, `ls1.gamma`,
+    `norm2`, `mlp.fc1|fc2`, `ls2.gamma`, then `norm`); the timm layout plus DINOv2's own tokens.
+  DINOv2's `mask_token` (masked-image training) and register tokens have no counterpart in AVT and
+  are reported unused.
   `scenic`: Scenic flax checkpoints (`params/...` or `optimizer/target/...`): MBT (`embedding` /
     `embedding_spectrogram`, `cls` / `clsspectrogram`, `bottleneck`, `Transformer/encoderblock_{i}`
     (RGB) and `..._spectrogram`, one shared `encoder_norm`, `output_projection`) or ViViT
@@ -46,7 +67,7 @@ import numpy as np
 
 from avt_jax.pretrained.files import Flat, PretrainedError, describe
 
-FORMATS = ('vit_npz', 'big_vision', 'timm', 'hf_vit', 'scenic', 'avt')
+FORMATS = ('vit_npz', 'big_vision', 'timm', 'hf_vit', 'hf_dinov2', 'dinov2', 'scenic', 'avt')
 
 ATTENTION = 'MultiHeadDotProductAttention_1'
 BLOCK_KEYS = tuple(
@@ -66,6 +87,12 @@ class Source:
     origin: key -> the checkpoint entries it was made from (for the report).
     unused: checkpoint entries that no key uses (heads of image classifiers, pre_logits, ...).
     num_heads: attention heads stored in the checkpoint's kernel shapes (flax layouts), else None.
+    prefix: (kind 'vit') the possible numbers of prefix rows (CLS, registers) in front of the patch
+      rows of `posemb`, the format's convention first; one value where the format is unambiguous.
+    grid: the patch grid the checkpoint's config states (e.g. image size / patch size), else None.
+    posemb_note: how `resolve_posemb` split the position embedding, for the report.
+    posemb_resize: how the checkpoint's own model resizes its position embedding to other grids
+      ('bilinear', or 'bicubic' for DINOv2), used for the model's grid.
   """
   format: str
   kind: str
@@ -73,6 +100,10 @@ class Source:
   origin: dict[str, str]
   unused: list[str]
   num_heads: int | None = None
+  prefix: tuple[int, ...] = (0,)
+  grid: tuple[int, ...] | None = None
+  posemb_note: str = ''
+  posemb_resize: str = 'bilinear'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,8 +124,10 @@ def detect(container: str, flat: Flat) -> str:
   """Guesses the format from the container and the keys (`config.init.format='auto'`)."""
   if container == 'orbax' or _has(flat, r'^(encoder/encoderblocks?_|tokenizer_(video|audio)/)'):
     return 'avt'
-  if _has(flat, r'(^|\.)blocks\.\d+\.attn\.qkv\.weight$'):
-    return 'timm'
+  if _has(flat, r'(^|\.)blocks\.(\d+\.)?\d+\.attn\.qkv\.weight$'):
+    return 'dinov2' if _has(flat, r'(^|\.)mask_token$') else 'timm'
+  if _has(flat, r'(^|\.)encoder\.layer\.\d+\.(layer_scale1\.lambda1|norm1\.weight)$'):
+    return 'hf_dinov2'
   if _has(flat, r'(^|\.)encoder\.layer\.\d+\.attention\.attention\.query\.weight$'):
     return 'hf_vit'
   if container == 'msgpack' or _is_mbt(flat) or _has(flat, r'^optimizer/target/'):
@@ -108,12 +141,17 @@ def detect(container: str, flat: Flat) -> str:
       f'to one of {FORMATS}.')
 
 
-def convert(fmt: str, flat: Flat, where: str) -> Source:
-  """Converts a checkpoint of format `fmt` (see FORMATS); `where` names the file in errors."""
-  if fmt == 'timm':
-    return _timm(flat, where)
-  if fmt == 'hf_vit':
-    return _hf_vit(flat, where)
+def convert(fmt: str, flat: Flat, where: str, side: dict | None = None) -> Source:
+  """Converts a checkpoint of format `fmt` (see FORMATS); `where` names the file in errors.
+
+  `side` is the `config.json` found beside the file (Hugging Face, timm hub layouts), if any: its
+  image and patch size state the patch grid, timm's `model_args.no_embed_class` the prefix rows.
+  """
+  side = side or {}
+  if fmt in ('timm', 'dinov2'):
+    return _timm(flat, where, fmt, side)
+  if fmt in ('hf_vit', 'hf_dinov2'):
+    return _hf(flat, where, fmt, side)
   if fmt == 'avt':
     return _avt(flat, where)
   if fmt in ('vit_npz', 'big_vision', 'scenic'):
@@ -156,25 +194,57 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
   return np.asarray(x, np.float32)
 
 
-def split_cls_posemb(posemb: np.ndarray, cls: np.ndarray | None, includes_cls: bool | None
-                     ) -> tuple[np.ndarray, np.ndarray | None, bool]:
-  """Splits a [1, N(+1), D] position embedding into patch positions and the CLS input.
+def resolve_posemb(source: Source, model_grids: list[tuple[int, ...]], where: str,
+                   grid: tuple[int, ...] | None = None) -> str:
+  """Splits a 'vit' source's position embedding into its prefix rows and patch rows (in place).
 
-  Args:
-    posemb: the checkpoint's position embedding.
-    cls: its CLS token [1, 1, D] or None.
-    includes_cls: whether the layout adds position embeddings after prepending CLS; None decides by
-      the square-grid rule of big_vision's `fix_old_checkpoints` (N - 1 square, N not).
+  The number of prefix rows is the format's (`source.prefix`) where it is unambiguous. Otherwise a
+  reading is chosen only by evidence, in this order: the patch grid stated by `grid` (config.init's
+  `posemb_grid`) or by the checkpoint's config (`source.grid`); the patch grid of one of the model's
+  encoders it initialises (`model_grids`, (rows, cols) / (time, mel)); the only reading whose patch
+  count is a square (image checkpoints). Afterwards `source.grid` is the grid to lay the rows out on
+  (stated, or None) and `cls` holds the CLS token plus its position row.
 
   Returns:
-    (patch positions [1, N, D], cls + posemb[0] (or cls), whether a CLS position was split off).
+    why this number of prefix rows, for the report.
+
+  Raises:
+    PretrainedError: naming the entry, when the evidence allows no reading or more than one.
   """
-  n = posemb.shape[1]
-  if includes_cls is None:
-    includes_cls = _is_square(n - 1) and not _is_square(n)
-  if not includes_cls:
-    return posemb, cls, False
-  return posemb[:, 1:], (None if cls is None else cls + posemb[:, :1]), True
+  posemb = source.params['posemb']
+  rows, key = posemb.shape[1], source.origin['posemb']
+  stated = tuple(grid) if grid else source.grid
+  readings = [p for p in source.prefix if rows - p > 0]
+  fix = ("set config.init.posemb_grid (or init.<modality>.posemb_grid) to the checkpoint's patch "
+         'grid, e.g. (14, 14)')
+  if stated is not None:
+    chosen = [p for p in readings if rows - p == int(np.prod(stated))]
+    if not chosen:
+      raise PretrainedError(f'{where}: {key} has {rows} rows, which fit no prefix {source.prefix} '
+                            f'plus the stated patch grid {stated}.')
+    why = f'the stated patch grid {stated}'
+  elif len(readings) == 1:
+    chosen, why = readings, f'the {source.format} layout'
+  else:
+    chosen = [p for p in readings if any(rows - p == int(np.prod(g)) for g in model_grids)]
+    why = "the model's patch grid"
+    if not chosen:
+      chosen, why = [p for p in readings if _is_square(rows - p)], 'the only square patch grid'
+    if len(chosen) != 1:
+      options = ', '.join(f'{p} prefix rows + {rows - p} patches' for p in readings)
+      raise PretrainedError(f'{where}: cannot tell the layout of {key} ({rows} rows: {options}); '
+                            f'the checkpoint does not say which; {fix}.')
+  prefix = chosen[0]
+  source.grid = stated
+  if prefix:
+    source.params['posemb'] = posemb[:, prefix:]
+    source.origin['posemb'] = f'{key}[{prefix}:]'
+    if 'cls' in source.params:
+      source.params['cls'] = source.params['cls'] + posemb[:, :1]
+      source.origin['cls'] = f'{source.origin["cls"]} + {key}[0]'
+    if prefix > 1:  # position rows of register tokens, which AVT does not have
+      source.unused.append(f'{key}[1:{prefix}]')
+  return f'{prefix} prefix rows ({why})'
 
 
 def _is_square(n: int) -> bool:
@@ -332,14 +402,16 @@ def _flax_vit(inner: Flat, where: str) -> Source:
     raise PretrainedError(f'{where}: no learned position embedding (expected '
                           "'Transformer/posembed_input/pos_embedding' or 'pos_embedding'; fixed "
                           'sin-cos embeddings are not stored in checkpoints and are not supported).')
-  cls = take.take('cls') if take.has('cls') else None
+  put('posemb', take.take(pos_key), pos_key)
+  if take.has('cls'):
+    put('cls', take.take('cls'), 'cls')
   # The original release and Scenic add `posembed_input` after prepending CLS; big_vision's
-  # `pos_embedding` comes before it (older conversions are recognised by the square-grid rule).
-  includes_cls = (cls is not None) if pos_key.startswith('Transformer/posembed_input') else None
-  posemb, cls, combined = split_cls_posemb(take.take(pos_key), cls, includes_cls)
-  put('posemb', posemb, pos_key + ('[1:]' if combined else ''))
-  if cls is not None:
-    put('cls', cls, f'cls + {pos_key}[0]' if combined else 'cls')
+  # `pos_embedding` comes before it, except in files converted from the old layout, which
+  # big_vision's `fix_old_checkpoints` recognises by their count.
+  if pos_key.startswith('Transformer/posembed_input'):
+    prefix = (1,) if 'cls' in params else (0,)
+  else:
+    prefix = (0, 1) if 'cls' in params else (0,)
   blocks, used, heads = _flax_blocks(inner, where)
   take.used.update(used)
   for i, (block, names) in enumerate(blocks):
@@ -349,7 +421,7 @@ def _flax_vit(inner: Flat, where: str) -> Source:
     put(f'encoder_norm/{name}', take.take(f'Transformer/encoder_norm/{name}'),
         f'Transformer/encoder_norm/{name}')
   _finish_vit(params, where, len(blocks))
-  return Source('', 'vit', params, origin, take.unused(), heads)
+  return Source('', 'vit', params, origin, take.unused(), heads, prefix)
 
 
 def _mbt(inner: Flat, where: str) -> Source:
@@ -435,39 +507,78 @@ def _num_layers(flat: Flat, regex: str) -> int:
   return max(found) + 1 if found else 0
 
 
-_TIMM_UNSUPPORTED = {r'\.ls[12]\.gamma$|\.gamma_[12]$': 'layer scale (DeiT-III, CaiT)',
-                     r'(^|\.)reg_token$': 'register tokens',
-                     r'(^|\.)norm_pre\.': 'a LayerNorm before the encoder (CLIP)',
-                     r'\.attn\.[qk]_norm\.': 'query / key normalisation',
-                     r'\.attn\.[qv]_bias$': 'separate q / v biases (BEiT)',
-                     r'(^|\.)dist_token$': 'a distillation token (DeiT)'}
+_UNSUPPORTED = {r'(^|\.)norm_pre\.': 'a LayerNorm before the encoder (CLIP)',
+                r'\.attn\.[qk]_norm\.|\.attention\.[qk]_norm\.': 'query / key normalisation',
+                r'\.attn\.[qv]_bias$': 'separate q / v biases (BEiT)',
+                r'\.mlp\.(w12|w3|fc1_g|weights_in)\.': 'a SwiGLU MLP (e.g. DINOv2 ViT-g)',
+                r'(^|\.)dist_token$': 'a distillation token (DeiT)'}
 
 
-def _timm(flat: Flat, where: str) -> Source:
-  """timm `VisionTransformer.state_dict()` (timm/models/vision_transformer.py) -> kind 'vit'."""
-  for regex, feature in _TIMM_UNSUPPORTED.items():
+def _refuse_unsupported(flat: Flat, where: str) -> None:
+  for regex, feature in _UNSUPPORTED.items():
     bad = [k for k in flat if re.search(regex, k)]
     if bad:
-      raise PretrainedError(f'{where}: entry {bad[0]!r} means this timm model uses {feature}, which '
+      raise PretrainedError(f'{where}: entry {bad[0]!r} means this model uses {feature}, which '
                             "AVT's encoder blocks do not have.")
-  p = _prefix(flat, r'blocks\.\d+\.attn\.qkv\.weight')
+
+
+def _fold_layer_scale(put, take: _Taker, block: str, gammas: tuple[str, str]) -> None:
+  """Multiplies the attention output and second MLP projections of canonical `block` (in place) by
+  the checkpoint's LayerScale vectors `gammas` (attention, MLP), where it has them."""
+  for gamma_key, proj in zip(gammas, (f'{ATTENTION}/out', 'MlpBlock_3/Dense_1')):
+    if not take.has(gamma_key):
+      continue
+    gamma = _as_float32(take.take(gamma_key))
+    for leaf in ('kernel', 'bias'):
+      key = f'{block}{proj}/{leaf}'
+      put(key, put.params[key] * gamma, f'{put.origin[key]} x {gamma_key}')
+
+
+class _Put:
+  """Stores canonical entries as float32 with their origin."""
+
+  def __init__(self):
+    self.params, self.origin = {}, {}
+
+  def __call__(self, key: str, value: np.ndarray, source: str) -> None:
+    self.params[key], self.origin[key] = _as_float32(value), source
+
+
+def _timm_prefix(p: str, take: _Taker, side: dict) -> tuple[int, ...]:
+  """Possible prefix rows of timm's `pos_embed`: the class and register tokens unless the model was
+  made with `no_embed_class` (its config.json's `model_args` says so; the file alone does not)."""
+  tokens = (1 if take.has(f'{p}cls_token') else 0) + (
+      take.flat[f'{p}reg_token'].shape[1] if take.has(f'{p}reg_token') else 0)
+  args = side.get('model_args') or {}
+  if 'no_embed_class' in args:
+    return (0,) if args['no_embed_class'] else (tokens,)
+  return (tokens, 0) if tokens else (0,)
+
+
+def _timm(flat: Flat, where: str, fmt: str, side: dict) -> Source:
+  """timm `VisionTransformer.state_dict()` (timm/models/vision_transformer.py) and the original
+  DINOv2 `DinoVisionTransformer` (dinov2/models/vision_transformer.py) -> kind 'vit'."""
+  _refuse_unsupported(flat, where)
+  p = _prefix(flat, r'blocks\.(?:\d+\.)?\d+\.attn\.qkv\.weight')
   take = _Taker(flat, where)
-  params, origin = {}, {}
-
-  def put(key, value, source):
-    params[key], origin[key] = _as_float32(value), source
-
+  put = _Put()
   put('embedding/kernel', _conv(take.take(f'{p}patch_embed.proj.weight')), f'{p}patch_embed.proj.weight')
   put('embedding/bias', take.take(f'{p}patch_embed.proj.bias'), f'{p}patch_embed.proj.bias')
-  cls = take.take(f'{p}cls_token') if take.has(f'{p}cls_token') else None
-  # `no_embed_class` models (e.g. DeiT-III) have no CLS position: square-grid rule.
-  posemb, cls, combined = split_cls_posemb(take.take(f'{p}pos_embed'), cls, None)
-  put('posemb', posemb, f'{p}pos_embed' + ('[1:]' if combined else ''))
-  if cls is not None:
-    put('cls', cls, f'{p}cls_token + {p}pos_embed[0]' if combined else f'{p}cls_token')
-  layers = _num_layers(flat, rf'^{re.escape(p)}blocks\.(\d+)\.')
-  for i in range(layers):
-    b, c = f'{p}blocks.{i}.', f'encoderblock_{i}/'
+  if take.has(f'{p}cls_token'):
+    put('cls', take.take(f'{p}cls_token'), f'{p}cls_token')
+  put('posemb', take.take(f'{p}pos_embed'), f'{p}pos_embed')
+  # DINOv2 adds `pos_embed` (CLS + patches) before inserting its registers; timm, see _timm_prefix.
+  prefix = (1,) if fmt == 'dinov2' else _timm_prefix(p, take, side)
+  # DINOv2 with block_chunks > 0 (its training checkpoints) nests blocks as blocks.{chunk}.{i}.
+  blocks = {}
+  for key in flat:
+    match = re.match(rf'^({re.escape(p)}blocks\.(?:\d+\.)?(\d+)\.)', key)
+    if match:
+      blocks[int(match.group(2))] = match.group(1)
+  if sorted(blocks) != list(range(len(blocks))):
+    raise PretrainedError(f'{where}: encoder blocks {sorted(blocks)} are not numbered 0..L-1.')
+  for i in range(len(blocks)):
+    b, c = blocks[i], f'encoderblock_{i}/'
     for ours, theirs in (('LayerNorm_0', 'norm1'), ('LayerNorm_2', 'norm2')):
       put(f'{c}{ours}/scale', take.take(f'{b}{theirs}.weight'), f'{b}{theirs}.weight')
       put(f'{c}{ours}/bias', take.take(f'{b}{theirs}.bias'), f'{b}{theirs}.bias')
@@ -483,59 +594,77 @@ def _timm(flat: Flat, where: str) -> Source:
       put(f'{c}MlpBlock_3/{ours}/kernel', _linear(take.take(f'{b}mlp.{theirs}.weight')),
           f'{b}mlp.{theirs}.weight')
       put(f'{c}MlpBlock_3/{ours}/bias', take.take(f'{b}mlp.{theirs}.bias'), f'{b}mlp.{theirs}.bias')
+    _fold_layer_scale(put, take, c, (f'{b}ls1.gamma', f'{b}ls2.gamma'))
   put('encoder_norm/scale', take.take(f'{p}norm.weight'), f'{p}norm.weight')
   put('encoder_norm/bias', take.take(f'{p}norm.bias'), f'{p}norm.bias')
-  _finish_vit(params, where, layers)
-  return Source('timm', 'vit', params, origin, take.unused())
+  _finish_vit(put.params, where, len(blocks))
+  grid = _stated_grid(side, put.params['embedding/kernel'].shape[:2])
+  return Source(fmt, 'vit', put.params, put.origin, take.unused(), prefix=prefix, grid=grid,
+                posemb_resize='bicubic' if fmt == 'dinov2' else 'bilinear')
 
 
-_HF_BLOCK = (  # (ours, theirs, is a Linear weight)
-    ('LayerNorm_0/scale', 'layernorm_before.weight', False),
-    ('LayerNorm_0/bias', 'layernorm_before.bias', False),
-    *[(f'{ATTENTION}/{proj}/kernel', f'attention.attention.{proj}.weight', True)
-      for proj in ('query', 'key', 'value')],
-    *[(f'{ATTENTION}/{proj}/bias', f'attention.attention.{proj}.bias', False)
-      for proj in ('query', 'key', 'value')],
-    (f'{ATTENTION}/out/kernel', 'attention.output.dense.weight', True),
-    (f'{ATTENTION}/out/bias', 'attention.output.dense.bias', False),
-    ('LayerNorm_2/scale', 'layernorm_after.weight', False),
-    ('LayerNorm_2/bias', 'layernorm_after.bias', False),
-    ('MlpBlock_3/Dense_0/kernel', 'intermediate.dense.weight', True),
-    ('MlpBlock_3/Dense_0/bias', 'intermediate.dense.bias', False),
-    ('MlpBlock_3/Dense_1/kernel', 'output.dense.weight', True),
-    ('MlpBlock_3/Dense_1/bias', 'output.dense.bias', False),
+def _stated_grid(side: dict, patch: tuple[int, int]) -> tuple[int, int] | None:
+  """The patch grid from a config.json: Hugging Face `image_size` (int or [h, w]); timm
+  `model_args.img_size` or `pretrained_cfg.input_size` [C, H, W]; divided by the kernel's patch."""
+  size = side.get('image_size') or (side.get('model_args') or {}).get('img_size')
+  if size is None and (side.get('pretrained_cfg') or {}).get('input_size'):
+    size = side['pretrained_cfg']['input_size'][1:]
+  if size is None:
+    return None
+  size = (size, size) if isinstance(size, int) else tuple(size)
+  return tuple(s // q for s, q in zip(size, patch))
+
+
+_HF_BLOCK = (  # (ours, theirs in ViT, theirs in DINOv2, is a Linear weight)
+    ('LayerNorm_0/scale', 'layernorm_before.weight', 'norm1.weight', False),
+    ('LayerNorm_0/bias', 'layernorm_before.bias', 'norm1.bias', False),
+    *[(f'{ATTENTION}/{proj}/{leaf}', f'attention.attention.{proj}.{w}',
+       f'attention.attention.{proj}.{w}', leaf == 'kernel')
+      for proj in ('query', 'key', 'value') for leaf, w in (('kernel', 'weight'), ('bias', 'bias'))],
+    (f'{ATTENTION}/out/kernel', 'attention.output.dense.weight', 'attention.output.dense.weight', True),
+    (f'{ATTENTION}/out/bias', 'attention.output.dense.bias', 'attention.output.dense.bias', False),
+    ('LayerNorm_2/scale', 'layernorm_after.weight', 'norm2.weight', False),
+    ('LayerNorm_2/bias', 'layernorm_after.bias', 'norm2.bias', False),
+    ('MlpBlock_3/Dense_0/kernel', 'intermediate.dense.weight', 'mlp.fc1.weight', True),
+    ('MlpBlock_3/Dense_0/bias', 'intermediate.dense.bias', 'mlp.fc1.bias', False),
+    ('MlpBlock_3/Dense_1/kernel', 'output.dense.weight', 'mlp.fc2.weight', True),
+    ('MlpBlock_3/Dense_1/bias', 'output.dense.bias', 'mlp.fc2.bias', False),
 )
 
 
-def _hf_vit(flat: Flat, where: str) -> Source:
-  """Hugging Face `ViTModel` / `ViTForImageClassification` (modeling_vit.py) -> kind 'vit'."""
+def _hf(flat: Flat, where: str, fmt: str, side: dict) -> Source:
+  """Hugging Face `ViTModel` / `ViTForImageClassification` (modeling_vit.py) and `Dinov2Model` /
+  `Dinov2ForImageClassification` / `Dinov2WithRegistersModel` (modeling_dinov2*.py) -> kind 'vit'.
+  Both add `position_embeddings` after prepending CLS; DINOv2 inserts its registers after that."""
+  _refuse_unsupported(flat, where)
+  dino = fmt == 'hf_dinov2'
   p = _prefix(flat, r'encoder\.layer\.\d+\.attention\.attention\.query\.weight')
   take = _Taker(flat, where)
-  params, origin = {}, {}
-
-  def put(key, value, source):
-    params[key], origin[key] = _as_float32(value), source
-
+  put = _Put()
   e = f'{p}embeddings.'
   put('embedding/kernel', _conv(take.take(f'{e}patch_embeddings.projection.weight')),
       f'{e}patch_embeddings.projection.weight')
   put('embedding/bias', take.take(f'{e}patch_embeddings.projection.bias'),
       f'{e}patch_embeddings.projection.bias')
-  cls = take.take(f'{e}cls_token') if take.has(f'{e}cls_token') else None
-  posemb, cls, combined = split_cls_posemb(take.take(f'{e}position_embeddings'), cls, cls is not None)
-  put('posemb', posemb, f'{e}position_embeddings' + ('[1:]' if combined else ''))
-  if cls is not None:
-    put('cls', cls, f'{e}cls_token + {e}position_embeddings[0]' if combined else f'{e}cls_token')
+  if take.has(f'{e}cls_token'):
+    put('cls', take.take(f'{e}cls_token'), f'{e}cls_token')
+  put('posemb', take.take(f'{e}position_embeddings'), f'{e}position_embeddings')
   layers = _num_layers(flat, rf'^{re.escape(p)}encoder\.layer\.(\d+)\.')
   for i in range(layers):
-    for ours, theirs, linear in _HF_BLOCK:
-      key = f'{p}encoder.layer.{i}.{theirs}'
+    b = f'{p}encoder.layer.{i}.'
+    for ours, vit, dinov2, linear in _HF_BLOCK:
+      key = b + (dinov2 if dino else vit)
       value = take.take(key)
       put(f'encoderblock_{i}/{ours}', _linear(value) if linear else value, key)
+    _fold_layer_scale(put, take, f'encoderblock_{i}/',
+                      (f'{b}layer_scale1.lambda1', f'{b}layer_scale2.lambda1'))
   put('encoder_norm/scale', take.take(f'{p}layernorm.weight'), f'{p}layernorm.weight')
   put('encoder_norm/bias', take.take(f'{p}layernorm.bias'), f'{p}layernorm.bias')
-  _finish_vit(params, where, layers)
-  return Source('hf_vit', 'vit', params, origin, take.unused())
+  _finish_vit(put.params, where, layers)
+  grid = _stated_grid(side, put.params['embedding/kernel'].shape[:2])
+  return Source(fmt, 'vit', put.params, put.origin, take.unused(),
+                prefix=(1,) if 'cls' in put.params else (0,), grid=grid,
+                posemb_resize='bicubic' if dino else 'bilinear')
 
 
 # ----------------------------------------------------------------------------------------------

