@@ -310,7 +310,8 @@ class AVT(nn.Module):
   def _decoder(self, modality: str, patch_dim: int, name: str) -> MaskedDecoder:
     grid = self.video_grid if modality == 'video' else self.audio_grid
     return MaskedDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
-                         self.decoder_mlp_dim, patch_dim, grid, self.options.dtype, name=name)
+                         self.decoder_mlp_dim, patch_dim, grid, self.options.dtype,
+                         self.posemb_init_std, name=name)
 
   def _target(self, inputs: Mapping[str, jax.Array], modality: str) -> jax.Array:
     """The input cut into token-ordered patches: [B, patches, patch_dim] float32."""
