@@ -83,6 +83,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.segment_seconds = 0.64
   c.model.num_segments = 2
   c.model.classifier = 'token'  # or 'gap': mean of the fused tokens instead of the CLS token
+  # What the contrastive projections read before fusion: 'token' (CLS) or 'gap' (token mean; a
+  # from-scratch encoder's token mean barely sees positions: InfoNCE collapsed, README).
+  c.model.contrastive_pool = 'token'
+  c.model.posemb_init_std = 0.02  # position embeddings' init (larger: positions count from the start)
   c.model.dropout = 0.0
   c.model.stochastic_depth = 0.1
   c.model.dtype = 'float32'

@@ -13,6 +13,10 @@ in the workdir's events next to the `eval/<metric>` scalars:
   of each), what the bottleneck tokens attend to in the last fused layer
   (`AVT.attention_maps`, mean over heads and bottleneck tokens): over the video token grid, drawn on
   the frame at the start of each tubelet, and over the spectrogram patches, drawn on the log-mel input.
+* `eval_pictures/reconstruction/<video|audio>_clip_<i>`: when masked video / masked audio is trained,
+  for the first `RECONSTRUCTION_CLIPS` evaluation videos (first view, a fixed mask): the masked input,
+  the prediction (visible patches as they are, masked ones predicted, de-normalised per patch when
+  `loss.normalize_target`) and the target; the video's first frame, the whole spectrogram.
 
 Confusion and accuracy cover single-label heads (each head of EPIC-Kitchens' verb/noun); the attention
 picture needs a bottleneck-fused audio-video model and one process (on several hosts it is left out).
@@ -35,6 +39,8 @@ from matplotlib import pyplot as plt  # noqa: E402  # pylint: disable=g-import-n
 MAX_MATRIX_CLASSES = 30
 TOP_PAIRS = 20
 ATTENTION_CLIPS = 3
+RECONSTRUCTION_CLIPS = 2
+MASKED_MODALITIES = {'masked_video': 'video', 'masked_audio': 'audio'}
 
 
 def figure_image(figure: matplotlib.figure.Figure) -> np.ndarray:
@@ -147,6 +153,46 @@ def attention_image(video: np.ndarray, audio: np.ndarray, video_map: np.ndarray,
   return figure_image(figure)
 
 
+def unpatchify(patches: np.ndarray, grid: Sequence[int], patch: Sequence[int],
+               channels: int) -> np.ndarray:
+  """Inverse of `tokenizers.patchify` for one example: [prod(grid), prod(patch) * channels] ->
+  [*(grid * patch), channels]."""
+  n = len(patch)
+  x = patches.reshape(*grid, *patch, channels)
+  order = [i // 2 if i % 2 == 0 else n + i // 2 for i in range(2 * n)] + [2 * n]
+  x = np.transpose(x, order)  # (g0, p0, g1, p1, ..., channels)
+  return x.reshape(*[g * p for g, p in zip(grid, patch)], channels)
+
+
+def reconstruction_panels(pred: np.ndarray, target: np.ndarray, mask: np.ndarray,
+                          normalized: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(masked input, prediction, target) patches [N, P] of one example, in input units: masked
+  patches of the input are 0, the prediction shows the visible patches as they are and the masked
+  ones predicted (de-normalised with each target patch's mean and std when `normalized`, as MAE
+  papers show them)."""
+  masked = mask[:, None] > 0
+  if normalized:
+    pred = pred * np.sqrt(target.var(axis=-1, keepdims=True) + 1e-6) + target.mean(-1, keepdims=True)
+  return np.where(masked, 0.0, target), np.where(masked, pred, target), target
+
+
+def reconstruction_image(modality: str, panels: Sequence[np.ndarray]) -> np.ndarray:
+  """[height, width, 3] uint8 picture of (masked input, prediction, target): `video` [T, H, W, 3]
+  in [-1, 1] (its first frame) or `audio` [time, mels]."""
+  figure, axes = plt.subplots(1, 3, figsize=(9, 2.8), dpi=80)
+  for ax, panel, title in zip(axes, panels, ('masked input', 'prediction', 'target')):
+    if modality == 'video':
+      ax.imshow(np.clip((panel[0] + 1) / 2, 0, 1))
+    else:
+      ax.imshow(panel[..., 0].T if panel.ndim == 3 else panel.T, origin='lower', aspect='auto',
+                cmap='magma', vmin=float(panels[2].min()), vmax=float(panels[2].max()))
+    ax.set_title(title, fontsize=8)
+    ax.axis('off')
+  figure.suptitle(f'Masked {modality} reconstruction (held-out clip)', fontsize=9)
+  figure.tight_layout()
+  return figure_image(figure)
+
+
 def first_views(batches: Iterator[dict[str, np.ndarray]], count: int) -> dict[str, np.ndarray]:
   """`video` and `audio` of the first view of the first `count` videos of evaluation `batches`."""
   rows, seen = {'video': [], 'audio': []}, set()
@@ -178,6 +224,10 @@ def make_eval_pictures(config: ml_collections.ConfigDict, model, data_dir: str, 
   heads = tuple(config.data.label_heads)
   with_attention = model.has_bottleneck_layers and jax.process_count() == 1
   attention_maps = jax.jit(model.attention_maps)
+  masked = tuple(o for o in MASKED_MODALITIES if config.loss.weights.get(o, 0.0)
+                 and MASKED_MODALITIES[o] in model.modalities) if jax.process_count() == 1 else ()
+  reconstruct = jax.jit(lambda params, inputs: model.apply(
+      {'params': params}, inputs, objectives=masked, rngs={'masking': jax.random.key(0)}))
 
   def pictures(params: Any, videos: MultiViewAccumulator) -> dict[str, np.ndarray]:
     images = {}
@@ -197,6 +247,25 @@ def make_eval_pictures(config: ml_collections.ConfigDict, model, data_dir: str, 
         images[f'attention/clip_{i}'] = attention_image(
             inputs['video'][i], inputs['audio'][i],
             *(maps[m]['grid'][i, -1].mean(axis=(0, 1)) for m in ('video', 'audio')))
+    if masked:
+      images.update(reconstruction_images(params))
     return {f'eval_pictures/{name}': image[None] for name, image in images.items()}
+
+  def reconstruction_images(params: Any) -> dict[str, np.ndarray]:
+    inputs = first_views(input_lib.make_eval_iterator(config, data_dir, split), RECONSTRUCTION_CLIPS)
+    out = jax.device_get(reconstruct(params, {m: inputs[m] for m in model.modalities}))
+    images = {}
+    for objective in masked:
+      m = MASKED_MODALITIES[objective]
+      shape = inputs[m].shape[1:] if m == 'video' else (*inputs[m].shape[1:], 1)
+      patch = model.video_patch if m == 'video' else model.audio_patch
+      grid = [s // p for s, p in zip(shape[:-1], patch)]
+      for i in range(len(inputs[m])):
+        o = {k: np.asarray(out[objective][k][i], np.float64) for k in ('pred', 'target', 'mask')}
+        panels = reconstruction_panels(o['pred'], o['target'], o['mask'],
+                                       bool(config.loss.normalize_target))
+        images[f'reconstruction/{m}_clip_{i}'] = reconstruction_image(
+            m, [unpatchify(p, grid, patch, shape[-1]) for p in panels])
+    return images
 
   return pictures

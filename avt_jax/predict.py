@@ -29,6 +29,9 @@ A file with several video or audio streams is read from the ones `prepare` choos
 Output: a table on stdout, one row per file as it is done (progress on stderr), and with `--output`
 one JSON line per file: `path`, `status`, `issues`, `notes`, `views`, `seconds` (decoded duration),
 `top_k` (label head -> [{`label`, `probability`}], best first) or `error`.
+
+With `--embeddings=FILE.npz`, also each file's per-modality embeddings (contrastive projections and
+pooled features, averaged over its views; `avt_jax/embeddings.py` says what each array is).
 """
 
 import argparse
@@ -44,7 +47,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avt_jax import data_format, dataset_stats, evaluate, records, train  # noqa: E402
+from avt_jax import data_format, dataset_stats, embeddings, evaluate, records, train  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.prep import annotations, media, shards  # noqa: E402
@@ -136,6 +139,8 @@ class Predictor:
     self.views = pipeline.record_views(self.config, self.stats, data_format.stats_path(workdir))
     self.modalities = tuple(self.config.model.modalities)
     self._step = jax.jit(evaluate.make_eval_step(self.model, self.modalities))
+    self._embed = None  # built on first use of `embeddings`
+    self.keep_embeddings, self.last_embeddings = False, None  # set by --embeddings
     inp = self.config.input
     # What one view covers: stored video frames and spectrogram frames.
     window = (int(inp.num_frames), int(inp.frame_stride))
@@ -188,6 +193,13 @@ class Predictor:
       return {head: 1.0 / (1.0 + np.exp(-v)) for head, v in mean.items()}
     return {head: np.exp(v - v.max()) / np.exp(v - v.max()).sum() for head, v in mean.items()}
 
+  def embeddings(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The clip's embeddings (`avt_jax/embeddings.py`): key -> [dim] float32."""
+    if self._embed is None:
+      self._embed = jax.jit(embeddings.make_embed_step(self.model, self.modalities, self.params))
+    views = jax.device_get(self._embed(self.params, inputs))
+    return embeddings.clip_embedding(views, inputs['mask'])
+
   def predict(self, path: str, top_k: int = 5) -> dict[str, Any]:
     """The outcome for one file (see the module docstring); never raises for a bad file."""
     try:
@@ -198,6 +210,8 @@ class Predictor:
       return {'path': path, 'status': 'failed', 'error': f'unexpected {type(e).__name__}: {e}'}
     inputs = self.inputs(decoded)
     probabilities = self.probabilities(inputs)
+    if self.keep_embeddings:  # read by `main` for --embeddings
+      self.last_embeddings = self.embeddings(inputs)
     best = {head: [{'label': self.label_names[head][i], 'probability': float(p[i])}
                    for i in np.argsort(-p, kind='stable')[:top_k]]
             for head, p in probabilities.items()}
@@ -250,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--top_k', type=int, default=5, help='Classes listed per file (default 5).')
   parser.add_argument('--output', default=None, metavar='FILE.jsonl',
                       help='Also write one JSON line per file here.')
+  parser.add_argument('--embeddings', default=None, metavar='FILE.npz',
+                      help="Also write each file's embeddings here (avt_jax/embeddings.py).")
   return parser
 
 
@@ -265,15 +281,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stderr.write(f'predict: error: {e}\n')
     return 2
   counts = {'ok': 0, 'degraded': 0, 'failed': 0}
+  predictor.keep_embeddings = bool(args.embeddings)
+  embedded_paths, embedded = [], []
   print(f'{"status":<9} {"prediction":<32} file', flush=True)
   with open(args.output or os.devnull, 'w', encoding='utf-8') as output:
     for outcome in predict_files(predictor, args.paths, args.top_k):
       counts[outcome['status']] += 1
+      if predictor.keep_embeddings and outcome['status'] != 'failed':
+        embedded_paths.append(outcome['path'])
+        embedded.append(predictor.last_embeddings)
       print(table_row(outcome), flush=True)
       output.write(json.dumps(outcome) + '\n')
       output.flush()
   print(f'{sum(counts.values())} files: ' + ', '.join(f'{n} {status}' for status, n in counts.items()),
         flush=True)
+  if args.embeddings:
+    embeddings.save(args.embeddings, embedded_paths, embedded)
+    print(f'Embeddings of {len(embedded)} files written to {args.embeddings}', flush=True)
   return 0
 
 

@@ -123,7 +123,8 @@ def _expected_output_shapes(video_grid, audio_grid, batch=BATCH):
       'masked_audio_segment': {'pred': (batch, audio_tokens, audio_patch),
                                'target': (batch, audio_tokens, audio_patch),
                                'mask': (batch, audio_tokens)},
-      'features': {k: {'video': (batch, 16), 'audio': (batch, 16)} for k in ('pre_fusion', 'final')},
+      'features': {k: {'video': (batch, 16), 'audio': (batch, 16)}
+                   for k in ('pre_fusion', 'pre_fusion_token', 'final')},
   }
 
 

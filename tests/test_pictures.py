@@ -77,3 +77,20 @@ def test_pictures_are_rgb_images(num_classes):
                 pictures.per_class_accuracy_image(labels, predictions, names)):
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     assert image.shape[0] > 100 and image.std() > 0
+
+
+def test_unpatchify_inverts_patchify_and_panels_keep_visible_patches():
+  from avt_jax.models import patchify  # pylint: disable=g-import-not-at-top
+  video = np.random.default_rng(0).normal(size=(1, 4, 8, 12, 3)).astype(np.float32)
+  patches = np.asarray(patchify(video, (2, 4, 4)))[0]  # [2 * 2 * 3, 96]
+  np.testing.assert_array_equal(pictures.unpatchify(patches, (2, 2, 3), (2, 4, 4), 3), video[0])
+  mask = np.zeros(len(patches))
+  mask[[1, 4]] = 1
+  masked, predicted, target = pictures.reconstruction_panels(np.zeros_like(patches), patches, mask,
+                                                             normalized=True)
+  assert np.all(masked[[1, 4]] == 0) and np.array_equal(masked[0], patches[0])
+  # a zero prediction of normalised targets is each patch's mean
+  np.testing.assert_allclose(predicted[1], np.full(96, patches[1].mean()), rtol=1e-6)
+  np.testing.assert_array_equal(predicted[0], patches[0])
+  assert pictures.reconstruction_image('video', [pictures.unpatchify(
+      p, (2, 2, 3), (2, 4, 4), 3) for p in (masked, predicted, target)]).dtype == np.uint8

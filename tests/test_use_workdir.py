@@ -170,7 +170,9 @@ def test_evaluation_writes_pictures_to_tensorboard(setting, tmp_path):
       for value in event.summary.value:
         written[value.tag] = tf.io.decode_png(tf.make_ndarray(value.tensor)[-1]).shape
   assert set(written) == {'eval_pictures/confusion/class', 'eval_pictures/per_class_accuracy/class',
-                          *(f'eval_pictures/attention/clip_{i}' for i in range(3))}
+                          *(f'eval_pictures/attention/clip_{i}' for i in range(3)),
+                          *(f'eval_pictures/reconstruction/{m}_clip_{i}'
+                            for m in ('video', 'audio') for i in range(2))}
   assert all(shape[2] == 3 and shape[0] > 100 for shape in written.values())
 
 

@@ -20,6 +20,7 @@ MODALITIES = ('video', 'audio')
 OBJECTIVES = ('classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
               'masked_audio_segment')
 CLASSIFIERS = ('token', 'gap')
+CONTRASTIVE_POOLS = ('token', 'gap')
 FULL_PASS_OBJECTIVES = {'classification', 'contrastive', 'matching'}
 NEEDS_BOTH_MODALITIES = ('contrastive', 'matching', 'masked_audio_segment')
 
@@ -56,7 +57,9 @@ class Embedded(NamedTuple):
 class FullPass(NamedTuple):
   """Outputs of the full pass; None where the objectives did not ask for a branch."""
   unimodal: dict[str, jax.Array]  # modality -> [B, 1 + N, D] output of the unimodal layers
-  features: dict  # `pre_fusion` and (if the fused layers ran) `final`: modality -> [B, D]
+  # `pre_fusion` (mean of the tokens), `pre_fusion_token` (CLS) at the input of the first fused
+  # layer and (if the fused layers ran) `final` (pooled per `classifier`): modality -> [B, D]
+  features: dict
   contrastive: dict | None  # `video`, `audio` [B, contrastive_dim] unit vectors, `logit_scale` []
   matching: dict | None  # `positive` [B], `negative` [2B] logits, `negative_valid` [2B]
   logits: dict | None  # head -> [B, classes], mean over modalities of `modality_logits`
@@ -80,7 +83,8 @@ class AVT(nn.Module):
   is not requested adds nothing to the compiled graph.
 
   Our design choices where the method description is silent (see docs/method.md): the contrastive
-  representation is the mean of a modality's tokens at the input of the first fused layer; the matching
+  representation is a modality's CLS token (or token mean, `contrastive_pool`) at the input of the
+  first fused layer; the matching
   head sees the concatenated final CLS tokens; the masked-modelling pass masks every modality at its
   ratio and runs the full (fused) encoder on the visible tokens; the masked audio segment pass replaces
   the embeddings of whole time segments with a learned mask token, runs the fused encoder on all tokens
@@ -107,6 +111,13 @@ class AVT(nn.Module):
     classifier: the fused representation of a modality that the classifier and the matching head
       read: `token`, its CLS token (ViT); `gap`, the mean of its other tokens (global average
       pooling, as in big_vision's ViT option of that name; better on small datasets, see README).
+    contrastive_pool: what the contrastive projections read, at the input of the first fused layer:
+      `token`, the modality's CLS token; `gap`, the mean of its other tokens. Our design: `gap` of a
+      freshly initialised encoder is nearly a bag of patches (position embeddings start small), so
+      where / when something happens, often the only thing the two modalities share, barely reaches
+      it, and InfoNCE collapses to ln(batch) before it can learn (README "Self-supervision").
+    posemb_init_std: standard deviation of the position embeddings' initialisation (ViT: 0.02;
+      larger lets a from-scratch encoder see positions from the start, see README).
     options: how the layers compute (dropout, stochastic depth, dtype, attention, remat, scan); its
       dtype is also that of the tokenizers and decoders.
 
@@ -137,6 +148,8 @@ class AVT(nn.Module):
   segment_patches: int = 4
   num_segments: int = 2
   classifier: str = 'token'
+  contrastive_pool: str = 'token'
+  posemb_init_std: float = 0.02
   options: EncoderOptions = EncoderOptions()
 
   def problems(self) -> list[Problem]:
@@ -149,6 +162,11 @@ class AVT(nn.Module):
                              self.fusion_layer, self.n_bottlenecks)
     if self.classifier not in CLASSIFIERS:
       found.append(('classifier', f'expected one of {CLASSIFIERS}, got {self.classifier!r}'))
+    if self.contrastive_pool not in CONTRASTIVE_POOLS:
+      found.append(('contrastive_pool', f'expected one of {CONTRASTIVE_POOLS}, got '
+                    f'{self.contrastive_pool!r}'))
+    if not self.posemb_init_std >= 0:
+      found.append(('posemb_init_std', f'must be >= 0, got {self.posemb_init_std}'))
     if self.decoder_width % self.decoder_heads:
       found.append(('decoder_heads', f'decoder_width {self.decoder_width} is not divisible by '
                     f'decoder_heads {self.decoder_heads}'))
@@ -157,9 +175,10 @@ class AVT(nn.Module):
         found.append((f'mask_ratio_{m}', f'must be in [0, 1), got {ratio}'))
     return found + self.options.problems()
 
-  def _pool(self, tokens: jax.Array) -> jax.Array:
-    """[B, 1 + N, D] encoder output (CLS first) -> [B, D] per `classifier`."""
-    return tokens[:, 0] if self.classifier == 'token' else jnp.mean(tokens[:, 1:], axis=1)
+  def _pool(self, tokens: jax.Array, how: str | None = None) -> jax.Array:
+    """[B, 1 + N, D] encoder output (CLS first) -> [B, D] per `how` (default `classifier`)."""
+    how = how or self.classifier
+    return tokens[:, 0] if how == 'token' else jnp.mean(tokens[:, 1:], axis=1)
 
   def _patch(self, m: str) -> tuple[int, ...]:
     return tuple(self.video_patch) if m == 'video' else tuple(self.audio_patch)
@@ -242,7 +261,8 @@ class AVT(nn.Module):
         `matching`: `positive` [B], `negative` [2B] logits and `negative_valid` [2B];
         `masked_video` / `masked_audio` / `masked_audio_segment`: `pred` and `target`
           [B, patches, patch_dim] and `mask` [B, patches] (1 = masked);
-        `features`: `pre_fusion` and (if the fused layers ran) `final`: modality -> [B, D].
+        `features`: `pre_fusion` (token mean), `pre_fusion_token` (CLS) and (if the fused layers
+          ran) `final`: modality -> [B, D].
 
     Raises:
       ValueError: unknown objectives, objectives the modalities cannot serve, or an impossible
@@ -255,8 +275,8 @@ class AVT(nn.Module):
     for _, message in objective_problems(objectives, self.modalities):
       raise ValueError(f'AVT objectives: {message}.')
     objectives, deterministic = set(objectives), not train
-    posembs = {'video': PositionEmbedding(self.video_grid, name='posembed_video'),
-               'audio': PositionEmbedding(self.audio_grid, name='posembed_audio')}
+    posembs = {m: PositionEmbedding(grid, self.posemb_init_std, name=f'posembed_{m}')
+               for m, grid in (('video', self.video_grid), ('audio', self.audio_grid))}
     patches = {m: self._tokenizer(m)(inputs[m]) for m in self.modalities}  # [B, *grid, D]
     x = Embedded(patches, {m: posembs[m](patches[m]) for m in self.modalities},
                  {m: self.param(f'cls_{m}', nn.initializers.zeros, (1, 1, self.hidden_size))
@@ -290,7 +310,8 @@ class AVT(nn.Module):
   def _decoder(self, modality: str, patch_dim: int, name: str) -> MaskedDecoder:
     grid = self.video_grid if modality == 'video' else self.audio_grid
     return MaskedDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
-                         self.decoder_mlp_dim, patch_dim, grid, self.options.dtype, name=name)
+                         self.decoder_mlp_dim, patch_dim, grid, self.options.dtype,
+                         self.posemb_init_std, name=name)
 
   def _target(self, inputs: Mapping[str, jax.Array], modality: str) -> jax.Array:
     """The input cut into token-ordered patches: [B, patches, patch_dim] float32."""
@@ -301,12 +322,13 @@ class AVT(nn.Module):
                  objectives: set[str], deterministic: bool) -> FullPass:
     """Classification, contrastive (pre-fusion) and matching (fused) branches on all tokens."""
     unimodal = encoder.unimodal(x.with_cls(x.tokens), deterministic)
-    features = {'pre_fusion': {m: jnp.mean(t[:, 1:], axis=1) for m, t in unimodal.items()}}
+    features = {'pre_fusion': {m: jnp.mean(t[:, 1:], axis=1) for m, t in unimodal.items()},
+                'pre_fusion_token': {m: t[:, 0] for m, t in unimodal.items()}}
     contrastive = matching = logits = modality_logits = final = None
     if objectives & {'contrastive', 'matching'}:
       contrastive = {m: ContrastiveProjection(self.contrastive_dim,
                                               name=f'contrastive_projection_{m}')(
-          features['pre_fusion'][m]) for m in self.modalities}
+          self._pool(t, self.contrastive_pool)) for m, t in unimodal.items()}
       contrastive['logit_scale'] = LogitScale(name='contrastive_temperature')()
     if 'matching' in objectives:
       final, matching = self._matching(encoder, unimodal, contrastive, example_mask, deterministic)

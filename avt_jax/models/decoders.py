@@ -26,6 +26,8 @@ class MaskedDecoder(nn.Module):
     mlp_dim: MLP width.
     patch_dim: values per patch to predict (prod(patch) * channels).
     posemb_grid: token grid the decoder position embedding is created for.
+    posemb_init_std: its initialisation's standard deviation (at 0.02 the mask tokens of all
+      positions start nearly equal, and the decoder predicts the same for every masked patch).
     dtype: computation dtype.
   """
   width: int
@@ -35,6 +37,7 @@ class MaskedDecoder(nn.Module):
   patch_dim: int
   posemb_grid: Sequence[int]
   dtype: jnp.dtype = jnp.float32
+  posemb_init_std: float = 0.02
 
   @nn.compact
   def __call__(self, tokens: jax.Array, grid: Sequence[int], ids_restore: jax.Array | None = None,
@@ -58,10 +61,13 @@ class MaskedDecoder(nn.Module):
       fill = jnp.broadcast_to(mask_token.astype(x.dtype), (batch, missing, self.width))
       x = jnp.concatenate([x, fill], axis=1)
       x = jnp.take_along_axis(x, ids_restore[..., None], axis=1)
-    x = PositionEmbedding(self.posemb_grid, name='decoder_posembed')(x.reshape(batch, *grid, self.width))
+    x = PositionEmbedding(self.posemb_grid, self.posemb_init_std, name='decoder_posembed')(x.reshape(batch, *grid, self.width))
     options = EncoderOptions(dtype=self.dtype)
     for i in range(self.depth):
       x = EncoderBlock(self.num_heads, self.mlp_dim, options=options,
                        name=f'decoderblock_{i}')(x, deterministic)
     x = nn.LayerNorm(dtype=self.dtype, name='decoder_norm')(x)
-    return nn.Dense(self.patch_dim, dtype=jnp.float32, name='decoder_pred')(x).astype(jnp.float32)
+    # Zero-initialised (our design): the first predictions are the patch-mean baseline (0 for
+    # normalised targets) instead of random values twice as far off that training first had to unlearn.
+    return nn.Dense(self.patch_dim, dtype=jnp.float32, kernel_init=nn.initializers.zeros,
+                    name='decoder_pred')(x).astype(jnp.float32)

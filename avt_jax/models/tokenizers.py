@@ -76,14 +76,16 @@ class PositionEmbedding(nn.Module):
 
   Attributes:
     grid: token grid the embedding is created for, e.g. (frames/t, height/h, width/w).
+    init_std: standard deviation of the normal initialisation (ViT: 0.02).
   """
   grid: Sequence[int]
+  init_std: float = 0.02
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """[batch, *input_grid, D] -> [batch, prod(input_grid), D] with position embedding added."""
     width = tokens.shape[-1]
-    posemb = self.param('posembed_input', nn.initializers.normal(stddev=0.02),
+    posemb = self.param('posembed_input', nn.initializers.normal(stddev=self.init_std),
                         (1, *self.grid, width))
     posemb = resize_posemb(posemb, tokens.shape[1:-1]).astype(tokens.dtype)
     tokens = tokens + posemb
