@@ -11,10 +11,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from avt_jax import learning_benchmark
-from avt_jax.prep import voice_digits
+from avt_jax.prep import clips, suite, voice_digits
+from avt_jax.prep.suite import sets, soundfonts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,3 +70,107 @@ def test_complementary_classes_need_both_modalities(num_classes):
   assert min(phrases.count(p) for p in phrases) >= 2
   assert voice_digits.class_names('complementary', 4) == ['0_oops', '1_oops', '0_nooo', '1_nooo']
   assert voice_digits.class_names('clean', 2) == ['0_hello', '1_byebye']
+
+
+# The benchmark suite (avt_jax/prep/suite): SoundFont instruments x icon themes.
+
+try:
+  sets.check_sources(sets.SETS[learning_benchmark.REDUCED_SET['name']])
+  SUITE_SOURCES = None
+except FileNotFoundError as e:
+  SUITE_SOURCES = str(e)
+
+
+@pytest.fixture(scope='module')
+def reduced_dir(tmp_path_factory):
+  if SUITE_SOURCES:
+    pytest.skip(SUITE_SOURCES)
+  options = dict(learning_benchmark.REDUCED_SET)
+  return suite.ensure(options.pop('name'), str(tmp_path_factory.mktemp('suite_cache')),
+                      progress=False, **options)
+
+
+def test_suite_sets_test_on_unseen_banks_and_themes(reduced_dir):
+  train, test = clips.sources(reduced_dir, 'train'), clips.sources(reduced_dir, 'test')
+  assert train == ['MuseScore-Adwaita', 'MuseScore-Tango', 'MuseScore-oxygen']
+  assert test == ['TimGM6mb-elementary-xfce']
+  with open(os.path.join(reduced_dir, 'stats.json')) as f:
+    stats = json.load(f)
+  assert stats['num_clips'] == {'train': 96, 'test': 32}
+  assert stats['label_names']['class'] == [
+      'organ+folder', 'trumpet+user-trash', 'xylophone+printer', 'guitar+computer']
+
+
+def test_suite_sets_classes_and_reliable_modalities():
+  assert len(suite.SUITE) >= 4
+  assert {'audio', 'video', 'neither alone'} <= set(suite.RELIABLE[n] for n in suite.SUITE)
+  for name in suite.SUITE:
+    spec = sets.SETS[name]
+    assert 8 <= len(spec.classes) <= 20 and len(set(spec.classes)) == len(spec.classes)
+    train, test = (n * len(spec.classes) for n in spec.per_class)
+    assert 300 <= train <= 500 and 60 <= test <= 120, (name, train, test)
+  cross = sets.SETS['instrument_x_icon'].classes
+  instruments, pictures = zip(*cross)
+  # Every instrument and every icon is shared by 4 classes: each modality alone is at most 25% right.
+  assert {instruments.count(i) for i in instruments} == {pictures.count(p) for p in pictures} == {4}
+
+
+def test_midi_file_matches_the_smf_layout():
+  data = soundfonts.midi_file([(19, 60, 100), (56, 62, 90)])
+  assert data[:14] == b'MThd\x00\x00\x00\x06\x00\x00\x00\x01\x01\xe0'  # format 0, 1 track, 480 tpq
+  # Hand-assembled track: program change and note on at tick 0, note off after 1 s (960 ticks, the
+  # variable-length bytes 0x87 0x40); the second note starts 2 s in (one slot); the track ends 2 s
+  # after the second note's start.
+  assert data[14:22] == b'MTrk' + (30).to_bytes(4, 'big')
+  assert data[22:] == bytes([0, 0xC0, 19, 0, 0x90, 60, 100, 0x87, 0x40, 0x80, 60, 0,
+                             0x87, 0x40, 0xC0, 56, 0, 0x90, 62, 90, 0x87, 0x40, 0x80, 62, 0,
+                             0x87, 0x40, 0xFF, 0x2F, 0x00])
+
+
+def test_shared_renderer_is_deterministic_and_looks_degrade_the_picture():
+  icon = np.zeros((8, 8, 4), np.float32)
+  icon[2:6, 2:6] = (1.0, 0.0, 0.0, 1.0)  # a red square
+  seeded = lambda: np.random.default_rng([0, 1, 2])
+  frames = clips.render_video(icon, seeded())
+  np.testing.assert_array_equal(frames, clips.render_video(icon, seeded()))
+  assert frames.shape == (round(clips.DURATION_S * clips.VIDEO_FPS), clips.FRAME_SIZE,
+                          clips.FRAME_SIZE, 3)
+  redness = lambda f: (f[..., 0].astype(float) - f[..., 1]).max(axis=(1, 2)).mean()
+  faint = clips.render_video(icon, seeded(), sets.SETS['instruments_faint_icons'].video_look)
+  assert redness(frames) > 150 and redness(faint) < redness(frames)
+  sound = np.ones(8000, np.float32)
+  quiet = clips.render_audio(sound, seeded(), sets.SETS['icons_noisy_instruments'].audio_look)
+  loud = clips.render_audio(sound, seeded())
+  assert quiet.shape == loud.shape == (round(clips.DURATION_S * clips.AUDIO_RATE),)
+  assert np.abs(quiet).max() < 0.5 < np.abs(loud).max()
+
+
+def test_summarise_gives_mean_and_sample_std_over_seeds():
+  runs = {0: {'eval': {'top1': 0.5, 'modality_top1/audio': 0.25}, 'train_seconds': 10.0,
+              'train_eval': {'top1': 1.0}},
+          1: {'eval': {'top1': 0.7, 'modality_top1/audio': 0.75}, 'train_seconds': 20.0,
+              'train_eval': {'top1': 0.8}}}
+  out = learning_benchmark.summarise(runs)
+  assert out['seeds'] == [0, 1]
+  assert out['top1']['mean'] == pytest.approx(0.6)
+  assert out['top1']['std'] == pytest.approx(np.sqrt(0.02))  # (0.1^2 + 0.1^2) / (2 - 1)
+  assert out['audio_branch_top1']['mean'] == pytest.approx(0.5)
+  assert out['train_top1']['values'] == [1.0, 0.8]
+  assert 'video_branch_top1' not in out  # not reported by these runs
+  assert learning_benchmark.mean_std([0.3]) == (0.3, 0.0)
+
+
+def test_reduced_suite_fusion_beats_each_modality_and_the_floors(reduced_dir, tmp_path):
+  """Item 6 of issue 20: where audio is the reliable modality, audio + video beats audio only,
+  video only and every linear floor (the recipe of configs/manifest.py, a tiny model)."""
+  floors = learning_benchmark.linear_floors(reduced_dir)
+  env = {k: v for k, v in os.environ.items() if k not in ('JAX_COMPILATION_CACHE_DIR', 'XLA_FLAGS')}
+  top1 = {}
+  for run, suffix in learning_benchmark.RUNS.items():
+    summary = learning_benchmark.train_run(
+        os.path.join(ROOT, 'configs/manifest.py') + suffix, reduced_dir, str(tmp_path / run),
+        learning_benchmark.REDUCED_OVERRIDES, log=str(tmp_path / f'{run}.log'), env=env)
+    top1[run] = summary['eval']['top1']
+  assert top1['audio'] > floors['video'], (top1, floors)  # audio is the reliable modality here
+  assert top1['av'] > max(top1['video'], top1['audio']), (top1, floors)
+  assert top1['av'] > max(floors.values()), (top1, floors)

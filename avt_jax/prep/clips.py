@@ -9,13 +9,15 @@ small, noisy picture; a quiet sound under loud noise), so a set can make either 
 one. Our design.
 """
 
+import csv
 import dataclasses
 import os
 import zlib
 
 import numpy as np
 
-from avt_jax.prep import demo_data, shards
+from avt_jax import data_format
+from avt_jax.prep import cache, demo_data, shards
 from avt_jax.prep.datasets import manifest as manifest_lib
 
 FRAME_SIZE = 96
@@ -152,10 +154,44 @@ def default_workers(num_workers: int | None) -> int:
   return min(os.cpu_count() or 1, demo_data.MAX_WORKERS) if num_workers is None else num_workers
 
 
+def labelled_subset(prepared: str, fraction: float, *, num_workers: int | None = None,
+                    progress: bool = True) -> str:
+  """Prepares `fraction` of a built dataset's training clips (with the whole test split) beside it.
+
+  The subset takes the first `round(fraction * n)` training clips of each class in manifest order,
+  so it is class-balanced and nested (10% is inside 20%). Used for the label-efficiency runs (any set built with `write_clips` and `prepare`):
+  self-supervised pretraining on all training clips, then fine-tuning on the subset.
+
+  Returns:
+    The subset's prepared folder, `<dataset>/prepared_labels<percent>`.
+  """
+  folder = os.path.dirname(prepared.rstrip('/'))
+  with open(os.path.join(folder, 'manifest.csv')) as f:
+    rows = list(csv.DictReader(f))
+  per_class = {}
+  for row in rows:
+    if row['split'] == 'train':
+      per_class[row['label']] = per_class.get(row['label'], 0) + 1
+  keep, seen = [], {}
+  for row in rows:
+    label = row['label']
+    seen[label] = seen.get(label, 0) + 1
+    if row['split'] != 'train' or seen[label] <= max(1, round(fraction * per_class[label])):
+      keep.append(row)
+  subset = os.path.join(folder, f'prepared_labels{round(100 * fraction)}')
+  names = data_format.read_stats(prepared, required=('label_names',))['label_names']['class']
+  num_workers = clips.default_workers(num_workers)
+
+  def build(building: str) -> None:
+    os.makedirs(building)
+    prepare(manifest_lib.write_manifest(building, keep), names, folder, building, num_workers, progress)
+
+  cache.build_once(subset, build, {'fraction': fraction})
+  return subset
+
+
 def sources(prepared: str, split: str) -> list[str]:
   """The sources (file-name suffixes) of `split` in a built set (`prepared` folder)."""
-  import csv  # pylint: disable=g-import-not-at-top
-
   with open(os.path.join(os.path.dirname(prepared.rstrip('/')), 'manifest.csv')) as f:
     paths = [row['path'] for row in csv.DictReader(f) if row['split'] == split]
   return sorted({os.path.splitext(p)[0].split('_', 2)[2] for p in paths})

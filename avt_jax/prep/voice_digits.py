@@ -22,14 +22,11 @@ a manifest, and prepares them with the same code as users' own videos (`--datase
 like the demo data.
 """
 
-import csv
 import os
 import sys
 import numpy as np
 
-from avt_jax import data_format
 from avt_jax.prep import cache, clips
-from avt_jax.prep.datasets import manifest as manifest_lib
 
 VERSION = 'v3'
 VOICES_DIR_ENV = 'AVT_JAX_HEDGEWARS_VOICES'
@@ -163,42 +160,6 @@ def ensure_voice_digits(variant: str = 'clean', cache_dir: str | None = None, *,
 
   cache.build_once(folder, build, {'version': VERSION})
   return os.path.join(folder, 'prepared')
-
-
-def labelled_subset(prepared: str, fraction: float, *, num_workers: int | None = None,
-                    progress: bool = True) -> str:
-  """Prepares `fraction` of a built dataset's training clips (with the whole test split) beside it.
-
-  The subset takes the first `round(fraction * n)` training clips of each class in manifest order,
-  so it is class-balanced and nested (10% is inside 20%). Used for the label-efficiency runs:
-  self-supervised pretraining on all training clips, then fine-tuning on the subset.
-
-  Returns:
-    The subset's prepared folder, `<dataset>/prepared_labels<percent>`.
-  """
-  folder = os.path.dirname(prepared.rstrip('/'))
-  with open(os.path.join(folder, 'manifest.csv')) as f:
-    rows = list(csv.DictReader(f))
-  per_class = {}
-  for row in rows:
-    if row['split'] == 'train':
-      per_class[row['label']] = per_class.get(row['label'], 0) + 1
-  keep, seen = [], {}
-  for row in rows:
-    label = row['label']
-    seen[label] = seen.get(label, 0) + 1
-    if row['split'] != 'train' or seen[label] <= max(1, round(fraction * per_class[label])):
-      keep.append(row)
-  subset = os.path.join(folder, f'prepared_labels{round(100 * fraction)}')
-  names = data_format.read_stats(prepared, required=('label_names',))['label_names']['class']
-  num_workers = clips.default_workers(num_workers)
-
-  def build(building: str) -> None:
-    os.makedirs(building)
-    clips.prepare(manifest_lib.write_manifest(building, keep), names, folder, building, num_workers, progress)
-
-  cache.build_once(subset, build, {'version': VERSION, 'fraction': fraction})
-  return subset
 
 
 def speakers(prepared: str, split: str) -> list[str]:

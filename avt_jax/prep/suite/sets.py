@@ -35,10 +35,9 @@ from avt_jax.prep import cache, clips
 from avt_jax.prep.suite import icons, soundfonts
 
 VERSION = 'v1'
-INSTRUMENTS = {  # General MIDI program numbers (0-based)
-    'piano': 0, 'harpsichord': 6, 'vibraphone': 11, 'xylophone': 13, 'organ': 19,
-    'accordion': 21, 'guitar': 24, 'violin': 40, 'trumpet': 56, 'sax': 65, 'flute': 73,
-    'banjo': 105}
+INSTRUMENTS = {  # General MIDI program numbers (0-based); the most distinct first (reduced sets)
+    'organ': 19, 'trumpet': 56, 'xylophone': 13, 'guitar': 24, 'flute': 73, 'violin': 40,
+    'piano': 0, 'sax': 65, 'accordion': 21, 'vibraphone': 11, 'banjo': 105, 'harpsichord': 6}
 ICONS = ('folder', 'user-trash', 'printer', 'computer', 'face-smile', 'camera-photo',
          'input-keyboard', 'input-mouse', 'x-office-calendar', 'system-users', 'media-optical',
          'utilities-terminal')
