@@ -194,11 +194,14 @@ def train_accuracy(config_path: str, data_dir: str, workdir: str, overrides: Seq
   with open(results) as f:
     summary = json.load(f)
   if 'train_eval' not in summary:
+    import jax  # pylint: disable=g-import-not-at-top
+
     config = load_config(config_path, data_dir, overrides)
     params = train.restore_params(config, workdir)
-    summary['train_eval'] = evaluate.evaluate(config, build_model(config), params,
-                                              sharding.make_mesh(config.mesh), data_dir,
-                                              config.data.train_split)
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+      summary['train_eval'] = evaluate.evaluate(config, build_model(config), params, mesh,
+                                                data_dir, config.data.train_split)
     summary['train_eval_by'] = 'learning_benchmark (last checkpoint)'
     with open(results, 'w') as f:
       json.dump(summary, f, indent=2, default=float)
