@@ -180,7 +180,7 @@ def labelled_subset(prepared: str, fraction: float, *, num_workers: int | None =
       keep.append(row)
   subset = os.path.join(folder, f'prepared_labels{round(100 * fraction)}')
   names = data_format.read_stats(prepared, required=('label_names',))['label_names']['class']
-  num_workers = clips.default_workers(num_workers)
+  num_workers = default_workers(num_workers)
 
   def build(building: str) -> None:
     os.makedirs(building)
