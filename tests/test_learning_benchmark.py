@@ -6,6 +6,7 @@ saying so, where it is absent) and scikit-learn's handwritten digits. Four class
 trained through `python -m avt_jax.main` and must beat logistic regression on log-mel features.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -99,6 +100,22 @@ def test_suite_sets_test_on_unseen_banks_and_themes(reduced_dir):
   assert stats['num_clips'] == {'train': 96, 'test': 32}
   assert stats['label_names']['class'] == [
       'organ+folder', 'trumpet+user-trash', 'xylophone+printer', 'guitar+computer']
+
+
+def test_labelled_subset_keeps_a_balanced_fraction_and_the_whole_test_split(reduced_dir):
+  subset = clips.labelled_subset(reduced_dir, 0.25, progress=False)
+  with open(os.path.join(subset, 'stats.json')) as f:
+    stats = json.load(f)
+  assert stats['num_clips'] == {'train': 24, 'test': 32}  # 6 of each class's 24 training clips
+  with open(os.path.join(os.path.dirname(subset), 'manifest.csv')) as f:
+    rows = list(csv.DictReader(f))
+  with open(os.path.join(subset, 'manifest.csv')) as f:
+    kept = [r for r in csv.DictReader(f) if r['split'] == 'train']
+  labels = sorted({r['label'] for r in rows})
+  # The first 6 training clips of each class, in manifest order.
+  assert kept == [r for r in rows if r['split'] == 'train' and
+                  [x for x in rows if x['split'] == 'train' and x['label'] == r['label']].index(r) < 6]
+  assert sorted({r['label'] for r in kept}) == labels
 
 
 def test_suite_sets_classes_and_reliable_modalities():
