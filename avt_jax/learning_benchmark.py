@@ -307,7 +307,9 @@ def markdown(table: Mapping[str, dict]) -> str:
 
 
 def _seconds(s: float) -> str:
-  return f'{s / 3600:.0f}h{s % 3600 / 60:02.0f}m' if s >= 3600 else f'{s / 60:.0f}m{s % 60:02.0f}s'
+  """'1h05m' or '4m09s'."""
+  hours, rest = divmod(round(s), 3600)
+  return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'
 
 
 def load_floors(data_dir: str, path: str) -> dict[str, float]:
@@ -367,8 +369,12 @@ def run_suite(names: Sequence[str], seeds: Sequence[int], runs: Sequence[str], w
               f'{"training" if fresh else "kept"}{eta}', flush=True)
         run_overrides = [*overrides, f'--config.seed={seed}']
         begin = time.time()
-        summary = train_run(config + RUNS[run], data_dir, run_dir, run_overrides,
-                            log=f'{run_dir}.log')
+        try:
+          summary = train_run(config + RUNS[run], data_dir, run_dir, run_overrides,
+                              log=f'{run_dir}.log')
+        except RuntimeError as e:  # one failed run does not stop the others
+          print(f'  failed: {e}', flush=True)
+          continue
         if train_eval and 'train_eval' not in summary:
           summary['train_eval'] = train_accuracy(config + RUNS[run], data_dir, run_dir, run_overrides)
         if fresh:

@@ -17,7 +17,7 @@ import pytest
 
 from avt_jax import learning_benchmark
 from avt_jax.prep import clips, suite, voice_digits
-from avt_jax.prep.suite import sets, soundfonts
+from avt_jax.prep.suite import icons, sets, soundfonts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,6 +175,35 @@ def test_summarise_gives_mean_and_sample_std_over_seeds():
   assert out['train_top1']['values'] == [1.0, 0.8]
   assert 'video_branch_top1' not in out  # not reported by these runs
   assert learning_benchmark.mean_std([0.3]) == (0.3, 0.0)
+
+
+def test_missing_package_gives_one_line_and_the_other_sets_go_on(monkeypatch, tmp_path, capsys):
+  if SUITE_SOURCES:
+    pytest.skip(SUITE_SOURCES)
+  icons._index.cache_clear()
+  monkeypatch.setattr(icons, 'ICONS_DIR', str(tmp_path / 'no_icons'))
+  try:
+    table = learning_benchmark.run_suite(['instruments_icons', 'instrument_x_icon'], [0], ['av'],
+                                         str(tmp_path / 'work'), 'configs/manifest.py', [],
+                                         str(tmp_path / 'cache'))
+  finally:
+    icons._index.cache_clear()
+  lines = capsys.readouterr().out.strip().split('\n')
+  assert len(lines) == 2 and lines[0].startswith('instruments_icons: not run: Icon theme')
+  assert all(line.endswith('`apt-get install adwaita-icon-theme`.') for line in lines)
+  assert set(table) == {'instruments_icons', 'instrument_x_icon'}
+  assert '| instruments_icons | not run: ' in learning_benchmark.markdown(table)
+  assert not (tmp_path / 'cache').exists()  # sources are checked before anything is written
+
+
+def test_markdown_reports_mean_std_and_floors():
+  runs = {0: {'eval': {'top1': 0.5}, 'train_seconds': 10.0},
+          1: {'eval': {'top1': 0.7}, 'train_seconds': 20.0}}
+  table = {'s': {'floors': {'av': 0.4, 'video': 0.3, 'audio': 0.2},
+                 'runs': {'av': learning_benchmark.summarise(runs)}}}
+  row = learning_benchmark.markdown(table).split('\n')[2]
+  assert row == ('| s | av | 2 | 0.600 ± 0.141 | n/a | n/a | n/a | 0.400 | 0.400 / 0.300 / 0.200 '
+                 '| 15 |')
 
 
 @pytest.mark.xfail(reason='issue 20 items 2-3, open: with configs/manifest.py as of this commit, '
