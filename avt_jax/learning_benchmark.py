@@ -7,6 +7,7 @@
     python -m avt_jax.learning_benchmark                       # 4 sets x 3 runs x 3 seeds
     python -m avt_jax.learning_benchmark --quick               # 1 seed, audio + video only
     python -m avt_jax.learning_benchmark --sets=instrument_x_icon,voice_digits_clean --seeds=0,1
+    python -m avt_jax.learning_benchmark --reduced             # the tests' reduced suite
 
 Builds (and caches) each set (`avt_jax/prep/suite/`), fits its linear floors (scikit-learn logistic
 regression on simple features, the regularisation picked by 5-fold cross-validation on the training
