@@ -1,14 +1,24 @@
-"""Learning benchmark on real media: linear-probe floors and AVT runs on VoiceDigits.
+"""Learning benchmark suite on real media: linear floors and AVT runs over seeds, per set.
 
-    apt-get install hedgewars-data          # the recorded voices (once)
-    pip install -e '.[test]'                # scikit-learn for the linear probes
-    python -m avt_jax.learning_benchmark --variants=clean,complementary --runs=av,video,audio
+    apt-get install fluidsynth timgm6mb-soundfont musescore-general-soundfont-small \
+        tango-icon-theme oxygen-icon-theme elementary-xfce-icon-theme adwaita-icon-theme
+    apt-get install hedgewars-data          # only for the VoiceDigits sets
+    pip install -e '.[test]'                # scikit-learn for the linear floors
+    python -m avt_jax.learning_benchmark                       # 4 sets x 3 runs x 3 seeds
+    python -m avt_jax.learning_benchmark --quick               # 1 seed, audio + video only
+    python -m avt_jax.learning_benchmark --sets=instrument_x_icon,voice_digits_clean --seeds=0,1
+    python -m avt_jax.learning_benchmark --reduced             # the tests' reduced suite
 
-Builds (and caches) the VoiceDigits dataset (`avt_jax/prep/voice_digits.py`), fits the linear floors
-(scikit-learn logistic regression on simple features, the regularisation picked by 5-fold
-cross-validation on the training clips) and trains `configs/manifest.py` audio + video, video only
-and audio only with `python -m avt_jax.main`, one process per run. Prints a markdown table and writes
-`learning_benchmark.json` into `--workdir`.
+Builds (and caches) each set (`avt_jax/prep/suite/`), fits its linear floors (scikit-learn logistic
+regression on simple features, the regularisation picked by 5-fold cross-validation on the training
+clips) and trains `configs/manifest.py` audio + video, video only and audio only with
+`python -m avt_jax.main`, one process per (set, run, seed) with `--config.seed=S`, its output in
+`<workdir>/<set>/<run>_seed<S>.log`. Finished runs are reused, an interrupted one resumes from its
+checkpoints. Reports per set and run the mean and sample standard deviation over seeds of test top-1,
+of each modality's own top-1 inside the model (`eval` `modality_top1/<m>`, where the run reports it)
+and of training-set top-1 (`train_eval` of results.json; where a run lacks it, its last checkpoint
+is evaluated on the training split here), the floors and the training time: a markdown table on
+stdout and `learning_benchmark.json` in `--workdir`.
 
 Features of the floors (our design): video, the mean over a clip's stored frames, grey, 16x16; audio,
 the normalised log-mel averaged into 20 time x 16 mel cells; both, the two concatenated.
@@ -20,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -30,8 +40,17 @@ FLOOR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 VIDEO_FEATURE_SIZE = 16
 AUDIO_FEATURE_CELLS = (20, 16)
 RUNS = {'av': '', 'video': ':video', 'audio': ':audio'}
+MODALITIES = ('video', 'audio')
 SELF_SUPERVISED = {'classification': 0.0, 'contrastive': 1.0, 'matching': 1.0, 'masked_video': 1.0,
                    'masked_audio': 1.0, 'masked_audio_segment': 1.0}
+# The reduced suite (tests, `--reduced`): 4 classes of the set where audio is the reliable modality,
+# 96 training and 32 test clips, a 2-layer 64-wide model for 60 epochs (180 steps). Our choice: the
+# three runs and the floors take a few minutes on 2 CPU cores.
+REDUCED_SET = dict(name='instruments_faint_icons', num_classes=4, per_class=(24, 8))
+REDUCED_OVERRIDES = ['--config.model.hidden_size=64', '--config.model.num_layers=2',
+                     '--config.model.num_heads=2', '--config.model.mlp_dim=128',
+                     '--config.model.fusion_layer=1', '--config.train.epochs=60',
+                     '--config.train.log_every=60']
 PRETRAIN_OVERRIDES = ['--config.model.fusion=bottleneck', '--config.train.epochs=60'] + [
     f'--config.loss.weights.{k}={v}' for k, v in SELF_SUPERVISED.items()]
 
@@ -133,14 +152,29 @@ def linear_probe(config, params, train_dir: str, test_dir: str) -> float:
   return float(probe.score(x_test, y_test))
 
 
-def train_run(config: str, data_dir: str, workdir: str, overrides: Sequence[str] = ()) -> dict:
-  """Runs `python -m avt_jax.main` and returns its results.json (plus `wall_seconds`)."""
+def train_run(config: str, data_dir: str, workdir: str, overrides: Sequence[str] = (),
+              log: str | None = None, env: Mapping[str, str] | None = None) -> dict:
+  """Runs `python -m avt_jax.main` and returns its results.json (plus `wall_seconds`).
+
+  A finished run (results.json present) is kept and returned; an unfinished one resumes from its
+  checkpoints. `log`: a file for the run's output (None: this process's stdout); `env`: the run's
+  environment (None: this process's).
+
+  Raises:
+    RuntimeError: the run failed (the message names the log file).
+  """
   results = os.path.join(workdir, 'results.json')
-  if not os.path.exists(results):  # a finished run is kept; an unfinished one resumes
+  if not os.path.exists(results):
     command = [sys.executable, '-m', 'avt_jax.main', f'--config={config}', f'--workdir={workdir}',
                f'--config.data.data_dir={data_dir}', *overrides]
     begin = time.time()
-    subprocess.run(command, check=True)
+    if log:
+      with open(log, 'a') as out:
+        failed = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    else:
+      failed = subprocess.run(command, env=env).returncode
+    if failed:
+      raise RuntimeError(f'{" ".join(command)} failed (exit {failed}); see {log or "its output"}.')
     with open(results) as f:
       summary = json.load(f)
     summary['wall_seconds'] = time.time() - begin
@@ -148,6 +182,31 @@ def train_run(config: str, data_dir: str, workdir: str, overrides: Sequence[str]
       json.dump(summary, f, indent=2)
   with open(results) as f:
     return json.load(f)
+
+
+def train_accuracy(config_path: str, data_dir: str, workdir: str, overrides: Sequence[str] = ()
+                   ) -> dict[str, float]:
+  """The `eval` metrics of a finished run's last checkpoint on its training split (centre view, no
+  augmentation), for runs whose results.json lacks `train_eval`; stored there under that key."""
+  from avt_jax import evaluate, sharding, train  # pylint: disable=g-import-not-at-top
+  from avt_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
+  results = os.path.join(workdir, 'results.json')
+  with open(results) as f:
+    summary = json.load(f)
+  if 'train_eval' not in summary:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    config = load_config(config_path, data_dir, overrides)
+    params = train.restore_params(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+      summary['train_eval'] = evaluate.evaluate(config, build_model(config), params, mesh,
+                                                data_dir, config.data.train_split)
+    summary['train_eval_by'] = 'learning_benchmark (last checkpoint)'
+    with open(results, 'w') as f:
+      json.dump(summary, f, indent=2, default=float)
+  return summary['train_eval']
 
 
 def load_config(config_path: str, data_dir: str, overrides: Sequence[str] = ()):
@@ -168,25 +227,27 @@ def load_config(config_path: str, data_dir: str, overrides: Sequence[str] = ()):
   return config
 
 
-def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: str
-                     ) -> dict[str, float]:
+def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: str,
+                     overrides: Sequence[str] = ()) -> dict[str, float]:
   """Self-supervised pretraining on every training clip vs supervised training, with `fraction` of
   the labels: test top-1 of fine-tuning, supervised-only training, and linear probes on frozen
   features of the pretrained and of a randomly initialised encoder."""
   from avt_jax import train  # pylint: disable=g-import-not-at-top
-  from avt_jax.prep import voice_digits  # pylint: disable=g-import-not-at-top
+  from avt_jax.prep import clips  # pylint: disable=g-import-not-at-top
 
-  labelled = voice_digits.labelled_subset(data_dir, fraction)
+  labelled = clips.labelled_subset(data_dir, fraction)
   pretrain_dir = os.path.join(workdir, 'pretrain')
-  train_run(config_path, data_dir, pretrain_dir, PRETRAIN_OVERRIDES)
+  train_run(config_path, data_dir, pretrain_dir, [*overrides, *PRETRAIN_OVERRIDES])
   init = [f'--config.init.checkpoint={pretrain_dir}', '--config.init.format=avt',
           "--config.init.exclude=('^classifier/',)"]
   out = {
-      'fine-tuned': train_run(config_path, labelled, os.path.join(workdir, 'finetune'), init),
-      'supervised only': train_run(config_path, labelled, os.path.join(workdir, 'supervised')),
+      'fine-tuned': train_run(config_path, labelled, os.path.join(workdir, 'finetune'),
+                              [*overrides, *init]),
+      'supervised only': train_run(config_path, labelled, os.path.join(workdir, 'supervised'),
+                                   overrides),
   }
   out = {k: float(v['eval']['top1']) for k, v in out.items()}
-  config = load_config(config_path, data_dir, PRETRAIN_OVERRIDES)
+  config = load_config(config_path, data_dir, [*overrides, *PRETRAIN_OVERRIDES])
   pretrained = train.restore_params(config, pretrain_dir)
   import jax  # pylint: disable=g-import-not-at-top
   *_, init_fn = train.setup(config)
@@ -196,44 +257,198 @@ def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: 
   return out
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """(mean, sample standard deviation; 0 for one value)."""
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarise(seeds: Mapping[int, dict]) -> dict:
+  """Mean and std over seeds of a run's test top-1, per-modality top-1 (`eval`), training-set top-1
+  (`train_eval`) and train seconds; missing metrics are left out."""
+  out = {'seeds': sorted(seeds)}
+  metrics = {'top1': ('eval', 'top1'), 'train_top1': ('train_eval', 'top1'),
+             'train_seconds': (None, 'train_seconds')}
+  for m in MODALITIES:
+    metrics[f'{m}_branch_top1'] = ('eval', f'modality_top1/{m}')
+    metrics[f'train_{m}_branch_top1'] = ('train_eval', f'modality_top1/{m}')
+  for name, (part, key) in metrics.items():
+    values = [(r.get(part) or {} if part else r).get(key) for r in seeds.values()]
+    if values and all(v is not None for v in values):
+      out[name] = dict(zip(('mean', 'std'), mean_std([float(v) for v in values])))
+      out[name]['values'] = [float(v) for v in values]
+  return out
+
+
+def _cell(stat: dict | None, digits: int = 3) -> str:
+  if not stat:
+    return 'n/a'
+  if len(stat['values']) == 1:
+    return f'{stat["mean"]:.{digits}f}'
+  return f'{stat["mean"]:.{digits}f} ± {stat["std"]:.{digits}f}'
+
+
+def markdown(table: Mapping[str, dict]) -> str:
+  """The benchmark's markdown table: per set and run, mean ± std over seeds and the floors."""
+  rows = ['| set | run | seeds | test top-1 | video branch | audio branch | train top-1 | '
+          'floor (same modalities) | floors av / video / audio | train s |',
+          '|---|---|---|---|---|---|---|---|---|---|']
+  for name, entry in table.items():
+    if 'error' in entry:
+      rows.append(f'| {name} | not run: {entry["error"]} | | | | | | | | |')
+      continue
+    floors = entry['floors']
+    all_floors = ' / '.join(f'{floors[k]:.3f}' for k in ('av', 'video', 'audio'))
+    for run, s in entry['runs'].items():
+      train_s = f'{s["train_seconds"]["mean"]:.0f}' if 'train_seconds' in s else 'n/a'
+      rows.append(f'| {name} | {run} | {len(s["seeds"])} | {_cell(s.get("top1"))} | '
+                  f'{_cell(s.get("video_branch_top1"))} | {_cell(s.get("audio_branch_top1"))} | '
+                  f'{_cell(s.get("train_top1"))} | {floors[run]:.3f} | {all_floors} | {train_s} |')
+  return '\n'.join(rows)
+
+
+def _seconds(s: float) -> str:
+  """'1h05m' or '4m09s'."""
+  hours, rest = divmod(round(s), 3600)
+  return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'
+
+
+def load_floors(data_dir: str, path: str) -> dict[str, float]:
+  """`linear_floors(data_dir)`, computed once and kept in `path` (JSON, with `floor_seconds`)."""
+  if not os.path.exists(path):
+    begin = time.time()
+    floors = linear_floors(data_dir)
+    floors['floor_seconds'] = time.time() - begin
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(floors, f, indent=2)
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_suite(names: Sequence[str], seeds: Sequence[int], runs: Sequence[str], workdir: str,
+              config: str, overrides: Sequence[str], cache_dir: str | None,
+              train_eval: bool = True, set_options: Mapping[str, Any] | None = None
+              ) -> dict[str, dict]:
+  """Builds each set, its floors and every (run, seed); returns {set: {floors, runs, ...}}.
+
+  `set_options` go to `suite.ensure` (e.g. a reduced set's `num_classes`, `per_class`).
+
+  Finished runs are reused (`train_run`); a set whose sources are missing gets an `error` entry
+  (one line naming the package) and the others go on.
+  """
+  from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
+
+  table, jobs = {}, [(n, r, s) for n in names for r in runs for s in seeds]
+  done, trained_seconds, trained = 0, 0.0, 0
+  for name in names:
+    begin = time.time()
+    try:
+      data_dir = suite.ensure(name, cache_dir, **(set_options or {}))
+    except (FileNotFoundError, ValueError) as e:
+      print(f'{name}: not run: {e}', flush=True)
+      table[name] = {'error': str(e)}
+      done += len(runs) * len(seeds)
+      continue
+    floors = load_floors(data_dir, os.path.join(workdir, name, 'floors.json'))
+    table[name] = {'data_dir': data_dir, 'reliable': suite.RELIABLE[name],
+                   'ready_seconds': time.time() - begin, 'floors': floors, 'runs': {}}
+    print(f'{name}: floors ' + ', '.join(f'{k} {floors[k]:.3f}' for k in ('av', 'video', 'audio')),
+          flush=True)
+    for run in runs:
+      results = {}
+      for seed in seeds:
+        done += 1
+        run_dir = os.path.join(workdir, name, f'{run}_seed{seed}')
+        fresh = not os.path.exists(os.path.join(run_dir, 'results.json'))
+        eta = ''
+        if trained:
+          remaining = sum(not os.path.exists(os.path.join(workdir, n, f'{r}_seed{s}', 'results.json'))
+                          for n, r, s in jobs[done - 1:])
+          eta = f', ETA {_seconds(trained_seconds / trained * remaining)}'
+        print(f'[{done}/{len(jobs)}] {name} {run} seed {seed}: '
+              f'{"training" if fresh else "kept"}{eta}', flush=True)
+        run_overrides = [*overrides, f'--config.seed={seed}']
+        begin = time.time()
+        try:
+          summary = train_run(config + RUNS[run], data_dir, run_dir, run_overrides,
+                              log=f'{run_dir}.log')
+        except RuntimeError as e:  # one failed run does not stop the others
+          print(f'  failed: {e}', flush=True)
+          continue
+        if train_eval and 'train_eval' not in summary:
+          summary['train_eval'] = train_accuracy(config + RUNS[run], data_dir, run_dir, run_overrides)
+        if fresh:
+          trained_seconds += time.time() - begin
+          trained += 1
+        results[seed] = summary
+        print(f'  test top-1 {summary["eval"]["top1"]:.3f}, train top-1 '
+              f'{(summary.get("train_eval") or {}).get("top1", float("nan")):.3f}, '
+              f'{summary["train_seconds"]:.0f} s', flush=True)
+      table[name]['runs'][run] = summarise(results)
+  return table
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--variants', default='clean,complementary', help='VoiceDigits variants.')
+  parser.add_argument('--sets', default=','.join(suite.SUITE),
+                      help=f'comma-separated, of {list(suite.SUITE + suite.EXTRA)}.')
+  parser.add_argument('--seeds', default='0,1,2', help='comma-separated; each run gets --config.seed=S.')
   parser.add_argument('--runs', default='av,video,audio', help=f'subset of {sorted(RUNS)}.')
+  parser.add_argument('--quick', action='store_true', help='one seed (the first), audio + video only.')
+  parser.add_argument('--reduced', action='store_true',
+                      help='the reduced suite of the tests (REDUCED_SET, REDUCED_OVERRIDES), any --seeds.')
+  parser.add_argument('--no_train_eval', action='store_true',
+                      help='do not evaluate runs lacking results.json["train_eval"] on their training split.')
   parser.add_argument('--workdir', default='/tmp/avt_learning_benchmark')
   parser.add_argument('--cache_dir', default=None, help='dataset cache (default ~/.cache/avt_jax).')
   parser.add_argument('--config', default='configs/manifest.py')
   parser.add_argument('--override', action='append', default=[],
                       help='extra --config.x=y flags for every run (repeatable).')
   parser.add_argument('--label_fraction', type=float, default=0.0,
-                      help='> 0: also the self-supervised label-efficiency study on the clean variant.')
+                      help='> 0: the self-supervised label-efficiency study on each of --sets instead.')
   args = parser.parse_args(argv)
-  from avt_jax.prep import voice_digits  # pylint: disable=g-import-not-at-top
-
-  table, rows = {}, ['| variant | run | AVT top-1 | linear floor | train s |', '|---|---|---|---|---|']
-  for variant in args.variants.split(','):
-    data_dir = voice_digits.ensure_voice_digits(variant, args.cache_dir)
-    floors = linear_floors(data_dir)
-    table[variant] = {'floors': floors, 'runs': {}}
-    for run in args.runs.split(','):
-      summary = train_run(args.config + RUNS[run], data_dir,
-                          os.path.join(args.workdir, f'{variant}_{run}'), args.override)
-      top1 = float(summary['eval']['top1'])
-      table[variant]['runs'][run] = {'top1': top1, 'train_seconds': summary['train_seconds']}
-      rows.append(f'| {variant} | {run} | {top1:.3f} | {floors[run]:.3f} | '
-                  f'{summary["train_seconds"]:.0f} |')
-  if args.label_fraction:
-    data_dir = voice_digits.ensure_voice_digits('clean', args.cache_dir)
-    table['label_efficiency'] = label_efficiency(
-        data_dir, args.label_fraction, os.path.join(args.workdir, 'labels'), args.config)
-    rows += [f'| clean, {args.label_fraction:.0%} labels | {k} | {v:.3f} | | |'
-             for k, v in table['label_efficiency'].items()]
+  names = [n for n in args.sets.split(',') if n]
+  unknown = [n for n in names if n not in suite.SUITE + suite.EXTRA]
+  bad_runs = [r for r in args.runs.split(',') if r not in RUNS]
+  if unknown or bad_runs:
+    parser.error(f'unknown set(s) {unknown}; expected {list(suite.SUITE + suite.EXTRA)}' if unknown
+                 else f'--runs: unknown {bad_runs}; expected a subset of {sorted(RUNS)}')
+  try:
+    seeds = [int(s) for s in args.seeds.split(',')]
+  except ValueError:
+    parser.error(f'--seeds: expected comma-separated integers, got {args.seeds!r}')
+  runs = args.runs.split(',')
+  if args.quick:
+    seeds, runs = seeds[:1], ['av']
   os.makedirs(args.workdir, exist_ok=True)
+  if args.label_fraction:
+    table = {}
+    for name in names:
+      table[name] = label_efficiency(suite.ensure(name, args.cache_dir), args.label_fraction,
+                                     os.path.join(args.workdir, name, 'labels'), args.config,
+                                     args.override)
+    rows = ['| set | labels | run | top-1 |', '|---|---|---|---|'] + [
+        f'| {n} | {args.label_fraction:.0%} | {k} | {v:.3f} |' for n, t in table.items()
+        for k, v in t.items()]
+    text = '\n'.join(rows)
+  elif args.reduced:
+    options = {k: v for k, v in REDUCED_SET.items() if k != 'name'}
+    table = run_suite([REDUCED_SET['name']], seeds, runs, os.path.join(args.workdir, 'reduced'),
+                      args.config, [*REDUCED_OVERRIDES, *args.override], args.cache_dir,
+                      train_eval=not args.no_train_eval, set_options=options)
+    text = markdown(table)
+  else:
+    table = run_suite(names, seeds, runs, args.workdir, args.config, args.override, args.cache_dir,
+                      train_eval=not args.no_train_eval)
+    text = markdown(table)
   with open(os.path.join(args.workdir, 'learning_benchmark.json'), 'w') as f:
-    json.dump(table, f, indent=2)
-  print('\n'.join(rows))
-  return 0
+    json.dump(table, f, indent=2, default=float)
+  print(text)
+  return 1 if any('error' in v for v in table.values()) else 0
 
 
 if __name__ == '__main__':

@@ -6,15 +6,18 @@ saying so, where it is absent) and scikit-learn's handwritten digits. Four class
 trained through `python -m avt_jax.main` and must beat logistic regression on log-mel features.
 """
 
+import csv
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from avt_jax import learning_benchmark
-from avt_jax.prep import voice_digits
+from avt_jax.prep import clips, suite, voice_digits
+from avt_jax.prep.suite import icons, sets, soundfonts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,3 +71,163 @@ def test_complementary_classes_need_both_modalities(num_classes):
   assert min(phrases.count(p) for p in phrases) >= 2
   assert voice_digits.class_names('complementary', 4) == ['0_oops', '1_oops', '0_nooo', '1_nooo']
   assert voice_digits.class_names('clean', 2) == ['0_hello', '1_byebye']
+
+
+# The benchmark suite (avt_jax/prep/suite): SoundFont instruments x icon themes.
+
+try:
+  sets.check_sources(sets.SETS[learning_benchmark.REDUCED_SET['name']])
+  SUITE_SOURCES = None
+except FileNotFoundError as e:
+  SUITE_SOURCES = str(e)
+
+
+@pytest.fixture(scope='module')
+def reduced_dir(tmp_path_factory):
+  if SUITE_SOURCES:
+    pytest.skip(SUITE_SOURCES)
+  options = dict(learning_benchmark.REDUCED_SET)
+  return suite.ensure(options.pop('name'), str(tmp_path_factory.mktemp('suite_cache')),
+                      progress=False, **options)
+
+
+def test_suite_sets_test_on_unseen_banks_and_themes(reduced_dir):
+  train, test = clips.sources(reduced_dir, 'train'), clips.sources(reduced_dir, 'test')
+  assert train == ['MuseScore-Adwaita', 'MuseScore-Tango', 'MuseScore-oxygen']
+  assert test == ['TimGM6mb-elementary-xfce']
+  with open(os.path.join(reduced_dir, 'stats.json')) as f:
+    stats = json.load(f)
+  assert stats['num_clips'] == {'train': 96, 'test': 32}
+  assert stats['label_names']['class'] == [
+      'organ+folder', 'trumpet+user-trash', 'xylophone+printer', 'guitar+computer']
+
+
+def test_labelled_subset_keeps_a_balanced_fraction_and_the_whole_test_split(reduced_dir):
+  subset = clips.labelled_subset(reduced_dir, 0.25, progress=False)
+  with open(os.path.join(subset, 'stats.json')) as f:
+    stats = json.load(f)
+  assert stats['num_clips'] == {'train': 24, 'test': 32}  # 6 of each class's 24 training clips
+  with open(os.path.join(os.path.dirname(subset), 'manifest.csv')) as f:
+    rows = list(csv.DictReader(f))
+  with open(os.path.join(subset, 'manifest.csv')) as f:
+    kept = [r for r in csv.DictReader(f) if r['split'] == 'train']
+  labels = sorted({r['label'] for r in rows})
+  # The first 6 training clips of each class, in manifest order.
+  assert kept == [r for r in rows if r['split'] == 'train' and
+                  [x for x in rows if x['split'] == 'train' and x['label'] == r['label']].index(r) < 6]
+  assert sorted({r['label'] for r in kept}) == labels
+
+
+def test_suite_sets_classes_and_reliable_modalities():
+  assert len(suite.SUITE) >= 4
+  assert {'audio', 'video', 'neither alone'} <= set(suite.RELIABLE[n] for n in suite.SUITE)
+  for name in suite.SUITE:
+    spec = sets.SETS[name]
+    assert 8 <= len(spec.classes) <= 20 and len(set(spec.classes)) == len(spec.classes)
+    train, test = (n * len(spec.classes) for n in spec.per_class)
+    assert 300 <= train <= 500 and 60 <= test <= 120, (name, train, test)
+  cross = sets.SETS['instrument_x_icon'].classes
+  instruments, pictures = zip(*cross)
+  # Every instrument and every icon is shared by 4 classes: each modality alone is at most 25% right.
+  assert {instruments.count(i) for i in instruments} == {pictures.count(p) for p in pictures} == {4}
+
+
+def test_midi_file_matches_the_smf_layout():
+  data = soundfonts.midi_file([(19, 60, 100), (56, 62, 90)])
+  assert data[:14] == b'MThd\x00\x00\x00\x06\x00\x00\x00\x01\x01\xe0'  # format 0, 1 track, 480 tpq
+  # Hand-assembled track: program change and note on at tick 0, note off after 1 s (960 ticks, the
+  # variable-length bytes 0x87 0x40); the second note starts 2 s in (one slot); the track ends 2 s
+  # after the second note's start.
+  assert data[14:22] == b'MTrk' + (30).to_bytes(4, 'big')
+  assert data[22:] == bytes([0, 0xC0, 19, 0, 0x90, 60, 100, 0x87, 0x40, 0x80, 60, 0,
+                             0x87, 0x40, 0xC0, 56, 0, 0x90, 62, 90, 0x87, 0x40, 0x80, 62, 0,
+                             0x87, 0x40, 0xFF, 0x2F, 0x00])
+
+
+def test_shared_renderer_is_deterministic_and_looks_degrade_the_picture():
+  icon = np.zeros((8, 8, 4), np.float32)
+  icon[2:6, 2:6] = (1.0, 0.0, 0.0, 1.0)  # a red square
+  seeded = lambda: np.random.default_rng([0, 1, 2])
+  frames = clips.render_video(icon, seeded())
+  np.testing.assert_array_equal(frames, clips.render_video(icon, seeded()))
+  assert frames.shape == (round(clips.DURATION_S * clips.VIDEO_FPS), clips.FRAME_SIZE,
+                          clips.FRAME_SIZE, 3)
+  redness = lambda f: (f[..., 0].astype(float) - f[..., 1]).max(axis=(1, 2)).mean()
+  faint = clips.render_video(icon, seeded(), sets.SETS['instruments_faint_icons'].video_look)
+  assert redness(frames) > 150 and redness(faint) < redness(frames)
+  sound = np.ones(8000, np.float32)
+  quiet = clips.render_audio(sound, seeded(), sets.SETS['icons_noisy_instruments'].audio_look)
+  loud = clips.render_audio(sound, seeded())
+  assert quiet.shape == loud.shape == (round(clips.DURATION_S * clips.AUDIO_RATE),)
+  assert np.abs(quiet).max() < 0.5 < np.abs(loud).max()
+
+
+def test_summarise_gives_mean_and_sample_std_over_seeds():
+  runs = {0: {'eval': {'top1': 0.5, 'modality_top1/audio': 0.25}, 'train_seconds': 10.0,
+              'train_eval': {'top1': 1.0}},
+          1: {'eval': {'top1': 0.7, 'modality_top1/audio': 0.75}, 'train_seconds': 20.0,
+              'train_eval': {'top1': 0.8}}}
+  out = learning_benchmark.summarise(runs)
+  assert out['seeds'] == [0, 1]
+  assert out['top1']['mean'] == pytest.approx(0.6)
+  assert out['top1']['std'] == pytest.approx(np.sqrt(0.02))  # (0.1^2 + 0.1^2) / (2 - 1)
+  assert out['audio_branch_top1']['mean'] == pytest.approx(0.5)
+  assert out['train_top1']['values'] == [1.0, 0.8]
+  assert 'video_branch_top1' not in out  # not reported by these runs
+  assert learning_benchmark.mean_std([0.3]) == (0.3, 0.0)
+
+
+def test_missing_package_gives_one_line_and_the_other_sets_go_on(monkeypatch, tmp_path, capsys):
+  if SUITE_SOURCES:
+    pytest.skip(SUITE_SOURCES)
+  icons._index.cache_clear()
+  monkeypatch.setattr(icons, 'ICONS_DIR', str(tmp_path / 'no_icons'))
+  try:
+    table = learning_benchmark.run_suite(['instruments_icons', 'instrument_x_icon'], [0], ['av'],
+                                         str(tmp_path / 'work'), 'configs/manifest.py', [],
+                                         str(tmp_path / 'cache'))
+  finally:
+    icons._index.cache_clear()
+  lines = capsys.readouterr().out.strip().split('\n')
+  assert len(lines) == 2 and lines[0].startswith('instruments_icons: not run: Icon theme')
+  assert all(line.endswith('`apt-get install adwaita-icon-theme`.') for line in lines)
+  assert set(table) == {'instruments_icons', 'instrument_x_icon'}
+  assert '| instruments_icons | not run: ' in learning_benchmark.markdown(table)
+  assert not (tmp_path / 'cache').exists()  # sources are checked before anything is written
+
+
+def test_markdown_reports_mean_std_and_floors():
+  runs = {0: {'eval': {'top1': 0.5}, 'train_seconds': 10.0},
+          1: {'eval': {'top1': 0.7}, 'train_seconds': 20.0}}
+  table = {'s': {'floors': {'av': 0.4, 'video': 0.3, 'audio': 0.2},
+                 'runs': {'av': learning_benchmark.summarise(runs)}}}
+  row = learning_benchmark.markdown(table).split('\n')[2]
+  assert row == ('| s | av | 2 | 0.600 ± 0.141 | n/a | n/a | n/a | 0.400 | 0.400 / 0.300 / 0.200 '
+                 '| 15 |')
+
+
+@pytest.mark.xfail(reason='issue 20 items 2-3, open: with configs/manifest.py as of this commit, '
+                   'seed 0, audio + video ties audio only (0.781 = 0.781; video only 0.156; floors '
+                   'av 0.719, video 0.531, audio 0.656). Remove this mark when the recipe passes.',
+                   strict=False)
+def test_reduced_suite_fusion_beats_each_modality_and_the_floors(reduced_dir, tmp_path):
+  """Item 6 of issue 20: where audio is the reliable modality, audio + video beats audio only,
+  video only and every linear floor (the recipe of configs/manifest.py, a tiny model)."""
+  floors = learning_benchmark.linear_floors(reduced_dir)
+  env = {k: v for k, v in os.environ.items() if k not in ('JAX_COMPILATION_CACHE_DIR', 'XLA_FLAGS')}
+  top1 = {}
+  for run, suffix in learning_benchmark.RUNS.items():
+    summary = learning_benchmark.train_run(
+        os.path.join(ROOT, 'configs/manifest.py') + suffix, reduced_dir, str(tmp_path / run),
+        learning_benchmark.REDUCED_OVERRIDES, log=str(tmp_path / f'{run}.log'), env=env)
+    top1[run] = summary['eval']['top1']
+  # Training-set accuracy: results.json's `train_eval`, or the benchmark's own evaluation, kept there.
+  train_top1 = learning_benchmark.train_accuracy(
+      os.path.join(ROOT, 'configs/manifest.py'), reduced_dir, str(tmp_path / 'av'),
+      learning_benchmark.REDUCED_OVERRIDES)['top1']
+  with open(tmp_path / 'av' / 'results.json') as f:
+    assert json.load(f)['train_eval']['top1'] == train_top1
+  print(f'reduced suite: test top-1 {top1}, floors {floors}, av training top-1 {train_top1}')
+  assert top1['audio'] > floors['video'], (top1, floors)  # audio is the reliable modality here
+  assert top1['av'] > max(top1['video'], top1['audio']), (top1, floors)
+  assert top1['av'] > max(floors.values()), (top1, floors)

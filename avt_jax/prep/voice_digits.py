@@ -17,19 +17,16 @@ handwriting; only their placement in a clip is random.
   and the class needs both (its pictures and sounds are rendered exactly as in `clean`).
 
 Our design (see README "Learning on real media"); each clip depends only on (seed, variant, split,
-index). `ensure_voice_digits` writes 2 s H.264/AAC clips, a manifest and prepares them with the same
-code as users' own videos (`--dataset=manifest`), cached like the demo data.
+index). `ensure_voice_digits` writes 2 s H.264/AAC clips with the shared renderer (`avt_jax/prep/clips.py`),
+a manifest, and prepares them with the same code as users' own videos (`--dataset=manifest`), cached
+like the demo data.
 """
 
-import csv
 import os
 import sys
-import zlib
 import numpy as np
 
-from avt_jax import data_format
-from avt_jax.prep import cache, demo_data, shards
-from avt_jax.prep.datasets import manifest as manifest_lib
+from avt_jax.prep import cache, clips
 
 VERSION = 'v3'
 VOICES_DIR_ENV = 'AVT_JAX_HEDGEWARS_VOICES'
@@ -41,13 +38,6 @@ PHRASES = ('hello', 'byebye', 'incoming', 'victory', 'traitor', 'oops', 'stupid'
 COMPLEMENTARY_PHRASES = ('oops', 'nooo')
 TEST_PACKS = ('Classic', 'Pirate', 'Surfer')
 VARIANTS = ('clean', 'complementary')
-FRAME_SIZE = 96
-VIDEO_FPS = 20
-DURATION_S = 2.0
-AUDIO_RATE = 16000
-PREPARED_FPS = 10
-PREPARED_SHORT_SIDE = 64
-PREPARED_N_MELS = 64
 
 
 def class_content(variant: str, num_classes: int, k: int) -> tuple[int, str]:
@@ -94,64 +84,10 @@ def list_recordings(folder: str, phrases: list[str]) -> dict[str, dict[str, str]
   return packs
 
 
-def load_speech(path: str) -> np.ndarray:
-  """[samples] float32 mono speech at AUDIO_RATE, peak-normalised to 1, at most 1.9 s."""
-  import librosa  # pylint: disable=g-import-not-at-top
-
-  waveform, _ = librosa.load(path, sr=AUDIO_RATE, mono=True, duration=1.9)
-  return (waveform / max(float(np.abs(waveform).max()), 1e-6)).astype(np.float32)
-
-
-def render_video(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """[frames, FRAME_SIZE, FRAME_SIZE, 3] uint8: the 8x8 scan `digit` (0..16), 52-60 px, drifting."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
-
-  size = int(rng.integers(52, 61))
-  glyph = np.clip(ndimage.zoom(digit.astype(np.float32) / 16.0, size / 8.0, order=1), 0, 1)
-  size = glyph.shape[0]
-  background = rng.uniform(110, 220)
-  ink = rng.uniform(0, 70, 3)
-  num_frames = round(DURATION_S * VIDEO_FPS)
-  limit = FRAME_SIZE - size
-  start = limit / 2 + rng.uniform(-3, 3, 2)  # near the centre, drifting slowly
-  velocity = rng.uniform(-0.15, 0.15, 2)
-  frames = np.full((num_frames, FRAME_SIZE, FRAME_SIZE, 3), background, np.float32)
-  for i in range(num_frames):
-    x, y = (int(round(limit - abs(limit - c % (2 * limit)))) for c in start + i * velocity)
-    region = frames[i, y:y + size, x:x + size]
-    frames[i, y:y + size, x:x + size] = region * (1 - glyph[..., None]) + ink * glyph[..., None]
-  noise = rng.normal(0, 6.0, frames.shape)
-  return np.clip(frames + noise, 0, 255).round().astype(np.uint8)
-
-
-def render_audio(speech: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """[samples] float32: `speech` at a random offset and gain over background noise, 2 s."""
-  num_samples = round(DURATION_S * AUDIO_RATE)
-  gain = rng.uniform(0.3, 0.7)
-  offset = int(rng.integers(0, num_samples - len(speech) + 1))
-  waveform = np.zeros(num_samples, np.float32)
-  waveform[offset:offset + len(speech)] = gain * speech
-  noise_rms = rng.uniform(0.001, 0.004)
-  waveform += rng.normal(0, noise_rms, num_samples).astype(np.float32)
-  return np.clip(waveform, -1, 1).astype(np.float32)
-
-
-def _write_clip(job: tuple) -> dict[str, str]:
-  """Renders and writes one clip; returns its manifest row."""
-  folder, variant, split, index, seed, label, recording, digit = job
-  rng = np.random.default_rng([seed, zlib.crc32(f'{variant}/{split}'.encode()), index])
-  pack = os.path.basename(os.path.dirname(recording))
-  relative = f'videos/{split}_{index:05d}_{pack}.mp4'
-  demo_data.write_mp4(os.path.join(folder, relative), render_video(digit, rng),
-                      render_audio(load_speech(recording), rng), fps=VIDEO_FPS,
-                      sample_rate=AUDIO_RATE)
-  return {'path': relative, 'label': label, 'split': split}
-
-
 def plan_clips(variant: str, recordings: dict[str, dict[str, str]], digits: np.ndarray,
                targets: np.ndarray, num_classes: int, repeats: dict[str, int], seed: int
-               ) -> list[tuple[str, str, str, np.ndarray]]:
-  """(split, class name, recording, digit image) per clip.
+               ) -> list[clips.Clip]:
+  """The clips: class name, recording path, digit scan ([8, 8] coverage 0..1) and voice pack.
 
   Every (pack, class) appears `repeats[split]` times, each time with a different scan of the class's
   digit; train and test draw from disjoint parts of the scans (first 60% / rest).
@@ -166,7 +102,7 @@ def plan_clips(variant: str, recordings: dict[str, dict[str, str]], digits: np.n
       digit, phrase = class_content(variant, num_classes, k)
       candidates = pools[split][targets[pools[split]] == digit]
       for i in rng.choice(candidates, repeats[split], replace=False):
-        plan.append((split, name, by_phrase[phrase], digits[i]))
+        plan.append(clips.Clip(split, name, by_phrase[phrase], digits[i] / 16.0, pack))
   return plan
 
 
@@ -179,18 +115,7 @@ def write_videos(folder: str, variant: str, num_classes: int, repeats: dict[str,
   phrases = sorted({class_content(variant, num_classes, k)[1] for k in range(num_classes)})
   plan = plan_clips(variant, list_recordings(voices_dir(), phrases), digits.images, digits.target,
                     num_classes, repeats, seed)
-  os.makedirs(os.path.join(folder, 'videos'), exist_ok=True)
-  jobs = [(folder, variant, split, i, seed, k, rec, img) for i, (split, k, rec, img) in enumerate(plan)]
-  return manifest_lib.write_manifest(folder, demo_data.map_clips(_write_clip, jobs, num_workers))
-
-
-def _prepare(manifest: str, names: list[str], videos: str, output: str, num_workers: int,
-             progress: bool) -> None:
-  """Prepares the clips of `manifest` (paths relative to `videos`) into `output` as users' videos."""
-  specs, label_names = manifest_lib.read_manifest(manifest, class_names=names)
-  shards.prepare_dataset(specs, videos, output, fps=PREPARED_FPS, short_side=PREPARED_SHORT_SIDE,
-                         n_mels=PREPARED_N_MELS, label_names=label_names,
-                         clip_seconds=DURATION_S, num_workers=num_workers, progress=progress)
+  return clips.write_clips(folder, variant, plan, seed, num_workers)
 
 
 def ensure_voice_digits(variant: str = 'clean', cache_dir: str | None = None, *,
@@ -223,60 +148,20 @@ def ensure_voice_digits(variant: str = 'clean', cache_dir: str | None = None, *,
   voices_dir()  # fail before creating anything
   folder = cache.versioned_folder(cache_dir, 'voice_digits', VERSION, variant, f'{num_classes}c',
                                   f'{train_repeats}x{test_repeats}', f'seed{seed}')
-  if num_workers is None:
-    num_workers = min(os.cpu_count() or 1, demo_data.MAX_WORKERS)
+  num_workers = clips.default_workers(num_workers)
 
   def build(building: str) -> None:
     if progress:
       sys.stderr.write(f'voice_digits: writing {variant} clips in {building}\n')
     manifest = write_videos(building, variant, num_classes,
                             {'train': train_repeats, 'test': test_repeats}, seed, num_workers)
-    _prepare(manifest, class_names(variant, num_classes), building,
+    clips.prepare(manifest, class_names(variant, num_classes), building,
              os.path.join(building, 'prepared'), num_workers, progress)
 
   cache.build_once(folder, build, {'version': VERSION})
   return os.path.join(folder, 'prepared')
 
 
-def labelled_subset(prepared: str, fraction: float, *, num_workers: int | None = None,
-                    progress: bool = True) -> str:
-  """Prepares `fraction` of a built dataset's training clips (with the whole test split) beside it.
-
-  The subset takes the first `round(fraction * n)` training clips of each class in manifest order,
-  so it is class-balanced and nested (10% is inside 20%). Used for the label-efficiency runs:
-  self-supervised pretraining on all training clips, then fine-tuning on the subset.
-
-  Returns:
-    The subset's prepared folder, `<dataset>/prepared_labels<percent>`.
-  """
-  folder = os.path.dirname(prepared.rstrip('/'))
-  with open(os.path.join(folder, 'manifest.csv')) as f:
-    rows = list(csv.DictReader(f))
-  per_class = {}
-  for row in rows:
-    if row['split'] == 'train':
-      per_class[row['label']] = per_class.get(row['label'], 0) + 1
-  keep, seen = [], {}
-  for row in rows:
-    label = row['label']
-    seen[label] = seen.get(label, 0) + 1
-    if row['split'] != 'train' or seen[label] <= max(1, round(fraction * per_class[label])):
-      keep.append(row)
-  subset = os.path.join(folder, f'prepared_labels{round(100 * fraction)}')
-  names = data_format.read_stats(prepared, required=('label_names',))['label_names']['class']
-  if num_workers is None:
-    num_workers = min(os.cpu_count() or 1, demo_data.MAX_WORKERS)
-
-  def build(building: str) -> None:
-    os.makedirs(building)
-    _prepare(manifest_lib.write_manifest(building, keep), names, folder, building, num_workers, progress)
-
-  cache.build_once(subset, build, {'version': VERSION, 'fraction': fraction})
-  return subset
-
-
 def speakers(prepared: str, split: str) -> list[str]:
   """The voice packs heard in `split` of a built VoiceDigits dataset (`prepared` folder)."""
-  with open(os.path.join(os.path.dirname(prepared.rstrip('/')), 'manifest.csv')) as f:
-    paths = [row['path'] for row in csv.DictReader(f) if row['split'] == split]
-  return sorted({os.path.splitext(p)[0].split('_', 2)[2] for p in paths})
+  return clips.sources(prepared, split)
