@@ -17,10 +17,16 @@ def metric_kind(config: ml_collections.ConfigDict) -> str:
   return 'multi_label' if config.data.multi_label else 'single_label'
 
 
-def make_eval_step(model, modalities):
+def fused_logits(outputs: dict) -> dict:
+  """The model's fused logits: head -> [B, C]."""
+  return outputs['logits']
+
+
+def make_eval_step(model, modalities, select: Callable[[dict], dict] = fused_logits):
   def eval_step(params, batch):
     inputs = {k: batch[k] for k in (*modalities, 'mask')}
-    return model.apply({'params': params}, inputs, train=False, objectives=('classification',))['logits']
+    return select(model.apply({'params': params}, inputs, train=False,
+                              objectives=('classification',)))
   return eval_step
 
 
@@ -41,12 +47,17 @@ def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str
   return lambda params: score(params).result(kind)
 
 
-def make_video_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: str, split: str
+def make_video_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: str, split: str,
+                      select: Callable[[dict], dict] = fused_logits
                       ) -> Callable[[Any], metrics.MultiViewAccumulator]:
   """Returns score(params) -> the accumulator holding every video's view-averaged logits and labels
-  (`MultiViewAccumulator.videos`; on several hosts, of all hosts), compiling the eval step once."""
+  (`MultiViewAccumulator.videos`; on several hosts, of all hosts), compiling the eval step once.
+
+  `select` picks the scored logits (name -> [B, C]) from the model's outputs; every name is scored
+  against the labels of the head its last `/`-separated part names (e.g. `video/class`)."""
   modalities = tuple(config.model.modalities)
-  step = jax.jit(make_eval_step(model, modalities), in_shardings=(None, sharding.batch_sharding(mesh)))
+  step = jax.jit(make_eval_step(model, modalities, select),
+                 in_shardings=(None, sharding.batch_sharding(mesh)))
 
   def run(params: Any) -> metrics.MultiViewAccumulator:
     accumulator = metrics.MultiViewAccumulator()
@@ -65,7 +76,8 @@ def make_video_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: 
         break
       template = batch
       logits = step(params, sharding.global_batch({k: batch[k] for k in (*modalities, 'mask')}, mesh))
-      labels = data_format.batch_labels(batch)
+      head_labels = data_format.batch_labels(batch)
+      labels = {name: head_labels[name.rsplit('/', 1)[-1]] for name in logits}
       local = (labels, batch['index'], batch['mask'])  # indices are unique across processes
       if nproc > 1:
         logits, local = multihost_utils.process_allgather((logits, local), tiled=True)

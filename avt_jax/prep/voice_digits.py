@@ -28,10 +28,10 @@ import zlib
 import numpy as np
 
 from avt_jax import data_format
-from avt_jax.prep import cache, demo_data, shards
+from avt_jax.prep import cache, demo_data, holdout, shards
 from avt_jax.prep.datasets import manifest as manifest_lib
 
-VERSION = 'v3'
+VERSION = 'v4'
 VOICES_DIR_ENV = 'AVT_JAX_HEDGEWARS_VOICES'
 DEFAULT_VOICES_DIR = '/usr/share/games/hedgewars/Data/Sounds/voices'
 PHRASES = ('hello', 'byebye', 'incoming', 'victory', 'traitor', 'oops', 'stupid', 'missed', 'nooo',
@@ -48,6 +48,8 @@ AUDIO_RATE = 16000
 PREPARED_FPS = 10
 PREPARED_SHORT_SIDE = 64
 PREPARED_N_MELS = 64
+# Training voice packs held out as `val` for fusion calibration (2 of the 12 with 360 clips).
+VAL_FRACTION = 0.15
 
 
 def class_content(variant: str, num_classes: int, k: int) -> tuple[int, str]:
@@ -145,7 +147,7 @@ def _write_clip(job: tuple) -> dict[str, str]:
   demo_data.write_mp4(os.path.join(folder, relative), render_video(digit, rng),
                       render_audio(load_speech(recording), rng), fps=VIDEO_FPS,
                       sample_rate=AUDIO_RATE)
-  return {'path': relative, 'label': label, 'split': split}
+  return {'path': relative, 'label': label, 'split': split, 'group': pack}
 
 
 def plan_clips(variant: str, recordings: dict[str, dict[str, str]], digits: np.ndarray,
@@ -188,6 +190,7 @@ def _prepare(manifest: str, names: list[str], videos: str, output: str, num_work
              progress: bool) -> None:
   """Prepares the clips of `manifest` (paths relative to `videos`) into `output` as users' videos."""
   specs, label_names = manifest_lib.read_manifest(manifest, class_names=names)
+  specs, _ = holdout.hold_out_validation(specs, VAL_FRACTION)  # whole voice packs
   shards.prepare_dataset(specs, videos, output, fps=PREPARED_FPS, short_side=PREPARED_SHORT_SIDE,
                          n_mels=PREPARED_N_MELS, label_names=label_names,
                          clip_seconds=DURATION_S, num_workers=num_workers, progress=progress)
