@@ -31,6 +31,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = ''  # where generated data is cached ('' = $AVT_JAX_CACHE or ~/.cache/avt_jax)
   c.data.train_split = 'train'
   c.data.eval_split = 'test'
+  # Held-out clips on which the fusion weights are fitted after training (`avt_jax.calibration`);
+  # skipped when the data has no such split or it is the eval split.
+  c.data.calibration_split = 'val'
   c.data.label_heads = ('class',)
   c.data.num_classes = {'class': 1}
   c.data.multi_label = False

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--clip_seconds', type=float, default=-1.0,
                       help='Fixed clip duration (window centred on the annotated segment); 0 keeps '
                       'the annotated segments (default: the dataset default).')
+  parser.add_argument('--val_fraction', type=float, default=None,
+                      help='When the annotations have no `val` split: hold out at least this '
+                      'fraction of the `train` clips, whole groups at a time (manifest `group` '
+                      'column), as `val`, on which training calibrates its audio-video fusion; 0 '
+                      'holds out nothing (default: the dataset default, 0.15 for manifest, 0 for '
+                      'the others).')
   parser.add_argument('--missing_audio', choices=('silence', 'skip'), default='silence',
                       help='Files without an audio stream, or whose audio stream cannot be decoded: '
                       'keep the video with silence and the audio/missing flag, or skip (default: '
@@ -147,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         clip_seconds=None if args.clip_seconds == 0 else args.clip_seconds,
         missing_audio=args.missing_audio, workers=args.workers, jpeg_quality=args.jpeg_quality,
         num_shards=parse_num_shards(args.num_shards), runner=args.runner,
-        beam_options=args.beam_options)
+        beam_options=args.beam_options, val_fraction=args.val_fraction)
   except (ValueError, FileNotFoundError, ImportError) as e:
     sys.stderr.write(f'prepare: error: {e}\n')
     return 2

@@ -11,8 +11,9 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from avt_jax import (checkpointing, data_format, dataset_stats, diagnosis, evaluate,
+from avt_jax import (calibration, checkpointing, data_format, dataset_stats, diagnosis, evaluate,
                      input as input_lib, pictures, pretrained, sharding)
+from avt_jax.models.build import objectives as config_objectives
 from avt_jax.train_step import check_finite, make_train_step, param_axes, setup
 
 
@@ -95,7 +96,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
   state, _, _ = checkpointing.restore_adapted(ckpt, abstract, init=lambda: jax.jit(init)(rng),
                                               config=config, step=step, fresh_ok=('opt_state',))
   ckpt.close()
-  return state.params
+  return calibration.load_into(state.params, workdir)[0]
 
 
 def check_eval_config(config: ml_collections.ConfigDict, workdir: str | None = None
@@ -313,6 +314,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       summary['steps'] = int(state.step)
     try:
       with checkpointing.stop_on_preemption() if not eval_only else contextlib.nullcontext():
+        state, calibrated = _calibrated(config, model, mesh, data_dir, workdir, state, summary)
+        if calibrated:
+          last_eval = None  # the fused logits changed: evaluate again
         evaluation, reused = _final_evaluation(config, evaluator, state, best, summary, last_eval)
     except checkpointing.Preempted:  # the last step is saved: a resumed run only evaluates
       ckpt.wait()
@@ -356,6 +360,42 @@ def _initial_state(config, model, init, rng, abstract, state_shardings, tx, ckpt
   for note in notes:
     print(f'  restore: {note}', flush=True)
   return state, meta
+
+
+def calibration_problem(config: ml_collections.ConfigDict, data_dir: str) -> str | None:
+  """Why the run's fusion is not calibrated (`avt_jax.calibration`), or None when it is."""
+  split = config.data.get('calibration_split', '')
+  if len(config.model.modalities) < 2 or 'classification' not in config_objectives(config):
+    return 'not an audio-video classifier'
+  if not split:
+    return 'config.data.calibration_split is empty'
+  if split in (config.data.eval_split, config.data.train_split):
+    return f'config.data.calibration_split {split!r} is also the eval or train split'
+  if not input_lib.load_stats(data_dir)['num_clips'].get(split):
+    return (f'the data has no {split!r} split (prepare holds one out with --val_fraction; '
+            'the fused logits stay the mean of the modalities\')')
+  return None
+
+
+def _calibrated(config, model, mesh, data_dir: str, workdir: str, state, summary: dict):
+  """Fits the fusion weights on the held-out split, or loads those of an earlier run of this
+  workdir; puts the report in `summary['calibration']`. Returns (state, whether params changed)."""
+  problem = calibration_problem(config, data_dir)
+  if problem:
+    summary['calibration'] = {'skipped': problem}
+    return state, False
+  if config.train.eval_only:
+    params, report = calibration.load_into(state.params, workdir)
+  else:
+    scorer = calibration.modality_scorer(config, model, mesh, data_dir, config.data.calibration_split)
+    params, report = calibration.calibrate(config, state.params, scorer)
+    if jax.process_index() == 0:
+      calibration.save(report, workdir)
+  if report is None:
+    return state, False
+  print(calibration.format_report(report), flush=True)
+  summary['calibration'] = report
+  return state.replace(params=params), True
 
 
 def _final_evaluation(config, evaluator, state, best, summary: dict, last_eval

@@ -43,12 +43,12 @@ def get_config(arg: str | None = None):
   c.input.spec_augment.freq_width = 8
   c.input.spec_augment.time_masks = 1
   c.input.spec_augment.time_width = 16
-  # Speed and vocal-tract-length perturbation: the audio branch cannot memorise its few training
-  # voices, so it stops overruling the video on unseen ones (README "Learning on real media").
-  # Audio-only runs leave it off: there it cost top-1 on VoiceDigits (0.250 -> 0.217, 0.200 -> 0.133).
-  if arg != 'audio':
-    c.input.spec_stretch.time = 0.4
-    c.input.spec_stretch.freq = 0.3
+  # Speed and vocal-tract-length perturbation, the same for every run (README "Learning on real
+  # media"): mild, so that the audio branch still fits its clips; a modality that does not generalise
+  # is down-weighted by the fusion calibration instead (`avt_jax.calibration`, on the `val` split that
+  # `prepare` holds out).
+  c.input.spec_stretch.time = 0.2
+  c.input.spec_stretch.freq = 0.1
   c.input.eval_clips = 1
   c.input.eval_crops = 1
 

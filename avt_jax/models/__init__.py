@@ -7,8 +7,8 @@ from avt_jax.models.avt import AVT, MODALITIES, OBJECTIVES
 from avt_jax.models.build import SIZES, ConfigError, build_model, validate
 from avt_jax.models.decoders import MaskedDecoder
 from avt_jax.models.fusion import FUSIONS, BottleneckFusion
-from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, LogitScale, MatchingHead,
-                                  sample_hard_negatives)
+from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, LogitFusion, LogitScale,
+                                  MatchingHead, sample_hard_negatives)
 from avt_jax.models.masking import random_masking, segment_mask
 from avt_jax.models.options import EncoderOptions
 from avt_jax.models.tokenizers import (PositionEmbedding, SpectrogramPatchEmbedding, TubeletEmbedding,

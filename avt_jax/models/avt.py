@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from avt_jax.models import masking
 from avt_jax.models.decoders import MaskedDecoder
 from avt_jax.models.fusion import BottleneckFusion, fusion_problems, fusion_start
-from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, LogitScale, MatchingHead,
-                                  sample_hard_negatives)
+from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, LogitFusion, LogitScale,
+                                  MatchingHead, sample_hard_negatives)
 from avt_jax.models.options import EncoderOptions, Problem, raise_first
 from avt_jax.models.tokenizers import (PositionEmbedding, SpectrogramPatchEmbedding, TubeletEmbedding,
                                        patchify, token_grid)
@@ -62,7 +62,7 @@ class FullPass(NamedTuple):
   features: dict
   contrastive: dict | None  # `video`, `audio` [B, contrastive_dim] unit vectors, `logit_scale` []
   matching: dict | None  # `positive` [B], `negative` [2B] logits, `negative_valid` [2B]
-  logits: dict | None  # head -> [B, classes], mean over modalities of `modality_logits`
+  logits: dict | None  # head -> [B, classes], `LogitFusion` of `modality_logits`
   modality_logits: dict | None  # modality -> head -> [B, classes]
 
 
@@ -255,7 +255,8 @@ class AVT(nn.Module):
 
     Returns:
       Dict with, depending on `objectives`:
-        `logits`: head -> [B, classes], the mean over modalities of `modality_logits`;
+        `logits`: head -> [B, classes], the weighted sum over modalities of `modality_logits`
+          (`LogitFusion`: equal weights until calibrated on held-out clips);
         `modality_logits`: modality -> head -> [B, classes], the shared classifier on that modality;
         `contrastive`: `video`, `audio` [B, contrastive_dim] unit vectors and `logit_scale` [];
         `matching`: `positive` [B], `negative` [2B] logits and `negative_valid` [2B];
@@ -339,8 +340,8 @@ class AVT(nn.Module):
     if 'classification' in objectives:
       head = ClassificationHead(self.num_classes, name='classifier')
       modality_logits = {m: head({m: f}) for m, f in features['final'].items()}
-      logits = {h: jnp.mean(jnp.stack([modality_logits[m][h] for m in modality_logits]), 0)
-                for h in self.num_classes}
+      logits = (LogitFusion(len(modality_logits), name='logit_fusion')(modality_logits)
+                if len(modality_logits) > 1 else next(iter(modality_logits.values())))
     return FullPass(unimodal, features, contrastive, matching, logits, modality_logits)
 
   def _matching(self, encoder: BottleneckFusion, unimodal: dict[str, jax.Array],

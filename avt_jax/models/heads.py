@@ -33,6 +33,36 @@ class ClassificationHead(nn.Module):
     return logits
 
 
+class LogitFusion(nn.Module):
+  """Late fusion of per-modality logits with calibrated, non-trained modality weights.
+
+  fused[head] = sum_m w_m * logits[m][head], w = `modality_weights` [M] (order of the input dict).
+  The weights start equal (1/M: the mean of the modalities' logits, as MBT averages them) and are
+  never changed by gradients (stop_gradient; they carry no weight decay either, being 1-D). After
+  training, `avt_jax.calibration` sets them by minimising the negative log-likelihood of the fused
+  prediction on held-out clips (the `val` split), so a modality that does not generalise, however
+  confident on its training clips, gets a small weight (our design; cf. the held-out estimates of
+  gradient blending, Wang et al. 2020, "What makes training multi-modal classification networks hard?").
+
+  Attributes:
+    num_modalities: M.
+  """
+  num_modalities: int
+
+  @nn.compact
+  def __call__(self, logits: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+    """modality -> head -> [batch, classes] in, head -> [batch, classes] float32 out."""
+    weights = jax.lax.stop_gradient(self.param(
+        'modality_weights', nn.initializers.constant(1.0 / self.num_modalities),
+        (self.num_modalities,)))
+    modalities = list(logits)
+    if len(modalities) != self.num_modalities:
+      raise ValueError(f'LogitFusion: expected {self.num_modalities} modalities, got {modalities}.')
+    heads = logits[modalities[0]]
+    return {h: sum(weights[i] * logits[m][h].astype(jnp.float32) for i, m in enumerate(modalities))
+            for h in heads}
+
+
 class ContrastiveProjection(nn.Module):
   """LayerNorm -> Dense -> L2 normalisation: [batch, D] -> [batch, dim] unit vectors."""
   dim: int

@@ -41,6 +41,8 @@ class ClipSpec:
     start: segment start in seconds, or None for the start of the video.
     end: segment end in seconds, or None for the end of the video.
     split: split name, e.g. 'train', 'test'.
+    group: what the clip shares its source with (speaker, source video, session), or None; clips of
+      one group are held out together (`avt_jax.prep.holdout`).
   """
   clip_id: str
   path: str
@@ -48,6 +50,7 @@ class ClipSpec:
   start: float | None = None
   end: float | None = None
   split: str = DEFAULT_SPLIT
+  group: str | None = None
 
 
 def safe_join(root: str, relative: str) -> str:

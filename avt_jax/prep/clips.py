@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 
 from avt_jax import data_format
-from avt_jax.prep import cache, demo_data, shards
+from avt_jax.prep import cache, demo_data, holdout, shards
 from avt_jax.prep.datasets import manifest as manifest_lib
 
 FRAME_SIZE = 96
@@ -125,7 +125,7 @@ def _write_clip(job: tuple) -> dict[str, str]:
   sound = load_sound(clip.sound) if isinstance(clip.sound, str) else clip.sound
   demo_data.write_mp4(os.path.join(folder, relative), render_video(clip.picture, rng, video_look),
                       render_audio(sound, rng, audio_look), fps=VIDEO_FPS, sample_rate=AUDIO_RATE)
-  return {'path': relative, 'label': clip.label, 'split': clip.split}
+  return {'path': relative, 'label': clip.label, 'split': clip.split, 'group': clip.source}
 
 
 def write_clips(folder: str, name: str, plan: list[Clip], seed: int, num_workers: int,
@@ -140,10 +140,15 @@ def write_clips(folder: str, name: str, plan: list[Clip], seed: int, num_workers
 
 
 def prepare(manifest: str, names: list[str], videos: str, output: str, num_workers: int,
-            progress: bool) -> None:
+            progress: bool, hold_out_sources: bool = False) -> None:
   """Prepares the clips of `manifest` (paths relative to `videos`) into `output` as users' videos
-  are (`--dataset=manifest --fps=10 --short_side=64 --n_mels=64 --clip_seconds=2`)."""
+  are (`--dataset=manifest --fps=10 --short_side=64 --n_mels=64 --clip_seconds=2`), with the
+  manifest dataset's `val` split held out of `train` (`avt_jax.prep.holdout`): whole sources (the
+  `group` column) with `hold_out_sources`, else single clips."""
   specs, label_names = manifest_lib.read_manifest(manifest, class_names=names)
+  if not hold_out_sources:
+    specs = [dataclasses.replace(s, group=None) for s in specs]
+  specs, _ = holdout.hold_out_validation(specs, manifest_lib.DATASET.defaults.val_fraction)
   shards.prepare_dataset(specs, videos, output, fps=PREPARED_FPS, short_side=PREPARED_SHORT_SIDE,
                          n_mels=PREPARED_N_MELS, label_names=label_names,
                          clip_seconds=DURATION_S, num_workers=num_workers, progress=progress)

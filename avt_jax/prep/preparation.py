@@ -12,6 +12,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from avt_jax.prep import annotations
+from avt_jax.prep import holdout
 from avt_jax.prep import registry
 from avt_jax.prep import shards
 
@@ -49,7 +50,8 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
             n_mels: int | None = None, clip_seconds: float | None = -1.0,
             missing_audio: str = 'silence', workers: int | None = None, jpeg_quality: int = 90,
             num_shards: int | Mapping[str, int] | None = None, runner: str = 'local',
-            beam_options: str = '', progress: bool = True) -> dict[str, Any]:
+            beam_options: str = '', progress: bool = True, val_fraction: float | None = None
+            ) -> dict[str, Any]:
   """Reads the annotations and writes the records (see `python -m avt_jax.prepare --help`).
 
   Args:
@@ -72,6 +74,8 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
     runner: 'local' or 'beam' (Apache Beam, see `avt_jax.prep.beam_runner`).
     beam_options: Beam pipeline options as on a command line (runner='beam').
     progress: print progress and a summary on stderr.
+    val_fraction: least fraction of `train` clips held out by group as split `val` when the
+      annotations have none (`avt_jax.prep.holdout`); None for the dataset default.
 
   Returns:
     The dataset statistics (`stats.json`).
@@ -81,6 +85,10 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
   """
   specs, label_names = read_annotations(dataset, annotation_paths, video_dir, classes)
   defaults = registry.get(dataset).defaults
+  specs, held_out = holdout.hold_out_validation(
+      specs, defaults.val_fraction if val_fraction is None else val_fraction)
+  if progress and held_out:
+    sys.stderr.write(f'prepare: {held_out}\n')
   per_split = collections.Counter(spec.split for spec in specs)
   shards_per_split = _shards_per_split(num_shards, per_split)
   if progress:

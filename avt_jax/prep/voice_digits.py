@@ -28,7 +28,7 @@ import numpy as np
 
 from avt_jax.prep import cache, clips
 
-VERSION = 'v3'
+VERSION = 'v4'
 VOICES_DIR_ENV = 'AVT_JAX_HEDGEWARS_VOICES'
 DEFAULT_VOICES_DIR = '/usr/share/games/hedgewars/Data/Sounds/voices'
 PHRASES = ('hello', 'byebye', 'incoming', 'victory', 'traitor', 'oops', 'stupid', 'missed', 'nooo',
@@ -156,7 +156,7 @@ def ensure_voice_digits(variant: str = 'clean', cache_dir: str | None = None, *,
     manifest = write_videos(building, variant, num_classes,
                             {'train': train_repeats, 'test': test_repeats}, seed, num_workers)
     clips.prepare(manifest, class_names(variant, num_classes), building,
-             os.path.join(building, 'prepared'), num_workers, progress)
+                  os.path.join(building, 'prepared'), num_workers, progress, hold_out_sources=True)
 
   cache.build_once(folder, build, {'version': VERSION})
   return os.path.join(folder, 'prepared')

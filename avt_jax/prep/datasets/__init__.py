@@ -30,11 +30,14 @@ class Defaults:
     n_mels: mel bins of the log-mel spectrogram.
     clip_seconds: fixed clip duration in seconds (a window centred on the annotated segment), or None
       to keep the annotated segments.
+    val_fraction: least fraction of the `train` clips held out as split `val` when the annotations
+      have no `val` split (`avt_jax.prep.holdout`); 0 for datasets with their own validation split.
   """
   fps: float = 25.0
   short_side: int = 256
   n_mels: int = 128
   clip_seconds: float | None = 10.0
+  val_fraction: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The generic manifest: your own labelled videos, one row per clip (`--dataset=manifest`).
 
-A manifest is either a CSV file with the header `path,label[,start,end][,split][,id]` or a JSON-lines
+A manifest is either a CSV file with the header `path,label[,start,end][,split][,id][,group]` or a JSON-lines
 file with the same keys (our design):
 
 * `path`: video path relative to the video folder.
@@ -8,6 +8,8 @@ file with the same keys (our design):
   list; empty for an unlabelled clip.
 * `start`, `end`: optional segment in seconds (empty or absent: the whole video).
 * `split`: optional split name (default `train`).
+* `group`: optional source of the clip (speaker, source video, session): the validation split that
+  preparation holds out of `train` takes whole groups (`avt_jax.prep.holdout`).
 * `id`: optional clip id. The default is `path` (normalised, extension kept, so `clip.mp4` and
   `clip.avi` differ) plus `#start-end` when a segment is given, with the numbers written exactly, so
   every distinct file and segment gets its own id; rows whose default ids would still coincide (a file
@@ -19,8 +21,9 @@ the ones above (notes, durations, ...) are ignored, with one note on stderr list
 appears in two splits (a train/test leak) gets a warning on stderr naming both rows; the manifest is
 still read.
 
-Defaults: 25 fps, short side 256 px, 128 mel bins, the annotated segments as they are. The demo and
-VoiceDigits datasets (`avt_jax.prep.demo_data`, `avt_jax.prep.voice_digits`) are written as manifests.
+Defaults: 25 fps, short side 256 px, 128 mel bins, the annotated segments as they are, 15% of the
+`train` clips held out by group as `val` when the manifest has no `val` rows (fusion calibration). The
+demo and VoiceDigits datasets (`avt_jax.prep.demo_data`, `avt_jax.prep.voice_digits`) are written as manifests.
 """
 
 import csv
@@ -34,7 +37,7 @@ from avt_jax.prep import annotations
 from avt_jax.prep.annotations import CLASS_HEAD, DEFAULT_SPLIT, ClipSpec
 from avt_jax.prep.datasets import Dataset, Defaults
 
-_MANIFEST_KEYS = ('path', 'label', 'start', 'end', 'split', 'id')
+_MANIFEST_KEYS = ('path', 'label', 'start', 'end', 'split', 'id', 'group')
 
 
 def default_clip_id(path: str, start: float | None, end: float | None) -> str:
@@ -114,7 +117,7 @@ def read_manifest(
                            video, path)
     indices = [_label_index(label, index_of, len(names), where) for label in labels]
     specs.append(ClipSpec(clip_id=clip_id, path=video, labels={CLASS_HEAD: indices},
-                          start=start, end=end, split=split))
+                          start=start, end=end, split=split, group=row.get('group') or None))
   return specs, {CLASS_HEAD: names}
 
 
@@ -164,7 +167,7 @@ def _read_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
 def _check_keys(keys: Sequence[str], path: str, line: int) -> None:
   missing = [key for key in ('path', 'label') if key not in keys]
   if missing:
-    raise ValueError(f'{path}:{line}: expected keys path,label[,start,end][,split][,id]; '
+    raise ValueError(f'{path}:{line}: expected keys path,label[,start,end][,split][,id][,group]; '
                      f'missing {missing}, got {list(keys)}.')
 
 
@@ -215,10 +218,10 @@ def _label_index(label: str | int, index_of: Mapping[str, int], num_classes: int
 
 
 def write_manifest(folder: str, rows: list[dict[str, str]]) -> str:
-  """Writes `rows` (path, label, split) as `folder/manifest.csv`; returns its path."""
+  """Writes `rows` (path, label, split[, group]) as `folder/manifest.csv`; returns its path."""
   manifest = os.path.join(folder, 'manifest.csv')
   with open(manifest, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=['path', 'label', 'split'])
+    writer = csv.DictWriter(f, fieldnames=[k for k in _MANIFEST_KEYS if rows and k in rows[0]])
     writer.writeheader()
     writer.writerows(rows)
   return manifest
@@ -235,4 +238,4 @@ def _read(paths: Sequence[str], video_dir: str, classes: str | None
   return read_manifest(paths[0], class_names=class_names)
 
 
-DATASET = Dataset('manifest', _read, Defaults(clip_seconds=None))
+DATASET = Dataset('manifest', _read, Defaults(clip_seconds=None, val_fraction=0.15))

@@ -34,7 +34,7 @@ import numpy as np
 from avt_jax.prep import cache, clips
 from avt_jax.prep.suite import icons, soundfonts
 
-VERSION = 'v1'
+VERSION = 'v2'
 INSTRUMENTS = {  # General MIDI program numbers (0-based); the most distinct first (reduced sets)
     'organ': 19, 'trumpet': 56, 'xylophone': 13, 'guitar': 24, 'flute': 73, 'violin': 40,
     'piano': 0, 'sax': 65, 'accordion': 21, 'vibraphone': 11, 'banjo': 105, 'harpsichord': 6}
