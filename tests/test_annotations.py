@@ -119,7 +119,7 @@ def test_spreadsheet_manifest_with_bom_crlf_and_extra_columns(tmp_path, capsys):
   assert [(s.path, s.labels, s.start, s.end, s.split) for s in specs] == [
       ('a.mp4', {'class': [1]}, 1.0, 2.5, 'train'), ('b.mp4', {'class': [0]}, None, None, 'train')]
   assert capsys.readouterr().err == (f"manifest: note: {path}: columns ['duration', 'notes'] ignored "
-                                     '(read: path,label,start,end,split,id).\n')
+                                     '(read: path,label,start,end,split,id,group).\n')
 
 
 def test_jsonl_manifest_with_bom_and_extra_keys(tmp_path, capsys):
