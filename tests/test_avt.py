@@ -344,11 +344,13 @@ def test_single_modality_model_trains_with_the_same_code(modality):
   assert flops[0.0] < flops[0.5]
 
 
-def test_logits_are_the_mean_of_the_shared_classifier_on_each_modality(result, params):
+def test_logits_are_the_fusion_weighted_sum_of_the_shared_classifier_on_each_modality(result, params):
   outputs = result[0]
   per = outputs['modality_logits']
+  w = np.asarray(params['logit_fusion']['modality_weights'])  # [video, audio]
   np.testing.assert_allclose(outputs['logits']['class'],
-                             (per['video']['class'] + per['audio']['class']) / 2, rtol=1e-6)
+                             w[0] * per['video']['class'] + w[1] * per['audio']['class'],
+                             rtol=1e-5, atol=1e-6)
   head = params['classifier']['output_projection']
   for m in ('video', 'audio'):  # one classifier, applied to each modality's final feature
     np.testing.assert_allclose(per[m]['class'], outputs['features']['final'][m] @ head['kernel']

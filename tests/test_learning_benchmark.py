@@ -42,7 +42,9 @@ def test_reduced_benchmark_holds_unseen_voices_and_real_media(data_dir):
   assert not set(voice_digits.speakers(data_dir, 'train')) & set(voice_digits.TEST_PACKS)
   with open(os.path.join(data_dir, 'stats.json')) as f:
     stats = json.load(f)
-  assert stats['num_clips'] == {'train': 96, 'test': 24}
+  # 2 of the 12 training voices (16 clips) held out as `val` for fusion calibration
+  assert stats['num_clips'] == {'train': 80, 'val': 16, 'test': 24}
+  assert not set(voice_digits.speakers(data_dir, 'val')) & set(voice_digits.speakers(data_dir, 'train'))
   assert stats['label_names']['class'] == ['0_hello', '1_byebye', '2_incoming', '3_victory']
 
 
@@ -97,7 +99,7 @@ def test_suite_sets_test_on_unseen_banks_and_themes(reduced_dir):
   assert test == ['TimGM6mb-elementary-xfce']
   with open(os.path.join(reduced_dir, 'stats.json')) as f:
     stats = json.load(f)
-  assert stats['num_clips'] == {'train': 96, 'test': 32}
+  assert stats['num_clips'] == {'train': 81, 'val': 15, 'test': 32}  # >= 15% of 96 held out
   assert stats['label_names']['class'] == [
       'organ+folder', 'trumpet+user-trash', 'xylophone+printer', 'guitar+computer']
 

@@ -45,7 +45,7 @@ def test_inference_uses_only_the_classification_parameters():
   result = summary.summarize(_config(), passes=())
   counts = result['params']
   inference = ('tokenizer_video', 'tokenizer_audio', 'posembed_video', 'posembed_audio', 'cls_video',
-               'cls_audio', 'encoder', 'classifier')
+               'cls_audio', 'encoder', 'classifier', 'logit_fusion')
   assert result['inference_params'] == sum(counts[name] for name in inference)
   assert result['inference_params'] < counts['total']
 

@@ -17,6 +17,8 @@ from typing import Sequence
 from avt_jax.prep.annotations import ClipSpec
 
 VALIDATION_SPLIT = 'val'
+# Fewer training clips than this: nothing is held out (too few to fit weights on, too few to spare).
+MIN_TRAIN_CLIPS = 40
 
 
 def hold_out_validation(specs: Sequence[ClipSpec], fraction: float, *, train_split: str = 'train'
@@ -30,8 +32,8 @@ def hold_out_validation(specs: Sequence[ClipSpec], fraction: float, *, train_spl
 
   Returns:
     (clips with the moved ones' split changed, a one-line note for the user or None when nothing
-     moved: the annotations already have a validation split, `fraction` is 0, or fewer than two
-     training groups exist).
+     moved: the annotations already have a validation split, `fraction` is 0, there are fewer than
+     `MIN_TRAIN_CLIPS` training clips or fewer than two training groups).
 
   Raises:
     ValueError: `fraction` outside [0, 1).
@@ -40,7 +42,7 @@ def hold_out_validation(specs: Sequence[ClipSpec], fraction: float, *, train_spl
     raise ValueError(f'val_fraction: expected a number in [0, 1), got {fraction}.')
   train = [s for s in specs if s.split == train_split]
   groups = collections.Counter(_group(s) for s in train)
-  if not fraction or len(groups) < 2 or any(s.split == VALIDATION_SPLIT for s in specs):
+  if not fraction or len(train) < MIN_TRAIN_CLIPS or len(groups) < 2 or any(s.split == VALIDATION_SPLIT for s in specs):
     return list(specs), None
   wanted, moved, held = fraction * len(train), 0, set()
   for group in sorted(groups, key=lambda g: (zlib.crc32(g.encode()), g)):
