@@ -483,10 +483,11 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
 
   pending: list[tuple[int, dict]] = []
   means: dict[str, float] = {}
-  saved_once = False
+  saved_once, last_save = False, None
 
   def save(step: int) -> None:
-    nonlocal saved_once
+    nonlocal saved_once, last_save
+    last_save = step
     started = ckpt.save(step, state, {'step': step,
                                       'examples_seen': examples_seen + (step - start) * batch_size,
                                       'input_stream': stream,
@@ -501,7 +502,10 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
     pending.append((step, metrics))
     if len(pending) >= 2:  # at most two steps in flight: a preemption save waits for <= 2 steps
       jax.block_until_ready(pending[-2][1])
-    ckpt.check_for_errors()  # a failed background write stops training here, one step later
+    if step - 1 == last_save:  # the write of the previous step overlapped this step only: a failed
+      ckpt.wait()              # write stops training here, before this step is logged or saved
+    else:
+      ckpt.check_for_errors()
     if best is not None:
       best.check_for_errors()
     preempted = checkpointing.preemption_requested(step)
