@@ -71,12 +71,11 @@ def fit_weights(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarra
 
   count = len(modalities)
   starts = [np.full(count, 1.0 / count)] + [np.eye(count)[i] for i in range(count)]
-  best = min(starts, key=lambda w: value_and_grad(w)[0])
+  best_value, best = min((value_and_grad(w)[0], i) for i, w in enumerate(starts))
+  best = starts[best]
   found = scipy.optimize.minimize(value_and_grad, best, jac=True, method='L-BFGS-B',
                                   bounds=[(0.0, MAX_WEIGHT)] * count)
-  if found.fun < value_and_grad(best)[0]:
-    best = found.x
-  return np.asarray(best, np.float32)
+  return np.asarray(found.x if found.fun < best_value else best, np.float32)
 
 
 def modality_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: str, split: str):
@@ -115,8 +114,8 @@ def calibrate(config: ml_collections.ConfigDict, params: Any, scorer) -> tuple[A
             'weights': {m: float(w) for m, w in zip(modalities, weights)}}
   candidates = {m: np.eye(len(modalities))[i] for i, m in enumerate(modalities)}
   candidates.update(fused_equal=np.full(len(modalities), 1.0 / len(modalities)), fused=weights)
+  stacks = {h: np.stack([logits[f'{m}/{h}'] for m in modalities]) for h in heads}  # [M, N, C]
   for name, w in candidates.items():
-    stacks = {h: np.stack([logits[f'{m}/{h}'] for m in modalities]) for h in heads}
     report[f'nll/{name}'] = float(sum(fused_nll(jnp.asarray(w, jnp.float32), stacks[h],
                                                 head_labels[h], multi_label) for h in heads))
     fused = np.tensordot(w, stacks[heads[0]], axes=1)
