@@ -85,7 +85,7 @@ def modality_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: st
 
   def score(params):
     logits, labels = {}, {}
-    for m, accumulator in scorer(params, split).per_modality.items():
+    for m, accumulator in scorer(params, split).modalities.items():
       _, own, labels = accumulator.videos()
       logits.update({f'{m}/{h}': v for h, v in own.items()})
     return logits, labels

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from avt_jax import evaluate, input as input_lib, sharding, train
+from avt_jax import calibration, evaluate, input as input_lib, sharding, train
 from avt_jax.benchmark import synthetic_data
 from avt_jax.models import build_model
 from avt_jax.train_step import setup
@@ -148,3 +148,22 @@ def test_retrieval_only_without_a_classifier(setting):
   for k in (1, 5, 10):  # R@k grows with k
     assert scored.metrics['retrieval/v2a_R@1'] <= scored.metrics[f'retrieval/v2a_R@{k}']
 
+
+
+def test_calibration_scorer_gives_each_modality_s_view_averaged_logits(setting):
+  """What the fusion calibration fits on (`calibration.modality_scorer`): per video, each modality's
+  own logits averaged over its views, and the labels, in the reader's order."""
+  config, data_dir, model, params = setting
+  mesh = sharding.make_mesh(config.mesh)
+  logits, labels = calibration.modality_scorer(config, model, mesh, data_dir, 'train')(params)
+  assert set(logits) == {f'{m}/{h}' for m in ('video', 'audio') for h in HEADS}
+  rows = model_rows(config, data_dir, model, params)
+  order = list(dict.fromkeys(index for index, *_ in rows))
+  for m in ('video', 'audio'):
+    for h in HEADS:
+      expected = [np.mean([out[m][h] for index, out, *_ in rows if index == video], axis=0)
+                  for video in order]
+      np.testing.assert_allclose(logits[f'{m}/{h}'], expected, atol=1e-5)
+  for h in HEADS:
+    expected = [next(lab[h] for index, _, lab, _ in rows if index == video) for video in order]
+    np.testing.assert_array_equal(np.argmax(labels[h], -1), expected)
