@@ -8,11 +8,12 @@
     python -m avt_jax.learning_benchmark --quick               # 1 seed, audio + video only
     python -m avt_jax.learning_benchmark --sets=instrument_x_icon,voice_digits_clean --seeds=0,1
     python -m avt_jax.learning_benchmark --reduced             # the tests' reduced suite
+    python -m avt_jax.learning_benchmark --quick --override=--config.train.epochs=60   # a recipe change
 
 Builds (and caches) each set (`avt_jax/prep/suite/`), fits its linear floors (scikit-learn logistic
 regression on simple features, the regularisation picked by 5-fold cross-validation on the training
 clips) and trains `configs/manifest.py` audio + video, video only and audio only with
-`python -m avt_jax.main`, one process per (set, run, seed) with `--config.seed=S`, its output in
+`python -m avt_jax.main`, one process per (set, run, seed) with `--config.seed=S` (`--jobs` at once), its output in
 `<workdir>/<set>/<run>_seed<S>.log`. Finished runs are reused, an interrupted one resumes from its
 checkpoints. Reports per set and run the mean and sample standard deviation over seeds of test top-1,
 of each modality's own top-1 inside the model (`eval` `modality_top1/<m>`, where the run reports it)
@@ -24,7 +25,6 @@ Features of the floors (our design): video, the mean over a clip's stored frames
 the normalised log-mel averaged into 20 time x 16 mel cells; both, the two concatenated.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+from absl import app, flags
 import numpy as np
 
 from avt_jax import data_format
@@ -313,34 +314,40 @@ def _seconds(s: float) -> str:
   return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'
 
 
-def load_floors(data_dir: str, path: str) -> dict[str, float]:
-  """`linear_floors(data_dir)`, computed once and kept in `path` (JSON, with `floor_seconds`)."""
+def load_floors(data_dir: str) -> dict[str, float]:
+  """`linear_floors(data_dir)`, computed once per prepared set and kept beside it, in
+  `<data_dir>/../floors.json` (with `floor_seconds`), for every benchmark workdir to reuse."""
+  path = os.path.join(os.path.dirname(os.path.abspath(data_dir)), 'floors.json')
   if not os.path.exists(path):
     begin = time.time()
     floors = linear_floors(data_dir)
     floors['floor_seconds'] = time.time() - begin
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
+    with open(f'{path}.{os.getpid()}.tmp', 'w') as f:
       json.dump(floors, f, indent=2)
+    os.replace(f'{path}.{os.getpid()}.tmp', path)
   with open(path) as f:
     return json.load(f)
 
 
+def _run_dir(workdir: str, name: str, run: str, seed: int) -> str:
+  return os.path.join(workdir, name, f'{run}_seed{seed}')
+
+
 def run_suite(names: Sequence[str], seeds: Sequence[int], runs: Sequence[str], workdir: str,
               config: str, overrides: Sequence[str], cache_dir: str | None,
-              train_eval: bool = True, set_options: Mapping[str, Any] | None = None
-              ) -> dict[str, dict]:
+              train_eval: bool = True, set_options: Mapping[str, Any] | None = None,
+              jobs: int = 1) -> dict[str, dict]:
   """Builds each set, its floors and every (run, seed); returns {set: {floors, runs, ...}}.
 
-  `set_options` go to `suite.ensure` (e.g. a reduced set's `num_classes`, `per_class`).
+  `set_options` go to `suite.ensure` (e.g. a reduced set's `num_classes`, `per_class`); `jobs`
+  training processes run at once (2 on a 2-core machine: each small run leaves a core partly idle).
 
   Finished runs are reused (`train_run`); a set whose sources are missing gets an `error` entry
-  (one line naming the package) and the others go on.
+  (one line naming the package) and the others go on; a failed run is reported and left out.
   """
   from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
 
-  table, jobs = {}, [(n, r, s) for n in names for r in runs for s in seeds]
-  done, trained_seconds, trained = 0, 0.0, 0
+  table, todo = {}, []
   for name in names:
     begin = time.time()
     try:
@@ -348,108 +355,130 @@ def run_suite(names: Sequence[str], seeds: Sequence[int], runs: Sequence[str], w
     except (FileNotFoundError, ValueError) as e:
       print(f'{name}: not run: {e}', flush=True)
       table[name] = {'error': str(e)}
-      done += len(runs) * len(seeds)
       continue
-    floors = load_floors(data_dir, os.path.join(workdir, name, 'floors.json'))
+    floors = load_floors(data_dir)
     table[name] = {'data_dir': data_dir, 'reliable': suite.RELIABLE[name],
                    'ready_seconds': time.time() - begin, 'floors': floors, 'runs': {}}
     print(f'{name}: floors ' + ', '.join(f'{k} {floors[k]:.3f}' for k in ('av', 'video', 'audio')),
           flush=True)
-    for run in runs:
-      results = {}
-      for seed in seeds:
-        done += 1
-        run_dir = os.path.join(workdir, name, f'{run}_seed{seed}')
-        fresh = not os.path.exists(os.path.join(run_dir, 'results.json'))
-        eta = ''
-        if trained:
-          remaining = sum(not os.path.exists(os.path.join(workdir, n, f'{r}_seed{s}', 'results.json'))
-                          for n, r, s in jobs[done - 1:])
-          eta = f', ETA {_seconds(trained_seconds / trained * remaining)}'
-        print(f'[{done}/{len(jobs)}] {name} {run} seed {seed}: '
-              f'{"training" if fresh else "kept"}{eta}', flush=True)
-        run_overrides = [*overrides, f'--config.seed={seed}']
-        begin = time.time()
-        try:
-          summary = train_run(config + RUNS[run], data_dir, run_dir, run_overrides,
-                              log=f'{run_dir}.log')
-        except RuntimeError as e:  # one failed run does not stop the others
-          print(f'  failed: {e}', flush=True)
-          continue
-        if train_eval and 'train_eval' not in summary:
-          summary['train_eval'] = train_accuracy(config + RUNS[run], data_dir, run_dir, run_overrides)
-        if fresh:
-          trained_seconds += time.time() - begin
-          trained += 1
-        results[seed] = summary
-        print(f'  test top-1 {summary["eval"]["top1"]:.3f}, train top-1 '
-              f'{(summary.get("train_eval") or {}).get("top1", float("nan")):.3f}, '
-              f'{summary["train_seconds"]:.0f} s', flush=True)
-      table[name]['runs'][run] = summarise(results)
+    todo += [(name, data_dir, run, seed) for run in runs for seed in seeds]
+  results = _train_all(todo, workdir, config, overrides, train_eval, jobs)
+  for name, entry in table.items():
+    for run in runs if 'error' not in entry else ():
+      entry['runs'][run] = summarise({seed: results[name, run, seed] for seed in seeds
+                                      if (name, run, seed) in results})
   return table
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _train_all(todo: Sequence[tuple[str, str, str, int]], workdir: str, config: str,
+               overrides: Sequence[str], train_eval: bool, jobs: int) -> dict:
+  """Trains every (set, data_dir, run, seed) of `todo`, `jobs` at a time, printing one line as each
+  starts and ends (with an ETA); returns {(set, run, seed): results.json} of those that finished."""
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+
+  fresh = [not os.path.exists(os.path.join(_run_dir(workdir, n, r, s), 'results.json'))
+           for n, _, r, s in todo]
+  clock = {'begin': time.time(), 'trained': 0, 'left': sum(fresh)}
+
+  def one(index: int):
+    name, data_dir, run, seed = todo[index]
+    run_dir = _run_dir(workdir, name, run, seed)
+    print(f'[{index + 1}/{len(todo)}] {name} {run} seed {seed}: '
+          f'{"training" if fresh[index] else "kept"}', flush=True)
+    run_overrides = [*overrides, f'--config.seed={seed}']
+    try:
+      summary = train_run(config + RUNS[run], data_dir, run_dir, run_overrides, log=f'{run_dir}.log')
+      if train_eval and 'train_eval' not in summary:
+        summary['train_eval'] = train_accuracy(config + RUNS[run], data_dir, run_dir, run_overrides)
+    except RuntimeError as e:  # one failed run does not stop the others
+      print(f'  {name} {run} seed {seed} failed: {e}', flush=True)
+      return None
+    eta = ''
+    if fresh[index]:
+      clock['trained'] += 1
+      clock['left'] -= 1
+      per_run = (time.time() - clock['begin']) / clock['trained']
+      eta = f', ETA {_seconds(per_run * clock["left"])}' if clock['left'] else ''
+    print(f'  {name} {run} seed {seed}: test top-1 {summary["eval"]["top1"]:.3f}, train top-1 '
+          f'{(summary.get("train_eval") or {}).get("top1", float("nan")):.3f}, '
+          f'{summary["train_seconds"]:.0f} s{eta}', flush=True)
+    return summary
+
+  with futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+    done = list(pool.map(one, range(len(todo))))
+  return {(n, r, s): summary for (n, _, r, s), summary in zip(todo, done) if summary is not None}
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('sets', None, 'Sets to run (default: the suite, `suite.SUITE`); also the VoiceDigits '
+                  'sets of `suite.EXTRA`.')
+flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; each run gets --config.seed=S.')
+flags.DEFINE_list('runs', list(RUNS), f'Subset of {sorted(RUNS)}.')
+flags.DEFINE_bool('quick', False, 'One seed (the first), audio + video only.')
+flags.DEFINE_bool('reduced', False, 'The reduced suite of the tests (REDUCED_SET, REDUCED_OVERRIDES).')
+flags.DEFINE_bool('train_eval', True, 'Evaluate runs lacking results.json["train_eval"] on their '
+                  'training split.')
+flags.DEFINE_integer('jobs', 2, 'Training processes at once.', lower_bound=1)
+flags.DEFINE_string('workdir', '/tmp/avt_learning_benchmark', 'Runs, floors and the table.')
+flags.DEFINE_string('cache_dir', None, 'Dataset cache (default $AVT_JAX_CACHE or ~/.cache/avt_jax).')
+flags.DEFINE_string('config', 'configs/manifest.py', 'The recipe every run trains.')
+flags.DEFINE_multi_string('override', [], 'Extra --config.x=y flag for every run (repeatable).')
+flags.DEFINE_float('label_fraction', 0.0, '> 0: the self-supervised label-efficiency study on each '
+                   'of --sets instead.')
+
+
+def _parse_flags() -> tuple[list[str], list[int], list[str]]:
+  """(sets, seeds, runs) from the flags; app.UsageError naming the flag on a bad value."""
   from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
 
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--sets', default=','.join(suite.SUITE),
-                      help=f'comma-separated, of {list(suite.SUITE + suite.EXTRA)}.')
-  parser.add_argument('--seeds', default='0,1,2', help='comma-separated; each run gets --config.seed=S.')
-  parser.add_argument('--runs', default='av,video,audio', help=f'subset of {sorted(RUNS)}.')
-  parser.add_argument('--quick', action='store_true', help='one seed (the first), audio + video only.')
-  parser.add_argument('--reduced', action='store_true',
-                      help='the reduced suite of the tests (REDUCED_SET, REDUCED_OVERRIDES), any --seeds.')
-  parser.add_argument('--no_train_eval', action='store_true',
-                      help='do not evaluate runs lacking results.json["train_eval"] on their training split.')
-  parser.add_argument('--workdir', default='/tmp/avt_learning_benchmark')
-  parser.add_argument('--cache_dir', default=None, help='dataset cache (default ~/.cache/avt_jax).')
-  parser.add_argument('--config', default='configs/manifest.py')
-  parser.add_argument('--override', action='append', default=[],
-                      help='extra --config.x=y flags for every run (repeatable).')
-  parser.add_argument('--label_fraction', type=float, default=0.0,
-                      help='> 0: the self-supervised label-efficiency study on each of --sets instead.')
-  args = parser.parse_args(argv)
-  names = [n for n in args.sets.split(',') if n]
+  names = FLAGS.sets or list(suite.SUITE)
   unknown = [n for n in names if n not in suite.SUITE + suite.EXTRA]
-  bad_runs = [r for r in args.runs.split(',') if r not in RUNS]
-  if unknown or bad_runs:
-    parser.error(f'unknown set(s) {unknown}; expected {list(suite.SUITE + suite.EXTRA)}' if unknown
-                 else f'--runs: unknown {bad_runs}; expected a subset of {sorted(RUNS)}')
+  if unknown:
+    raise app.UsageError(f'--sets: unknown {unknown}; expected some of {list(suite.SUITE + suite.EXTRA)}.')
+  bad_runs = [r for r in FLAGS.runs if r not in RUNS]
+  if bad_runs:
+    raise app.UsageError(f'--runs: unknown {bad_runs}; expected a subset of {sorted(RUNS)}.')
   try:
-    seeds = [int(s) for s in args.seeds.split(',')]
+    seeds = [int(s) for s in FLAGS.seeds]
   except ValueError:
-    parser.error(f'--seeds: expected comma-separated integers, got {args.seeds!r}')
-  runs = args.runs.split(',')
-  if args.quick:
-    seeds, runs = seeds[:1], ['av']
-  os.makedirs(args.workdir, exist_ok=True)
-  if args.label_fraction:
+    raise app.UsageError(f'--seeds: expected comma-separated integers, got {FLAGS.seeds}.') from None
+  if FLAGS.quick:
+    return names, seeds[:1], ['av']
+  return names, seeds, list(FLAGS.runs)
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}.')
+  from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
+
+  names, seeds, runs = _parse_flags()
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  if FLAGS.label_fraction:
     table = {}
     for name in names:
-      table[name] = label_efficiency(suite.ensure(name, args.cache_dir), args.label_fraction,
-                                     os.path.join(args.workdir, name, 'labels'), args.config,
-                                     args.override)
+      table[name] = label_efficiency(suite.ensure(name, FLAGS.cache_dir), FLAGS.label_fraction,
+                                     os.path.join(FLAGS.workdir, name, 'labels'), FLAGS.config,
+                                     FLAGS.override)
     rows = ['| set | labels | run | top-1 |', '|---|---|---|---|'] + [
-        f'| {n} | {args.label_fraction:.0%} | {k} | {v:.3f} |' for n, t in table.items()
+        f'| {n} | {FLAGS.label_fraction:.0%} | {k} | {v:.3f} |' for n, t in table.items()
         for k, v in t.items()]
     text = '\n'.join(rows)
-  elif args.reduced:
+  elif FLAGS.reduced:
     options = {k: v for k, v in REDUCED_SET.items() if k != 'name'}
-    table = run_suite([REDUCED_SET['name']], seeds, runs, os.path.join(args.workdir, 'reduced'),
-                      args.config, [*REDUCED_OVERRIDES, *args.override], args.cache_dir,
-                      train_eval=not args.no_train_eval, set_options=options)
+    table = run_suite([REDUCED_SET['name']], seeds, runs, os.path.join(FLAGS.workdir, 'reduced'),
+                      FLAGS.config, [*REDUCED_OVERRIDES, *FLAGS.override], FLAGS.cache_dir,
+                      FLAGS.train_eval, options, FLAGS.jobs)
     text = markdown(table)
   else:
-    table = run_suite(names, seeds, runs, args.workdir, args.config, args.override, args.cache_dir,
-                      train_eval=not args.no_train_eval)
+    table = run_suite(names, seeds, runs, FLAGS.workdir, FLAGS.config, FLAGS.override,
+                      FLAGS.cache_dir, FLAGS.train_eval, jobs=FLAGS.jobs)
     text = markdown(table)
-  with open(os.path.join(args.workdir, 'learning_benchmark.json'), 'w') as f:
+  with open(os.path.join(FLAGS.workdir, 'learning_benchmark.json'), 'w') as f:
     json.dump(table, f, indent=2, default=float)
   print(text)
   return 1 if any('error' in v for v in table.values()) else 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)
