@@ -347,7 +347,7 @@ def run_suite(names: Sequence[str], seeds: Sequence[int], runs: Sequence[str], w
   """
   from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
 
-  table, todo = {}, []
+  table, ready = {}, []
   for name in names:
     begin = time.time()
     try:
@@ -361,7 +361,9 @@ def run_suite(names: Sequence[str], seeds: Sequence[int], runs: Sequence[str], w
                    'ready_seconds': time.time() - begin, 'floors': floors, 'runs': {}}
     print(f'{name}: floors ' + ', '.join(f'{k} {floors[k]:.3f}' for k in ('av', 'video', 'audio')),
           flush=True)
-    todo += [(name, data_dir, run, seed) for run in runs for seed in seeds]
+    ready.append((name, data_dir))
+  # Seed by seed: an interrupted benchmark has whole seeds of every set.
+  todo = [(name, data_dir, run, seed) for seed in seeds for name, data_dir in ready for run in runs]
   results = _train_all(todo, workdir, config, overrides, train_eval, jobs)
   for name, entry in table.items():
     for run in runs if 'error' not in entry else ():
