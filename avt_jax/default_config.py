@@ -18,6 +18,8 @@ variants, the small demo-size model (`SMALL_MODEL`) and the `:smoke` variant (`S
 
 import ml_collections
 
+from avt_jax.losses import OBJECTIVE_TABLE
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   """Returns the defaults shared by all datasets (ViT-B/16 per modality, paper-scale inputs)."""
@@ -208,9 +210,9 @@ def single_modality(c: ml_collections.ConfigDict, modality: str) -> ml_collectio
   if modality not in ('video', 'audio'):
     raise ValueError(f"expected the config variant ':video' or ':audio', got {modality!r}.")
   c.model.modalities = (modality,)
-  for name in ('contrastive', 'matching', 'masked_audio_segment',
-               'masked_audio' if modality == 'video' else 'masked_video'):
-    c.loss.weights[name] = 0.0
+  for o in OBJECTIVE_TABLE.values():
+    if not set(o.modalities) <= {modality}:
+      c.loss.weights[o.name] = 0.0
   return c
 
 

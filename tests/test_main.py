@@ -17,6 +17,7 @@ import pytest
 from avt_jax import checkpointing
 from avt_jax import evaluate
 from avt_jax import train
+from avt_jax.losses import OBJECTIVES
 from avt_jax.prep import demo_data
 from conftest import TINY_MAIN_FLAGS, demo_main_config as demo_config
 
@@ -95,9 +96,7 @@ def test_tensorboard_events_hold_every_objective_progress_and_pictures(straight_
   for path in tf.io.gfile.glob(str(straight_run / 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
       tags.update(v.tag for v in event.summary.value)
-  objectives = ('classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
-                'masked_audio_segment')  # all six are on in configs/demo.py
-  assert {f'loss/{o}' for o in objectives} <= tags
+  assert {f'loss/{o}' for o in OBJECTIVES} <= tags  # all are on in configs/demo.py
   assert {'loss', 'learning_rate', 'grad_norm', 'steps_per_sec', 'eta_seconds', 'eval/top1'} <= tags
   # Each modality's own scores and retrieval (contrastive is on), also on the training subset.
   for split in ('eval', 'train_eval'):

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avt_jax.losses import OBJECTIVE_TABLE, OBJECTIVES
 from avt_jax.models import masking
 from avt_jax.models.decoders import MaskedDecoder
 from avt_jax.models.fusion import BottleneckFusion, fusion_problems, fusion_start
@@ -17,12 +18,9 @@ from avt_jax.models.tokenizers import (PositionEmbedding, SpectrogramPatchEmbedd
 from avt_jax.models.transformer import ATTENTION_COLLECTION
 
 MODALITIES = ('video', 'audio')
-OBJECTIVES = ('classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
-              'masked_audio_segment')
 CLASSIFIERS = ('token', 'gap')
 CONTRASTIVE_POOLS = ('token', 'gap')
-FULL_PASS_OBJECTIVES = {'classification', 'contrastive', 'matching'}
-NEEDS_BOTH_MODALITIES = ('contrastive', 'matching', 'masked_audio_segment')
+FULL_PASS_OBJECTIVES = {o.name for o in OBJECTIVE_TABLE.values() if o.model_pass == 'full'}
 
 
 def objective_problems(objectives: Sequence[str], modalities: Sequence[str]) -> list[Problem]:
@@ -30,14 +28,14 @@ def objective_problems(objectives: Sequence[str], modalities: Sequence[str]) -> 
   audio-video objectives need both modalities, masked modelling its own (field `weights` or
   `weights.<objective>`, as in `config.loss`)."""
   found = []
-  both = [o for o in objectives if o in NEEDS_BOTH_MODALITIES]
+  needs = {o: OBJECTIVE_TABLE[o].modalities for o in objectives}
+  both = [o for o, need in needs.items() if len(need) > 1]
   if both and len(modalities) < 2:
     found.append(('weights', f'objectives {both} need both modalities, but '
                   f'model.modalities={tuple(modalities)}'))
-  for o in objectives:
-    modality = {'masked_video': 'video', 'masked_audio': 'audio'}.get(o)
-    if modality and modality not in modalities:
-      found.append((f'weights.{o}', f'needs the {modality} modality in model.modalities'))
+  for o, need in needs.items():
+    if len(need) == 1 and need[0] not in modalities:
+      found.append((f'weights.{o}', f'needs the {need[0]} modality in model.modalities'))
   return found
 
 
