@@ -43,7 +43,7 @@ import librosa  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
-from avt_jax import data_format, dataset_stats, evaluate, train  # noqa: E402
+from avt_jax import data_format, dataset_stats, evaluate, workdir as workdir_lib  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.predict import restore  # noqa: E402
@@ -87,7 +87,7 @@ class ServingModule(tf.Module):
 
   def __init__(self, workdir: str, checkpoint: str = 'latest', platforms: Sequence[str] = PLATFORMS):
     super().__init__()
-    config, stats = train.load_run(workdir)
+    config, stats = workdir_lib.load_run(workdir)
     config.model.attention_implementation = 'xla'  # lowers for every platform; same parameters
     model = build_model(config)
     params = jax.device_get(restore(config, workdir, checkpoint))

@@ -58,29 +58,6 @@ ERROR_LOG = 'error.log'  # in the workdir: the traceback behind an `Error:` line
 _started = False  # whether this run has begun writing into the workdir (it owns it)
 
 
-def resolve_data_dir(config) -> str:
-  """Prepared-records folder: generated and cached for synthetic data, else `data.data_dir`.
-
-  `data.synthetic` is 'demo' (configs/demo.py) or '<dataset>_smoke' (the `:smoke` variants of the
-  dataset configs, small generated clips in that dataset's own annotation format).
-  """
-  name = config.data.synthetic
-  cache_dir = config.data.cache_dir or None
-  if name == 'demo':
-    from avt_jax.prep import demo_data  # pylint: disable=g-import-not-at-top
-    return demo_data.ensure_demo_data(cache_dir)
-  if name.endswith('_smoke'):
-    from avt_jax.prep import smoke_data  # pylint: disable=g-import-not-at-top
-    return smoke_data.ensure_smoke_data(name.removesuffix('_smoke'), cache_dir)
-  if name:
-    raise ValueError(f"config.data.synthetic: unknown generated dataset {name!r}; expected 'demo', "
-                     "'<dataset>_smoke' or ''.")
-  if not config.data.data_dir:
-    raise ValueError('config.data.data_dir is empty: set --config.data.data_dir to the folder written '
-                     'by `python -m avt_jax.prepare`.')
-  return config.data.data_dir
-
-
 def distributed_args(*, multihost: bool, coordinator_address: str | None,
                      num_processes: int | None, process_id: int | None,
                      local_device_ids: list[str] | None) -> dict | None:
@@ -213,6 +190,7 @@ def run(config) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   from avt_jax import preflight, train, workdir_lock  # pylint: disable=g-import-not-at-top
+  from avt_jax.prep import generated  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; progress is printed
   if distributed is not None:
@@ -226,7 +204,7 @@ def run(config) -> None:
     if getattr(owner, 'took_over', None):
       print(f'Took over the stale lock of a run that is gone: {owner.took_over}.', flush=True)
     start = time.time()
-    data_dir = resolve_data_dir(config)
+    data_dir = generated.resolve_data_dir(config)
     if config.data.from_stats or config.train.epochs:
       from avt_jax import data_format, dataset_stats  # pylint: disable=g-import-not-at-top
       fields = dataset_stats.apply_stats(config, data_dir)

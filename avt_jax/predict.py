@@ -9,7 +9,7 @@ into a record and cut into the evaluation views of the run's config (`input.eval
 `input.eval_crops`, `avt_jax.input.pipeline.ClipDecoder`): the model sees exactly what `evaluate`
 feeds it for the same clip. The views' logits are averaged (as in evaluation), then turned into
 probabilities (softmax; sigmoid for multi-label data). Class names come from `<workdir>/stats.json`,
-the config from `<workdir>/config.json` (both written by training, `train.save_run`).
+the config from `<workdir>/config.json` (both written by training, `avt_jax.workdir.save_run`).
 
 Every file gets one outcome, never a crash of the run:
   `ok`        predicted.
@@ -47,7 +47,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avt_jax import data_format, dataset_stats, embeddings, evaluate, records, train  # noqa: E402
+from avt_jax import data_format, dataset_stats, embeddings, evaluate, records  # noqa: E402
+from avt_jax import workdir as workdir_lib  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.prep import annotations, media, shards  # noqa: E402
@@ -132,7 +133,7 @@ class Predictor:
   """
 
   def __init__(self, workdir: str, checkpoint: str = 'latest'):
-    self.config, self.stats = train.load_run(workdir)
+    self.config, self.stats = workdir_lib.load_run(workdir)
     self.model = build_model(self.config)
     self.params = restore(self.config, workdir, checkpoint)
     self.label_names = dataset_stats.class_names(self.config, self.stats)
@@ -223,10 +224,10 @@ class Predictor:
 def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str):
   """Parameters of `workdir`'s checkpoint `checkpoint` ('latest', 'best' or a step number)."""
   if checkpoint in ('latest', 'best'):
-    return train.restore_params(config, workdir, checkpoint=checkpoint)
+    return workdir_lib.restore_params(config, workdir, checkpoint=checkpoint)
   if not checkpoint.isdigit():
     raise ValueError(f"--checkpoint: expected 'latest', 'best' or a step number, got {checkpoint!r}.")
-  return train.restore_params(config, workdir, step=int(checkpoint))
+  return workdir_lib.restore_params(config, workdir, step=int(checkpoint))
 
 
 def table_row(outcome: dict[str, Any]) -> str:
