@@ -312,3 +312,9 @@ def test_smoke_configs_read_their_smoke_data(smoke, name):
                                            process_count=1))
   num_videos = pipeline.num_eval_videos(prepared, c.data.eval_split)
   assert sum(batch['mask'].sum() for batch in views) == num_videos * 6  # 2 clips x 3 crops
+
+
+def test_an_unknown_runner_is_refused_before_anything_is_read():
+  with pytest.raises(ValueError, match=r"runner must be one of \('local', 'beam'\), got 'spark'"):
+    preparation.shard_writer('spark')
+  assert preparation.shard_writer('local') is None  # prepare_dataset's processes on this machine
