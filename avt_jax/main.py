@@ -114,8 +114,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   from avt_jax.models import ConfigError
   errors = [ConfigError, data_format.StatsError, dataset_stats.DatasetStatsError, FileNotFoundError,
             record_files.RecordFileError, workdir_lock.WorkdirInUseError]
-  for module, names in (('avt_jax.checkpointing', ('CheckpointWriteError',
-                                                   'IncompatibleCheckpointError')),
+  for module, names in (('avt_jax.checkpointing', ('CheckpointWriteError',)),
+                        ('avt_jax.checkpoint_adaptation', ('IncompatibleCheckpointError',)),
                         ('avt_jax.input.pipeline', ('BadRecordError',))):
     if module in sys.modules:  # raised only once imported; importing costs seconds
       errors += [getattr(sys.modules[module], name) for name in names]

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from avt_jax import (checkpointing, data_format, input as input_lib,
+from avt_jax import (checkpoint_adaptation, checkpointing, data_format, input as input_lib,
                      pretrained, record_files, sharding)
 from avt_jax.input import pipeline
 from avt_jax.models import ConfigError
@@ -97,7 +97,7 @@ def _check_resumable(config: ml_collections.ConfigDict, data_dir: str, workdir: 
     input_lib.check_same_stream(meta.get('input_stream'),
                                 input_lib.stream_identity(config, data_dir, seed=config.seed))
   except ValueError as e:
-    raise checkpointing.IncompatibleCheckpointError(f'{workdir}: {e}') from None
+    raise checkpoint_adaptation.IncompatibleCheckpointError(f'{workdir}: {e}') from None
 
 
 def _read_init(config: ml_collections.ConfigDict) -> pretrained.Prepared | None:

@@ -11,7 +11,7 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from avt_jax import (calibration, checkpointing, dataset_stats, diagnosis,
+from avt_jax import (calibration, checkpoint_adaptation, checkpointing, dataset_stats, diagnosis,
                      evaluate, input as input_lib, pictures, pretrained, sharding,
                      workdir as workdir_lib)
 from avt_jax.models.build import objectives as config_objectives
@@ -247,7 +247,7 @@ def _initial_state(config, model, init, rng, abstract, state_shardings, tx, ckpt
   target = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
   # A config that differs from the checkpoint's is adapted to, or refused naming the field.
-  state, meta, notes = checkpointing.restore_adapted(
+  state, meta, notes = checkpoint_adaptation.restore_adapted(
       ckpt, target, init=lambda: jax.jit(init, out_shardings=state_shardings)(rng), config=config,
       fresh_ok=('opt_state',) if config.train.eval_only else ())
   position = {k: v for k, v in meta.items() if k in ('step', 'examples_seen')}
@@ -388,7 +388,7 @@ def _train_loop(run: LoopSetup, state, resumed_meta: dict) -> LoopResult:
   try:
     input_lib.check_same_stream(resumed_meta.get('input_stream'), stream)
   except ValueError as e:
-    raise checkpointing.IncompatibleCheckpointError(f'{workdir}: {e}') from None
+    raise checkpoint_adaptation.IncompatibleCheckpointError(f'{workdir}: {e}') from None
   examples_seen = int(resumed_meta.get('examples_seen', start * batch_size))
   batches: Iterator[dict] = input_lib.make_train_iterator(config, data_dir, seed=config.seed,
                                                           start_example=examples_seen)
@@ -408,10 +408,9 @@ def _train_loop(run: LoopSetup, state, resumed_meta: dict) -> LoopResult:
   def save(step: int) -> None:
     nonlocal saved_once, last_save
     last_save = step
-    started = ckpt.save(step, state, {'step': step,
-                                      'examples_seen': examples_seen + (step - start) * batch_size,
-                                      'input_stream': stream,
-                                      'config': checkpointing.config_snapshot(config)}, force=True)
+    meta = {'step': step, 'examples_seen': examples_seen + (step - start) * batch_size,
+            'input_stream': stream, 'config': checkpoint_adaptation.config_snapshot(config)}
+    started = ckpt.save(step, state, meta, force=True)
     if started and not saved_once:  # an unwritable folder (permissions, quota, size limit) stops
       ckpt.wait()                   # the run here; later writes overlap training, checked each step
       saved_once = True

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from avt_jax import (calibration, checkpointing, data_format, evaluate,
+from avt_jax import (calibration, checkpoint_adaptation, checkpointing, data_format, evaluate,
                      input as input_lib)
 from avt_jax.train_step import setup
 
@@ -25,7 +25,7 @@ def save_run(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> 
   (class names, frame rate, frame size, mel bins, log-mel normalisation): what `load_run` needs to use
   the model on new videos without the training data (`avt_jax.predict`, `avt_jax.export`)."""
   stats = input_lib.load_stats(data_dir)  # first: a bad data folder leaves the workdir untouched
-  config_json = json.dumps(checkpointing.config_snapshot(config), indent=2)
+  config_json = json.dumps(checkpoint_adaptation.config_snapshot(config), indent=2)
   (epath.Path(workdir) / CONFIG_FILE).write_text(config_json)
   data_format.write_stats(workdir, stats)
 
@@ -35,7 +35,8 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
 
   Raises:
     FileNotFoundError: naming the missing file (workdirs of runs that predate `save_run` lack them:
-      write the config with `checkpointing.config_snapshot` and copy the records' stats.json).
+      write the config with `checkpoint_adaptation.config_snapshot` and copy the records'
+      stats.json).
     data_format.StatsError: the stats.json lacks a key every reader needs.
   """
   for name in (CONFIG_FILE, data_format.STATS_FILE):
@@ -52,7 +53,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
                    checkpoint: str = 'latest'):
   """Parameters of a workdir's latest (or given) checkpoint, or with checkpoint='best' of its best
   checkpoint (`<workdir>/best`), e.g. for analysis or export (adapted to `config` where it differs
-  from the checkpoint's, see `checkpointing.restore_adapted`)."""
+  from the checkpoint's, see `checkpoint_adaptation.restore_adapted`)."""
   *_, init = setup(config)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
@@ -60,8 +61,9 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
     with checkpointing.BestCheckpointer(workdir, *check_eval_config(config), read_only=True) as best:
       return best.restore(abstract.params)[0]
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints, read_only=True)
-  state, _, _ = checkpointing.restore_adapted(ckpt, abstract, init=lambda: jax.jit(init)(rng),
-                                              config=config, step=step, fresh_ok=('opt_state',))
+  state, _, _ = checkpoint_adaptation.restore_adapted(
+      ckpt, abstract, init=lambda: jax.jit(init)(rng), config=config, step=step,
+      fresh_ok=('opt_state',))
   ckpt.close()
   return calibration.load_into(state.params, workdir)[0]
 

@@ -13,7 +13,7 @@ import pytest
 from clu import metric_writers
 import tensorflow as tf
 
-from avt_jax import (checkpointing, evaluate, export, input as input_lib,
+from avt_jax import (checkpoint_adaptation, checkpointing, evaluate, export, input as input_lib,
                      predict, records, sharding, train, workdir as workdir_lib)
 from avt_jax.models import build_model
 from avt_jax.prep import demo_data, logmel, media, preparation
@@ -43,7 +43,8 @@ def save_random_checkpoint(config, workdir, data_dir):
   state = state.replace(params=params)
   workdir_lib.save_run(config, workdir, data_dir)
   with checkpointing.Checkpointer(workdir) as ckpt:
-    ckpt.save(2, state, {'step': 2, 'config': checkpointing.config_snapshot(config)}, force=True)
+    snapshot = checkpoint_adaptation.config_snapshot(config)
+    ckpt.save(2, state, {'step': 2, 'config': snapshot}, force=True)
   return state.params
 
 
