@@ -15,6 +15,7 @@ import json
 from typing import Any, Callable
 
 import jax
+from flax import traverse_util
 
 from avt_jax import checkpointing
 
@@ -40,22 +41,13 @@ def config_snapshot(config: Any) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
-def _flat_config(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  flat = {}
-  for key, value in tree.items():
-    flat.update(_flat_config(value, f'{prefix}{key}.'))
-  return flat
-
-
 def _config_changes(saved: dict[str, Any] | None, config: Any,
                     fields: tuple[str, ...]) -> list[str]:
   """'config.x is A in the checkpoint and B now' for the `fields` (or fields under them) that
   differ."""
   if not saved or config is None:
     return []
-  before, now = _flat_config(saved), _flat_config(config_snapshot(config))
+  before, now = (traverse_util.flatten_dict(c, sep='.') for c in (saved, config_snapshot(config)))
   return [f'config.{key} is {before.get(key)!r} in the checkpoint and {now.get(key)!r} now'
           for key in sorted(set(before) | set(now))
           if key.startswith(fields) and before.get(key) != now.get(key)]
