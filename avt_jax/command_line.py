@@ -15,12 +15,26 @@ Our design: `main` and `benchmark` used absl already (as big_vision, Scenic and 
 do); the other commands follow.
 """
 
+import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
 from absl import flags
 
 HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull')
+# Set before TensorFlow loads, unless the user set them: TF_CPP_MIN_LOG_LEVEL=2 keeps TensorFlow's
+# C++ INFO and WARNING lines off stderr, and TF_ENABLE_ONEDNN_OPTS=0 removes the two lines that
+# tensorflow 2.21 prints on import whatever TF_CPP_MIN_LOG_LEVEL says (`oneDNN custom operations are
+# on ...` and absl's `WARNING: All log messages before absl::InitializeLog() is called ...`, which it
+# prints before that first message; once from each of TF's two native libraries). oneDNN's custom
+# ops only change TensorFlow's own CPU kernels; the model runs in JAX.
+QUIET_ENVIRONMENT = {'TF_CPP_MIN_LOG_LEVEL': '2', 'TF_ENABLE_ONEDNN_OPTS': '0'}
+
+
+def quiet_native_logs() -> None:
+  """Sets `QUIET_ENVIRONMENT` where unset; entry points call it before importing TF (or JAX)."""
+  for name, value in QUIET_ENVIRONMENT.items():
+    os.environ.setdefault(name, value)
 
 
 def usage_error(prog: str, message: str) -> NoReturn:

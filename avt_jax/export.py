@@ -35,7 +35,9 @@ import os
 import sys
 from typing import Any, Sequence
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from avt_jax import command_line  # before TensorFlow and JAX load
+
+command_line.quiet_native_logs()
 
 import jax  # noqa: E402
 import librosa  # noqa: E402
@@ -43,7 +45,7 @@ import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
-from avt_jax import command_line, data_format, dataset_stats, evaluate, workdir as workdir_lib  # noqa: E402
+from avt_jax import data_format, dataset_stats, evaluate, workdir as workdir_lib  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.predict import restore  # noqa: E402

@@ -32,7 +32,9 @@ import sys
 import time
 import traceback
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from avt_jax import command_line  # before TensorFlow and JAX load
+
+command_line.quiet_native_logs()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -40,14 +40,16 @@ import os
 import sys
 from typing import Any, Iterator, Sequence
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from avt_jax import command_line  # before TensorFlow and JAX load
+
+command_line.quiet_native_logs()
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from avt_jax import command_line, data_format, dataset_stats, embeddings, evaluate, records  # noqa: E402
+from avt_jax import data_format, dataset_stats, embeddings, evaluate, records  # noqa: E402
 from avt_jax import workdir as workdir_lib  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402

@@ -44,11 +44,11 @@ import os
 import sys
 from typing import Sequence
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from avt_jax import command_line  # before TensorFlow and JAX load
+
+command_line.quiet_native_logs()
 
 from absl import flags  # noqa: E402
-
-from avt_jax import command_line  # noqa: E402
 
 from avt_jax.prep import preparation  # noqa: E402
 from avt_jax.prep import registry  # noqa: E402

@@ -1,9 +1,15 @@
-"""Tests for avt_jax.command_line: the entry points' flags, help and usage errors."""
+"""Tests for avt_jax.command_line: the entry points' flags, help, usage errors and quiet logs."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 from absl import flags
 
 from avt_jax import command_line
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _define(fv):
@@ -39,3 +45,13 @@ def test_every_help_flag_prints_usage_and_the_flags(help_flag, capsys):
   out = capsys.readouterr().out
   assert exit_info.value.code == 0
   assert out.startswith('usage: prog [flags] PATH [PATH ...]\n\nWhat it does.') and '--top_k' in out
+
+
+def test_predict_help_prints_no_line_the_user_did_not_ask_for():
+  """TensorFlow 2.21 prints its oneDNN line and absl's InitializeLog warning on import, whatever
+  TF_CPP_MIN_LOG_LEVEL says; the entry points set TF_ENABLE_ONEDNN_OPTS=0 before it loads."""
+  env = {k: v for k, v in os.environ.items() if k not in command_line.QUIET_ENVIRONMENT}
+  result = subprocess.run([sys.executable, '-m', 'avt_jax.predict', '--help'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and '--workdir' in result.stdout
+  assert result.stderr == ''
