@@ -25,8 +25,6 @@ On several hosts pass
         --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
 """
 
-import contextlib
-import json
 import os
 import sys
 import time
@@ -60,6 +58,11 @@ ERROR_LOG = 'error.log'  # in the workdir: the traceback behind an `Error:` line
 _started = False  # whether this run has begun writing into the workdir (it owns it)
 
 
+def _mark_started() -> None:
+  global _started
+  _started = True
+
+
 def distributed_args(*, multihost: bool, coordinator_address: str | None,
                      num_processes: int | None, process_id: int | None,
                      local_device_ids: list[str] | None) -> dict | None:
@@ -89,24 +92,6 @@ def distributed_args(*, multihost: bool, coordinator_address: str | None,
       raise ValueError('--local_device_ids: expected comma-separated integers, got '
                        f'{",".join(local_device_ids)!r}.') from None
   return {name: value for name, value in given.items() if value is not None}
-
-
-def summary_table(config, summary: dict) -> str:
-  """A short markdown table of the run, then its diagnosis (`avt_jax.diagnosis`), if any."""
-  rows = [('config', config.data.name), ('steps', summary['steps']),
-          ('train time', f'{summary["train_seconds"]:.0f} s')]
-  rows += [(f'train {k}', f'{v:.4f}') for k, v in summary['train'].items() if k.startswith('loss')]
-  for part in ('eval', 'train_eval'):
-    rows += [(f'{part} {k}', f'{v:.4f}' if isinstance(v, float) else v)
-             for k, v in summary.get(part, {}).items()]
-  if 'best' in summary:
-    rows.append((f'best {summary["best"]["metric"]}',
-                 f'{summary["best"]["value"]:.4f} (step {summary["best"]["step"]})'))
-  width = max(len(str(k)) for k, _ in rows)
-  lines = [f'| {"":{width}} | value |', f'|{"-" * (width + 2)}|-------|']
-  table = '\n'.join(lines + [f'| {str(k):{width}} | {v} |' for k, v in rows])
-  notes = summary.get('diagnosis') or []
-  return table + ''.join(f'\n\nDiagnosis: {note}' for note in notes)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -166,7 +151,15 @@ def main(argv):
   if not FLAGS.verbose:
     _quiet_background_errors()
   try:
-    run(FLAGS.config)
+    distributed = distributed_args(
+        multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+        local_device_ids=FLAGS.local_device_ids)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  try:
+    from avt_jax import launch  # pylint: disable=g-import-not-at-top  # after the flags are checked
+    launch.run(FLAGS.config, FLAGS.workdir, distributed, on_start=_mark_started)
   except _user_errors() as e:
     if FLAGS.verbose:
       traceback.print_exc()
@@ -174,54 +167,6 @@ def main(argv):
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f'Error: {first}' + (f' (traceback in {log})' if log else ''), file=sys.stderr, flush=True)
     raise SystemExit(1) from None
-
-
-def run(config) -> None:
-  """Validates `config`, prepares or finds its data, trains and evaluates in `FLAGS.workdir`."""
-  global _started
-  from avt_jax.models import validate  # pylint: disable=g-import-not-at-top
-
-  validate(config)  # fail on impossible settings before heavy imports, data work or compilation
-  try:
-    distributed = distributed_args(
-        multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-        local_device_ids=FLAGS.local_device_ids)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  import jax  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from avt_jax import preflight, train, workdir_lock  # pylint: disable=g-import-not-at-top
-  from avt_jax.prep import generated  # pylint: disable=g-import-not-at-top
-
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; progress is printed
-  if distributed is not None:
-    jax.distributed.initialize(**distributed)
-  preflight.check_config(config, FLAGS.workdir)  # before data work; after distributed init (orbax)
-  workdir = epath.Path(FLAGS.workdir)
-  # Training owns the workdir (process 0 for the job); evaluating only reads it.
-  owner = workdir_lock.WorkdirLock(workdir) if (
-      jax.process_index() == 0 and not config.train.eval_only) else contextlib.nullcontext()
-  with owner:
-    if getattr(owner, 'took_over', None):
-      print(f'Took over the stale lock of a run that is gone: {owner.took_over}.', flush=True)
-    start = time.time()
-    data_dir = generated.resolve_data_dir(config)
-    if config.data.from_stats or config.train.epochs:
-      from avt_jax import data_format, dataset_stats  # pylint: disable=g-import-not-at-top
-      fields = dataset_stats.apply_stats(config, data_dir)
-      validate(config)
-      print('From ' + data_format.stats_path(data_dir) + ': ' +
-            ', '.join(f'{k}={v}' for k, v in fields.items()), flush=True)
-    prepared_init = preflight.check_run(config, data_dir, str(workdir))  # before any write
-    _started = True
-    workdir.mkdir(parents=True, exist_ok=True)
-    summary = train.train_and_evaluate(config, str(workdir), data_dir, prepared_init=prepared_init)
-  summary['total_seconds'] = time.time() - start
-  if jax.process_index() == 0:
-    (workdir / 'results.json').write_text(json.dumps(summary, indent=2, default=float))
-    print('\n' + summary_table(config, summary) + f'\n\nTotal time {summary["total_seconds"]:.0f} s; '
-          f'results in {workdir / "results.json"}', flush=True)
 
 
 if __name__ == '__main__':
