@@ -17,7 +17,7 @@ import pytest
 from avt_jax import checkpointing
 from avt_jax import evaluate
 from avt_jax import workdir as workdir_lib
-from avt_jax.losses import OBJECTIVES
+from avt_jax.losses import OBJECTIVES, SELF_SUPERVISED
 from avt_jax.prep import demo_data
 from conftest import TINY_MAIN_FLAGS, demo_main_config as demo_config
 
@@ -110,8 +110,7 @@ def test_non_finite_loss_stops_naming_objective_and_keeps_good_checkpoints(data_
   result = run(command(tmp_path, data_dir, '--config.train.steps=30', '--config.optim.warmup_steps=1',
                        '--config.optim.learning_rate=1e30', '--config.optim.grad_clip_norm=0',
                        '--config.train.checkpoint_every=1',
-                       *[f'--config.loss.weights.{o}=0' for o in ('contrastive', 'matching', 'masked_video',
-                                                                  'masked_audio', 'masked_audio_segment')]))
+                       *[f'--config.loss.weights.{o}=0' for o in SELF_SUPERVISED]))
   assert result.returncode != 0
   message = result.stderr[result.stderr.index('NonFiniteLossError'):]
   assert re.search(r"Objective '(\w+)' became non-finite at step (\d+)", message), message[:500]

@@ -36,6 +36,7 @@ import pytest
 import tensorflow as tf
 
 from avt_jax import workdir as workdir_lib
+from avt_jax.losses import SELF_SUPERVISED
 from avt_jax.prep import demo_data
 from conftest import TINY_MAIN_FLAGS, demo_main_config
 
@@ -50,8 +51,7 @@ FLAGS = [f'--config.train.steps={STEPS}', '--config.optim.name=sgd',
          '--config.input.min_resize=36', '--config.input.audio_frames=64',
          # 2 processes take the first 4 of their (interleaved) shares: the first 8 clips, like 1.
          '--config.eval.train_subset_size=8',
-         *[f'--config.loss.weights.{o}=0' for o in ('contrastive', 'matching', 'masked_video',
-                                                     'masked_audio', 'masked_audio_segment')]]
+         *[f'--config.loss.weights.{o}=0' for o in SELF_SUPERVISED]]
 TIMEOUT = 600
 
 
