@@ -225,6 +225,26 @@ def _quiet_orbax(quiet: bool) -> Iterator[None]:
     orbax_logger.setLevel(level)
 
 
+class _NoSaveWaitWarning(logging.Filter):
+  """Drops orbax's `Waiting for previous save to complete took N seconds ...` warning: a save waits
+  for the write before it by design (writes overlap training, one at a time), so the line only
+  alarms users of a normal run; slow writes show in the steps/s of the progress log."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Waiting for previous save to complete')
+
+
+@contextlib.contextmanager
+def _no_save_wait_warning() -> Iterator[None]:
+  orbax_logger = logging.getLogger('absl')  # orbax logs through absl's logger
+  quiet = _NoSaveWaitWarning()
+  orbax_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    orbax_logger.removeFilter(quiet)
+
+
 class Checkpointer:
   """Periodic, keep-N, atomic, asynchronous checkpoints of a train state.
 
@@ -339,14 +359,15 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     try:
-      started = self._manager.save(
-          step,
-          args=ocp.args.Composite(**{
-              _STATE: ocp.args.StandardSave(state),
-              _META: ocp.args.JsonSave(meta),
-          }),
-          force=force,
-      )
+      with _no_save_wait_warning():
+        started = self._manager.save(
+            step,
+            args=ocp.args.Composite(**{
+                _STATE: ocp.args.StandardSave(state),
+                _META: ocp.args.JsonSave(meta),
+            }),
+            force=force,
+        )
     except Exception as e:  # the previous write's error surfaces here too
       raise _write_error(self.directory, step if self._last_save is None else self._last_save,
                          e) from e
