@@ -12,11 +12,13 @@ Fields (override any of them on the command line with `--config.<field>=value`):
   init:   pretrained checkpoints to start from (see `avt_jax.pretrained`); empty = random init.
 
 Also the pieces that several config files share: the paper fine-tuning recipe, the single-modality
-variants, the small demo-size model (`SMALL_MODEL`) and the `:smoke` variant (`SMOKE_MODEL`,
-`smoke_variant`).
+variants, the model presets (`MODEL_PRESETS`: the encoder sizes, the demo-size model `SMALL_MODEL`
+and the `:smoke` variant's `SMOKE_MODEL`) and the `:smoke` variant (`smoke_variant`).
 """
 
 import ml_collections
+
+from avt_jax.losses import OBJECTIVE_TABLE
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -208,22 +210,34 @@ def single_modality(c: ml_collections.ConfigDict, modality: str) -> ml_collectio
   if modality not in ('video', 'audio'):
     raise ValueError(f"expected the config variant ':video' or ':audio', got {modality!r}.")
   c.model.modalities = (modality,)
-  for name in ('contrastive', 'matching', 'masked_audio_segment',
-               'masked_audio' if modality == 'video' else 'masked_video'):
-    c.loss.weights[name] = 0.0
+  for o in OBJECTIVE_TABLE.values():
+    if not set(o.modalities) <= {modality}:
+      c.loss.weights[o.name] = 0.0
   return c
 
 
-# The model of configs/demo.py and configs/manifest.py: 128 wide, 4 layers, fusion from layer 2.
-SMALL_MODEL = dict(size='tiny', hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256,
-                   fusion_layer=2, n_bottlenecks=4, contrastive_dim=64, decoder_width=64,
-                   decoder_depth=1, decoder_heads=4, decoder_mlp_dim=128, stochastic_depth=0.0,
-                   segment_seconds=0.48, num_segments=1)
-# The model of the `:smoke` variants: 32 wide, 2 layers, fusion from layer 1.
-SMOKE_MODEL = dict(size='tiny', hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, fusion_layer=1,
-                   contrastive_dim=16, decoder_width=16, decoder_depth=1, decoder_heads=2,
-                   decoder_mlp_dim=32, stochastic_depth=0.0, segment_seconds=0.32, num_segments=1,
-                   dtype='float32')
+# The model presets, one table (as VideoPrism's `CONFIGS`): name -> `config.model` fields.
+# 'tiny', 'small' and 'base' are the encoder sizes that `model.size` names (ViT-Ti/S/B; explicit
+# `model.hidden_size` etc. override them, `avt_jax.models.build.encoder_size`); 'demo' and 'smoke'
+# are whole small models that configs and tests apply with `config.model.update(...)`.
+MODEL_PRESETS = {
+    'tiny': dict(hidden_size=192, num_layers=6, num_heads=3, mlp_dim=768),
+    'small': dict(hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536),
+    'base': dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),  # ViT-B/16
+    # configs/demo.py and configs/manifest.py: 128 wide, 4 layers, fusion from layer 2.
+    'demo': dict(size='tiny', hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256,
+                 fusion_layer=2, n_bottlenecks=4, contrastive_dim=64, decoder_width=64,
+                 decoder_depth=1, decoder_heads=4, decoder_mlp_dim=128, stochastic_depth=0.0,
+                 segment_seconds=0.48, num_segments=1),
+    # The `:smoke` variants and the tests: 32 wide, 2 layers, fusion from layer 1.
+    'smoke': dict(size='tiny', hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
+                  fusion_layer=1, contrastive_dim=16, decoder_width=16, decoder_depth=1,
+                  decoder_heads=2, decoder_mlp_dim=32, stochastic_depth=0.0, segment_seconds=0.32,
+                  num_segments=1, dtype='float32'),
+}
+ENCODER_SIZES = ('tiny', 'small', 'base')  # the presets `model.size` may name
+SMALL_MODEL = MODEL_PRESETS['demo']
+SMOKE_MODEL = MODEL_PRESETS['smoke']
 
 
 def smoke_variant(config: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:

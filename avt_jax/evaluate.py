@@ -256,19 +256,12 @@ def make_video_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: 
   return lambda params: score(params, split).videos
 
 
-def make_evaluator(config: ml_collections.ConfigDict, model, mesh, data_dir: str, split: str
-                   ) -> Callable[[Any], dict[str, float]]:
-  """Returns evaluate(params) -> metrics on `split` (see the module docstring), compiling the eval
-  step once for all calls."""
-  score = make_scorer(config, model, mesh, data_dir)
-  return lambda params: score(params, split).metrics
-
-
 def evaluate(config: ml_collections.ConfigDict, model, params: Any, mesh, data_dir: str,
              split: str) -> dict[str, float]:
-  """Evaluates `params` on all views (`input.eval_clips` x `input.eval_crops`) of `split`.
+  """Evaluates `params` once on all views (`input.eval_clips` x `input.eval_crops`) of `split`
+  (`make_scorer`; the training loop's repeated evaluation is `avt_jax.train.make_evaluator`).
 
   Padded examples (mask 0) are never counted; on several hosts, hosts that run out of views feed
   fully padded batches until all are done.
   """
-  return make_evaluator(config, model, mesh, data_dir, split)(params)
+  return make_scorer(config, model, mesh, data_dir)(params, split).metrics

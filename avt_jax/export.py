@@ -30,20 +30,22 @@ on a pure tone, 1.4e-5 on recorded-like audio), probabilities within 1e-6. Recor
 log-mel and JPEG frames, so the records path differs from raw frames by that rounding.
 """
 
-import argparse
 import json
 import os
 import sys
 from typing import Any, Sequence
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from avt_jax import command_line  # before TensorFlow and JAX load
+
+command_line.quiet_native_logs()
 
 import jax  # noqa: E402
 import librosa  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import flags  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
-from avt_jax import data_format, dataset_stats, evaluate, train  # noqa: E402
+from avt_jax import data_format, dataset_stats, evaluate, workdir as workdir_lib  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.predict import restore  # noqa: E402
@@ -87,7 +89,7 @@ class ServingModule(tf.Module):
 
   def __init__(self, workdir: str, checkpoint: str = 'latest', platforms: Sequence[str] = PLATFORMS):
     super().__init__()
-    config, stats = train.load_run(workdir)
+    config, stats = workdir_lib.load_run(workdir)
     config.model.attention_implementation = 'xla'  # lowers for every platform; same parameters
     model = build_model(config)
     params = jax.device_get(restore(config, workdir, checkpoint))
@@ -156,22 +158,28 @@ def export(workdir: str, output: str, checkpoint: str = 'latest',
           'outputs': {k: str(v) for k, v in serve.structured_outputs.items()}}
 
 
+PROG = 'python -m avt_jax.export'
+USAGE = ('Write a TensorFlow SavedModel of a trained workdir: uint8 frames and a 16 kHz waveform in, '
+         'class probabilities out (log-mel and evaluation views computed inside).')
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags (`avt_jax.command_line`)."""
+  flags.DEFINE_string('workdir', None, 'Training workdir.', flag_values=fv)
+  flags.DEFINE_string('output', None, 'SavedModel folder to write.', flag_values=fv)
+  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (kept with train.eval_every > 0) "
+                      'or a step.', flag_values=fv)
+  flags.DEFINE_list('platforms', list(PLATFORMS), 'Platforms the model is lowered for, '
+                    'comma-separated.', flag_values=fv)
+  flags.mark_flags_as_required(['workdir', 'output'], flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command line; returns the exit status (2 for a bad workdir or argument)."""
-  parser = argparse.ArgumentParser(
-      prog='python -m avt_jax.export',
-      description='Write a TensorFlow SavedModel of a trained workdir: uint8 frames and a 16 kHz '
-      'waveform in, class probabilities out (log-mel and evaluation views computed inside).')
-  parser.add_argument('--workdir', required=True, help='Training workdir.')
-  parser.add_argument('--output', required=True, help='SavedModel folder to write.')
-  parser.add_argument('--checkpoint', default='latest',
-                      help="'latest' (default), 'best' (kept with train.eval_every > 0) or a step.")
-  parser.add_argument('--platforms', default=','.join(PLATFORMS),
-                      help=f'Platforms the model is lowered for, comma-separated (default: '
-                      f'{",".join(PLATFORMS)}).')
-  args = parser.parse_args(argv)
+  """Runs the command line (default: sys.argv[1:]); returns the exit status (2 for a bad workdir or
+  argument)."""
+  args, _ = command_line.parse(PROG, USAGE, define_flags, sys.argv[1:] if argv is None else argv)
   try:
-    signature = export(args.workdir, args.output, args.checkpoint, args.platforms.split(','))
+    signature = export(args.workdir, args.output, args.checkpoint, args.platforms)
   except (ValueError, FileNotFoundError) as e:
     sys.stderr.write(f'export: error: {e}\n')
     return 2

@@ -36,14 +36,14 @@ from absl import app, flags
 import numpy as np
 
 from avt_jax import data_format
+from avt_jax.losses import OBJECTIVES
 
 FLOOR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 VIDEO_FEATURE_SIZE = 16
 AUDIO_FEATURE_CELLS = (20, 16)
 RUNS = {'av': '', 'video': ':video', 'audio': ':audio'}
 MODALITIES = ('video', 'audio')
-SELF_SUPERVISED = {'classification': 0.0, 'contrastive': 1.0, 'matching': 1.0, 'masked_video': 1.0,
-                   'masked_audio': 1.0, 'masked_audio_segment': 1.0}
+SELF_SUPERVISED = {o: 0.0 if o == 'classification' else 1.0 for o in OBJECTIVES}
 # The reduced suite (tests, `--reduced`): 4 classes of the set where audio is the reliable modality,
 # 96 training and 32 test clips, a 2-layer 64-wide model for 60 epochs (180 steps). Our choice: the
 # three runs and the floors take a few minutes on 2 CPU cores.
@@ -189,7 +189,7 @@ def train_accuracy(config_path: str, data_dir: str, workdir: str, overrides: Seq
                    ) -> dict[str, float]:
   """The `eval` metrics of a finished run's last checkpoint on its training split (centre view, no
   augmentation), for runs whose results.json lacks `train_eval`; stored there under that key."""
-  from avt_jax import evaluate, sharding, train  # pylint: disable=g-import-not-at-top
+  from avt_jax import evaluate, sharding, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from avt_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
   results = os.path.join(workdir, 'results.json')
@@ -199,7 +199,7 @@ def train_accuracy(config_path: str, data_dir: str, workdir: str, overrides: Seq
     import jax  # pylint: disable=g-import-not-at-top
 
     config = load_config(config_path, data_dir, overrides)
-    params = train.restore_params(config, workdir)
+    params = workdir_lib.restore_params(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
       summary['train_eval'] = evaluate.evaluate(config, build_model(config), params, mesh,
@@ -233,7 +233,7 @@ def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: 
   """Self-supervised pretraining on every training clip vs supervised training, with `fraction` of
   the labels: test top-1 of fine-tuning, supervised-only training, and linear probes on frozen
   features of the pretrained and of a randomly initialised encoder."""
-  from avt_jax import train  # pylint: disable=g-import-not-at-top
+  from avt_jax import train_step, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from avt_jax.prep import clips  # pylint: disable=g-import-not-at-top
 
   labelled = clips.labelled_subset(data_dir, fraction)
@@ -249,9 +249,9 @@ def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: 
   }
   out = {k: float(v['eval']['top1']) for k, v in out.items()}
   config = load_config(config_path, data_dir, [*overrides, *PRETRAIN_OVERRIDES])
-  pretrained = train.restore_params(config, pretrain_dir)
+  pretrained = workdir_lib.restore_params(config, pretrain_dir)
   import jax  # pylint: disable=g-import-not-at-top
-  *_, init_fn = train.setup(config)
+  *_, init_fn = train_step.setup(config)
   random = jax.device_get(jax.jit(init_fn)(jax.random.PRNGKey(config.seed)).params)
   out['linear probe, pretrained'] = linear_probe(config, pretrained, labelled, labelled)
   out['linear probe, random init'] = linear_probe(config, random, labelled, labelled)

@@ -1,9 +1,12 @@
-"""The AVT objectives as pure functions of model outputs and batch labels.
+"""The AVT objectives as pure functions of model outputs and batch labels, and `OBJECTIVE_TABLE`,
+the one list of the objectives (name, the model pass that computes its outputs, its loss term, the
+modalities it needs) that the model, the configs and the loss read.
 
 Every loss takes an example mask [B] (1 = real, 0 = padding) so padded examples never count.
 """
 
-from typing import Mapping
+import dataclasses
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +108,92 @@ def masked_reconstruction_loss(pred: jax.Array, target: jax.Array, patch_mask: j
   return jnp.sum(per_patch * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+  """The config's loss options that `total_loss` hands to every term (see there)."""
+  multi_label: bool = False
+  label_smoothing: float = 0.0
+  normalize_target: bool = True
+  modality_weight: float = 0.0
+
+
+def _classification_term(outputs: Mapping, batch: Mapping[str, jax.Array], mask: jax.Array,
+                         o: LossOptions) -> jax.Array:
+  """The fused logits' loss, plus `modality_weight` x the mean of each modality's own loss."""
+  labels = {h: batch[data_format.label_key(h)] for h in outputs['logits']}
+  options = dict(multi_label=o.multi_label, label_smoothing=o.label_smoothing)
+  loss = classification_loss(outputs['logits'], labels, mask, **options)
+  per_modality = outputs.get('modality_logits', {})
+  if o.modality_weight and len(per_modality) > 1:
+    loss += o.modality_weight * sum(classification_loss(logits, labels, mask, **options)
+                                    for logits in per_modality.values()) / len(per_modality)
+  return loss
+
+
+def _contrastive_term(outputs: Mapping, batch: Mapping[str, jax.Array], mask: jax.Array,
+                      o: LossOptions) -> jax.Array:
+  del batch, o
+  c = outputs['contrastive']
+  return info_nce(c['video'], c['audio'], c['logit_scale'], mask)
+
+
+def _matching_term(outputs: Mapping, batch: Mapping[str, jax.Array], mask: jax.Array,
+                   o: LossOptions) -> jax.Array:
+  del batch, o
+  m = outputs['matching']
+  return matching_loss(m['positive'], m['negative'], m['negative_valid'], mask)
+
+
+def _reconstruction_term(name: str) -> Callable[..., jax.Array]:
+  def term(outputs: Mapping, batch: Mapping[str, jax.Array], mask: jax.Array,
+           o: LossOptions) -> jax.Array:
+    del batch
+    r = outputs[name]
+    return masked_reconstruction_loss(r['pred'], r['target'], r['mask'], mask, o.normalize_target)
+  return term
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """One row of `OBJECTIVE_TABLE` (our design).
+
+  Attributes:
+    name: the key in `config.loss.weights`, in the model's `objectives` and its outputs.
+    model_pass: the `AVT` pass that computes its outputs: 'full' (all tokens), 'masked' (MAE-style
+      on its modality) or 'segment' (masked audio segments from the fused tokens).
+    term: (outputs, batch, example mask [B], LossOptions) -> the unweighted scalar loss.
+    modalities: the modalities the model must have to compute it.
+  """
+  name: str
+  model_pass: str
+  term: Callable[[Mapping, Mapping[str, jax.Array], jax.Array, LossOptions], jax.Array]
+  modalities: tuple[str, ...]
+
+
+OBJECTIVE_TABLE = {o.name: o for o in (
+    Objective('classification', 'full', _classification_term, ()),
+    Objective('contrastive', 'full', _contrastive_term, ('video', 'audio')),
+    Objective('matching', 'full', _matching_term, ('video', 'audio')),
+    Objective('masked_video', 'masked', _reconstruction_term('masked_video'), ('video',)),
+    Objective('masked_audio', 'masked', _reconstruction_term('masked_audio'), ('audio',)),
+    Objective('masked_audio_segment', 'segment', _reconstruction_term('masked_audio_segment'),
+              ('video', 'audio')),
+)}
+OBJECTIVES = tuple(OBJECTIVE_TABLE)
+SELF_SUPERVISED = tuple(o for o in OBJECTIVES if o != 'classification')
+
+
+def objective(name: str) -> Objective:
+  """The table row of `name`.
+
+  Raises:
+    ValueError: `name` is not an objective (the message names it and the known ones).
+  """
+  if name not in OBJECTIVE_TABLE:
+    raise ValueError(f'Unknown objective {name!r}; expected one of {OBJECTIVES}.')
+  return OBJECTIVE_TABLE[name]
+
+
 def total_loss(outputs: Mapping, batch: Mapping[str, jax.Array], weights: Mapping[str, float], *,
                multi_label: bool = False, label_smoothing: float = 0.0,
                normalize_target: bool = True, modality_weight: float = 0.0
@@ -124,30 +213,13 @@ def total_loss(outputs: Mapping, batch: Mapping[str, jax.Array], weights: Mappin
 
   Returns:
     (total, {objective: unweighted value}).
+
+  Raises:
+    ValueError: a name in `weights` is not in `OBJECTIVE_TABLE`.
   """
   mask = batch['mask'].astype(jnp.float32)
-  terms = {}
-  for name, weight in weights.items():
-    if not weight:
-      continue
-    if name == 'classification':
-      labels = {h: batch[data_format.label_key(h)] for h in outputs['logits']}
-      options = dict(multi_label=multi_label, label_smoothing=label_smoothing)
-      terms[name] = classification_loss(outputs['logits'], labels, mask, **options)
-      per_modality = outputs.get('modality_logits', {})
-      if modality_weight and len(per_modality) > 1:
-        terms[name] += modality_weight * sum(
-            classification_loss(logits, labels, mask, **options)
-            for logits in per_modality.values()) / len(per_modality)
-    elif name == 'contrastive':
-      c = outputs['contrastive']
-      terms[name] = info_nce(c['video'], c['audio'], c['logit_scale'], mask)
-    elif name == 'matching':
-      o = outputs['matching']
-      terms[name] = matching_loss(o['positive'], o['negative'], o['negative_valid'], mask)
-    else:
-      o = outputs[name]
-      terms[name] = masked_reconstruction_loss(o['pred'], o['target'], o['mask'], mask,
-                                               normalize_target)
+  options = LossOptions(multi_label, label_smoothing, normalize_target, modality_weight)
+  rows = [objective(name) for name in weights]  # an unknown name raises, even with weight 0
+  terms = {o.name: o.term(outputs, batch, mask, options) for o in rows if weights[o.name]}
   total = sum(weights[name] * value for name, value in terms.items())
   return total, terms

@@ -25,14 +25,14 @@ On several hosts pass
         --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
 """
 
-import contextlib
-import json
 import os
 import sys
 import time
 import traceback
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from avt_jax import command_line  # before TensorFlow and JAX load
+
+command_line.quiet_native_logs()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -58,27 +58,9 @@ ERROR_LOG = 'error.log'  # in the workdir: the traceback behind an `Error:` line
 _started = False  # whether this run has begun writing into the workdir (it owns it)
 
 
-def resolve_data_dir(config) -> str:
-  """Prepared-records folder: generated and cached for synthetic data, else `data.data_dir`.
-
-  `data.synthetic` is 'demo' (configs/demo.py) or '<dataset>_smoke' (the `:smoke` variants of the
-  dataset configs, small generated clips in that dataset's own annotation format).
-  """
-  name = config.data.synthetic
-  cache_dir = config.data.cache_dir or None
-  if name == 'demo':
-    from avt_jax.prep import demo_data  # pylint: disable=g-import-not-at-top
-    return demo_data.ensure_demo_data(cache_dir)
-  if name.endswith('_smoke'):
-    from avt_jax.prep import smoke_data  # pylint: disable=g-import-not-at-top
-    return smoke_data.ensure_smoke_data(name.removesuffix('_smoke'), cache_dir)
-  if name:
-    raise ValueError(f"config.data.synthetic: unknown generated dataset {name!r}; expected 'demo', "
-                     "'<dataset>_smoke' or ''.")
-  if not config.data.data_dir:
-    raise ValueError('config.data.data_dir is empty: set --config.data.data_dir to the folder written '
-                     'by `python -m avt_jax.prepare`.')
-  return config.data.data_dir
+def _mark_started() -> None:
+  global _started
+  _started = True
 
 
 def distributed_args(*, multihost: bool, coordinator_address: str | None,
@@ -112,24 +94,6 @@ def distributed_args(*, multihost: bool, coordinator_address: str | None,
   return {name: value for name, value in given.items() if value is not None}
 
 
-def summary_table(config, summary: dict) -> str:
-  """A short markdown table of the run, then its diagnosis (`avt_jax.diagnosis`), if any."""
-  rows = [('config', config.data.name), ('steps', summary['steps']),
-          ('train time', f'{summary["train_seconds"]:.0f} s')]
-  rows += [(f'train {k}', f'{v:.4f}') for k, v in summary['train'].items() if k.startswith('loss')]
-  for part in ('eval', 'train_eval'):
-    rows += [(f'{part} {k}', f'{v:.4f}' if isinstance(v, float) else v)
-             for k, v in summary.get(part, {}).items()]
-  if 'best' in summary:
-    rows.append((f'best {summary["best"]["metric"]}',
-                 f'{summary["best"]["value"]:.4f} (step {summary["best"]["step"]})'))
-  width = max(len(str(k)) for k, _ in rows)
-  lines = [f'| {"":{width}} | value |', f'|{"-" * (width + 2)}|-------|']
-  table = '\n'.join(lines + [f'| {str(k):{width}} | {v} |' for k, v in rows])
-  notes = summary.get('diagnosis') or []
-  return table + ''.join(f'\n\nDiagnosis: {note}' for note in notes)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
   """Failures a user can cause and fix, reported as one line (their messages name field or file)."""
   # pylint: disable=g-import-not-at-top
@@ -137,8 +101,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   from avt_jax.models import ConfigError
   errors = [ConfigError, data_format.StatsError, dataset_stats.DatasetStatsError, FileNotFoundError,
             record_files.RecordFileError, workdir_lock.WorkdirInUseError]
-  for module, names in (('avt_jax.checkpointing', ('CheckpointWriteError',
-                                                   'IncompatibleCheckpointError')),
+  for module, names in (('avt_jax.checkpointing', ('CheckpointWriteError',)),
+                        ('avt_jax.checkpoint_adaptation', ('IncompatibleCheckpointError',)),
                         ('avt_jax.input.pipeline', ('BadRecordError',))):
     if module in sys.modules:  # raised only once imported; importing costs seconds
       errors += [getattr(sys.modules[module], name) for name in names]
@@ -187,7 +151,15 @@ def main(argv):
   if not FLAGS.verbose:
     _quiet_background_errors()
   try:
-    run(FLAGS.config)
+    distributed = distributed_args(
+        multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+        local_device_ids=FLAGS.local_device_ids)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  try:
+    from avt_jax import launch  # pylint: disable=g-import-not-at-top  # after the flags are checked
+    launch.run(FLAGS.config, FLAGS.workdir, distributed, on_start=_mark_started)
   except _user_errors() as e:
     if FLAGS.verbose:
       traceback.print_exc()
@@ -195,53 +167,6 @@ def main(argv):
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f'Error: {first}' + (f' (traceback in {log})' if log else ''), file=sys.stderr, flush=True)
     raise SystemExit(1) from None
-
-
-def run(config) -> None:
-  """Validates `config`, prepares or finds its data, trains and evaluates in `FLAGS.workdir`."""
-  global _started
-  from avt_jax.models import validate  # pylint: disable=g-import-not-at-top
-
-  validate(config)  # fail on impossible settings before heavy imports, data work or compilation
-  try:
-    distributed = distributed_args(
-        multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-        local_device_ids=FLAGS.local_device_ids)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  import jax  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from avt_jax import preflight, train, workdir_lock  # pylint: disable=g-import-not-at-top
-
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; progress is printed
-  if distributed is not None:
-    jax.distributed.initialize(**distributed)
-  preflight.check_config(config, FLAGS.workdir)  # before data work; after distributed init (orbax)
-  workdir = epath.Path(FLAGS.workdir)
-  # Training owns the workdir (process 0 for the job); evaluating only reads it.
-  owner = workdir_lock.WorkdirLock(workdir) if (
-      jax.process_index() == 0 and not config.train.eval_only) else contextlib.nullcontext()
-  with owner:
-    if getattr(owner, 'took_over', None):
-      print(f'Took over the stale lock of a run that is gone: {owner.took_over}.', flush=True)
-    start = time.time()
-    data_dir = resolve_data_dir(config)
-    if config.data.from_stats or config.train.epochs:
-      from avt_jax import data_format, dataset_stats  # pylint: disable=g-import-not-at-top
-      fields = dataset_stats.apply_stats(config, data_dir)
-      validate(config)
-      print('From ' + data_format.stats_path(data_dir) + ': ' +
-            ', '.join(f'{k}={v}' for k, v in fields.items()), flush=True)
-    prepared_init = preflight.check_run(config, data_dir, str(workdir))  # before any write
-    _started = True
-    workdir.mkdir(parents=True, exist_ok=True)
-    summary = train.train_and_evaluate(config, str(workdir), data_dir, prepared_init=prepared_init)
-  summary['total_seconds'] = time.time() - start
-  if jax.process_index() == 0:
-    (workdir / 'results.json').write_text(json.dumps(summary, indent=2, default=float))
-    print('\n' + summary_table(config, summary) + f'\n\nTotal time {summary["total_seconds"]:.0f} s; '
-          f'results in {workdir / "results.json"}', flush=True)
 
 
 if __name__ == '__main__':

@@ -31,6 +31,7 @@ import numpy as np
 from sklearn import metrics as sk_metrics
 
 from avt_jax import input as input_lib
+from avt_jax.losses import OBJECTIVE_TABLE
 from avt_jax.metrics import MultiViewAccumulator
 
 matplotlib.use('Agg')
@@ -40,7 +41,9 @@ MAX_MATRIX_CLASSES = 30
 TOP_PAIRS = 20
 ATTENTION_CLIPS = 3
 RECONSTRUCTION_CLIPS = 2
-MASKED_MODALITIES = {'masked_video': 'video', 'masked_audio': 'audio'}
+# The masked-modelling objectives (`losses.OBJECTIVE_TABLE`) -> the modality each reconstructs.
+MASKED_MODALITIES = {o.name: o.modalities[0] for o in OBJECTIVE_TABLE.values()
+                     if o.model_pass == 'masked'}
 
 
 def figure_image(figure: matplotlib.figure.Figure) -> np.ndarray:

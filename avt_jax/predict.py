@@ -9,7 +9,7 @@ into a record and cut into the evaluation views of the run's config (`input.eval
 `input.eval_crops`, `avt_jax.input.pipeline.ClipDecoder`): the model sees exactly what `evaluate`
 feeds it for the same clip. The views' logits are averaged (as in evaluation), then turned into
 probabilities (softmax; sigmoid for multi-label data). Class names come from `<workdir>/stats.json`,
-the config from `<workdir>/config.json` (both written by training, `train.save_run`).
+the config from `<workdir>/config.json` (both written by training, `avt_jax.workdir.save_run`).
 
 Every file gets one outcome, never a crash of the run:
   `ok`        predicted.
@@ -34,20 +34,23 @@ With `--embeddings=FILE.npz`, also each file's per-modality embeddings (contrast
 pooled features, averaged over its views; `avt_jax/embeddings.py` says what each array is).
 """
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 from typing import Any, Iterator, Sequence
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from avt_jax import command_line  # before TensorFlow and JAX load
+
+command_line.quiet_native_logs()
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
-from avt_jax import data_format, dataset_stats, embeddings, evaluate, records, train  # noqa: E402
+from avt_jax import data_format, dataset_stats, embeddings, evaluate, records  # noqa: E402
+from avt_jax import workdir as workdir_lib  # noqa: E402
 from avt_jax.input import pipeline  # noqa: E402
 from avt_jax.models import build_model  # noqa: E402
 from avt_jax.prep import annotations, media, shards  # noqa: E402
@@ -132,7 +135,7 @@ class Predictor:
   """
 
   def __init__(self, workdir: str, checkpoint: str = 'latest'):
-    self.config, self.stats = train.load_run(workdir)
+    self.config, self.stats = workdir_lib.load_run(workdir)
     self.model = build_model(self.config)
     self.params = restore(self.config, workdir, checkpoint)
     self.label_names = dataset_stats.class_names(self.config, self.stats)
@@ -223,10 +226,10 @@ class Predictor:
 def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str):
   """Parameters of `workdir`'s checkpoint `checkpoint` ('latest', 'best' or a step number)."""
   if checkpoint in ('latest', 'best'):
-    return train.restore_params(config, workdir, checkpoint=checkpoint)
+    return workdir_lib.restore_params(config, workdir, checkpoint=checkpoint)
   if not checkpoint.isdigit():
     raise ValueError(f"--checkpoint: expected 'latest', 'best' or a step number, got {checkpoint!r}.")
-  return train.restore_params(config, workdir, step=int(checkpoint))
+  return workdir_lib.restore_params(config, workdir, step=int(checkpoint))
 
 
 def table_row(outcome: dict[str, Any]) -> str:
@@ -251,27 +254,29 @@ def predict_files(predictor: Predictor, paths: Sequence[str], top_k: int = 5,
     yield predictor.predict(path, top_k)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The command-line interface."""
-  parser = argparse.ArgumentParser(
-      prog='python -m avt_jax.predict',
-      description='Classify video files (or folders of them) with a trained workdir: decodes them '
-      'as `prepare` does, evaluates the evaluation views, prints a table and writes JSON lines.')
-  parser.add_argument('paths', nargs='+', metavar='FILE_OR_FOLDER', help='Video files or folders.')
-  parser.add_argument('--workdir', required=True, help='Training workdir.')
-  parser.add_argument('--checkpoint', default='latest',
-                      help="'latest' (default), 'best' (kept with train.eval_every > 0) or a step.")
-  parser.add_argument('--top_k', type=int, default=5, help='Classes listed per file (default 5).')
-  parser.add_argument('--output', default=None, metavar='FILE.jsonl',
-                      help='Also write one JSON line per file here.')
-  parser.add_argument('--embeddings', default=None, metavar='FILE.npz',
-                      help="Also write each file's embeddings here (avt_jax/embeddings.py).")
-  return parser
+PROG = 'python -m avt_jax.predict'
+USAGE = ('Classify video files (or folders of them) with a trained workdir: decodes them as '
+         '`prepare` does, evaluates the evaluation views, prints a table and writes JSON lines.')
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags (`avt_jax.command_line`); the video files or folders are positional."""
+  flags.DEFINE_string('workdir', None, 'Training workdir.', flag_values=fv)
+  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (kept with train.eval_every > 0) "
+                      'or a step.', flag_values=fv)
+  flags.DEFINE_integer('top_k', 5, 'Classes listed per file.', flag_values=fv)
+  flags.DEFINE_string('output', None, 'Also write one JSON line per file here (FILE.jsonl).',
+                      flag_values=fv)
+  flags.DEFINE_string('embeddings', None, "Also write each file's embeddings here (FILE.npz, "
+                      'avt_jax/embeddings.py).', flag_values=fv)
+  flags.mark_flag_as_required('workdir', flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command line; returns the exit status (2 for a bad workdir or argument)."""
-  args = build_parser().parse_args(argv)
+  """Runs the command line (default: sys.argv[1:]); returns the exit status (2 for a bad workdir or
+  argument)."""
+  args, paths = command_line.parse(PROG, USAGE, define_flags,
+                                   sys.argv[1:] if argv is None else argv, 'FILE_OR_FOLDER')
   if args.top_k < 1:
     sys.stderr.write(f'predict: error: --top_k must be >= 1, got {args.top_k}.\n')
     return 2
@@ -285,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   embedded_paths, embedded = [], []
   print(f'{"status":<9} {"prediction":<32} file', flush=True)
   with open(args.output or os.devnull, 'w', encoding='utf-8') as output:
-    for outcome in predict_files(predictor, args.paths, args.top_k):
+    for outcome in predict_files(predictor, paths, args.top_k):
       counts[outcome['status']] += 1
       if predictor.keep_embeddings and outcome['status'] != 'failed':
         embedded_paths.append(outcome['path'])

@@ -16,8 +16,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from avt_jax import (checkpointing, data_format, input as input_lib, pretrained, record_files,
-                     sharding)
+from avt_jax import (checkpoint_adaptation, checkpointing, data_format, input as input_lib,
+                     pretrained, record_files, sharding)
 from avt_jax.input import pipeline
 from avt_jax.models import ConfigError
 
@@ -36,9 +36,9 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   Raises:
     ConfigError: one line starting with the config field at fault.
   """
-  from avt_jax import train  # pylint: disable=g-import-not-at-top  # train imports this module's deps
+  from avt_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
-    train.check_eval_config(config, workdir)
+    workdir_lib.check_eval_config(config, workdir)
   except ValueError as e:
     raise _as_config_error(e, 'train') from e
   try:
@@ -97,7 +97,7 @@ def _check_resumable(config: ml_collections.ConfigDict, data_dir: str, workdir: 
     input_lib.check_same_stream(meta.get('input_stream'),
                                 input_lib.stream_identity(config, data_dir, seed=config.seed))
   except ValueError as e:
-    raise checkpointing.IncompatibleCheckpointError(f'{workdir}: {e}') from None
+    raise checkpoint_adaptation.IncompatibleCheckpointError(f'{workdir}: {e}') from None
 
 
 def _read_init(config: ml_collections.ConfigDict) -> pretrained.Prepared | None:

@@ -1,16 +1,16 @@
 """Prepares a dataset: raw videos + the dataset's own annotation files -> sharded training records.
 
     python -m avt_jax.prepare --dataset=kinetics_sounds \\
-        --annotations kinetics400/train.csv kinetics400/validate.csv \\
+        --annotations=kinetics400/train.csv,kinetics400/validate.csv \\
         --videos=/data/kinetics400/videos --output=/data/kinetics_sounds_records
-    python -m avt_jax.prepare --dataset=vggsound --annotations vggsound.csv \\
+    python -m avt_jax.prepare --dataset=vggsound --annotations=vggsound.csv \\
         --videos=/data/vggsound/video --output=/data/vggsound_records
     python -m avt_jax.prepare --dataset=epic_kitchens_100 \\
-        --annotations EPIC_100_train.csv EPIC_100_validation.csv \\
+        --annotations=EPIC_100_train.csv,EPIC_100_validation.csv \\
         --videos=/data/EPIC-KITCHENS --output=/data/epic_kitchens_100_records
     python -m avt_jax.prepare --dataset=manifest --annotations my_clips.csv --videos=... --output=...
     # the same as an Apache Beam pipeline (DirectRunner here; Dataflow etc. by --beam_options):
-    python -m avt_jax.prepare --dataset=vggsound --annotations vggsound.csv \
+    python -m avt_jax.prepare --dataset=vggsound --annotations=vggsound.csv \
         --videos=/mnt/vggsound/video --output=gs://B/vggsound_records --runner=beam \
         --beam_options="--runner=DataflowRunner --project=P --region=us-central1 \
                         --temp_location=gs://B/tmp --setup_file=./setup.py"
@@ -39,15 +39,20 @@ segment, and the annotated segments as they are for a manifest. Add `--tfds_data
 tensorflow-datasets copy (`avt_jax.input.tfds_builders`).
 """
 
-import argparse
 import dataclasses
 import os
 import sys
 from typing import Sequence
 
-from avt_jax.prep import preparation
-from avt_jax.prep import registry
-from avt_jax.prep.preparation import prepare  # noqa: F401  the Python API, kept at its old name
+from avt_jax import command_line  # before TensorFlow and JAX load
+
+command_line.quiet_native_logs()
+
+from absl import flags  # noqa: E402
+
+from avt_jax.prep import preparation  # noqa: E402
+from avt_jax.prep import registry  # noqa: E402
+from avt_jax.prep.preparation import prepare  # noqa: F401,E402  the Python API, kept at its old name
 
 
 def parse_num_shards(values: Sequence[str] | None) -> int | dict[str, int] | None:
@@ -67,79 +72,78 @@ def parse_num_shards(values: Sequence[str] | None) -> int | dict[str, int] | Non
   for value in values:
     split, _, number = value.partition('=')
     if not split or not number.isdigit():
-      raise ValueError(f'--num_shards: expected SPLIT=N entries (e.g. train=512 test=64) when '
+      raise ValueError(f'--num_shards: expected SPLIT=N entries (e.g. train=512,test=64) when '
                        f'giving several, got {value!r}.')
     result[split] = int(number)
   return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The command-line interface."""
-  parser = argparse.ArgumentParser(
-      prog='python -m avt_jax.prepare',
-      description='Decode a dataset\'s videos into sharded records of JPEG frames and log-mel '
-      'spectrograms, reading the dataset\'s own annotation files.',
-      epilog='Dataset defaults: ' + '; '.join(
-          f'{name}: ' + ', '.join(f'{k}={v}' for k, v in dataclasses.asdict(entry.defaults).items())
-          for name, entry in registry.DATASETS.items()) + '.')
-  parser.add_argument('--dataset', required=True, choices=registry.NAMES, help='Annotation format.')
-  parser.add_argument('--annotations', required=True, nargs='+', action='extend', metavar='FILE',
-                      help='Annotation files: Kinetics train/validate/test CSVs; vggsound.csv; '
-                      'EPIC_100_train.csv / EPIC_100_validation.csv / EPIC_100_test_timestamps.csv; '
-                      'manifest CSV or JSON lines.')
-  parser.add_argument('--videos', required=True, metavar='DIR', help='Folder holding the videos.')
-  parser.add_argument('--output', required=True, metavar='DIR', help='Records folder to write.')
-  parser.add_argument('--classes', default=None, metavar='LIST',
-                      help="kinetics_sounds: '31' (shipped in data/) or a class list file (one name "
-                      'per line); kinetics: keep only the classes in this file; vggsound/manifest: '
-                      'file fixing the class order. Default: kinetics_sounds 31, others the sorted '
-                      'labels found.')
-  parser.add_argument('--fps', type=float, default=None,
-                      help='Stored frames per second (default: the dataset default).')
-  parser.add_argument('--short_side', type=int, default=None,
-                      help='Stored frame short side in pixels, even (default: the dataset default).')
-  parser.add_argument('--n_mels', type=int, default=None,
-                      help='Mel bins of the log-mel spectrogram (default: the dataset default).')
-  parser.add_argument('--clip_seconds', type=float, default=-1.0,
-                      help='Fixed clip duration (window centred on the annotated segment); 0 keeps '
-                      'the annotated segments (default: the dataset default).')
-  parser.add_argument('--val_fraction', type=float, default=None,
-                      help='When the annotations have no `val` split: hold out at least this '
-                      'fraction of the `train` clips, whole groups at a time (manifest `group` '
-                      'column), as `val`, on which training calibrates its audio-video fusion; 0 '
-                      'holds out nothing (default: the dataset default, 0.15 for manifest, 0 for '
-                      'the others).')
-  parser.add_argument('--missing_audio', choices=('silence', 'skip'), default='silence',
-                      help='Files without an audio stream, or whose audio stream cannot be decoded: '
-                      'keep the video with silence and the audio/missing flag, or skip (default: '
-                      'silence).')
-  parser.add_argument('--workers', type=int, default=os.cpu_count(),
-                      help='Decoding processes; 0 decodes in this process (default: all cores).')
-  parser.add_argument('--jpeg_quality', type=int, default=90,
-                      help='JPEG quality of the stored frames (default: 90).')
-  parser.add_argument('--num_shards', nargs='+', default=None, metavar='N|SPLIT=N',
-                      help='Record files per split: one number for every split, or SPLIT=N entries '
-                      '(e.g. train=1024 test=64; other splits get the default). Multi-host training '
-                      'reads files per host, so aim for files >= hosts x 4. Default: about '
-                      '256 clips per file, but at least 64 files where each keeps 8 clips.')
-  parser.add_argument('--runner', choices=('local', 'beam'), default='local',
-                      help='local: decoding processes on this machine (--workers); beam: an Apache '
-                      'Beam pipeline, one element per shard (pip install -e ".[beam]"; default: '
-                      'the embedded DirectRunner). Same output either way.')
-  parser.add_argument('--beam_options', default='', metavar='OPTIONS',
-                      help='With --runner=beam: Beam pipeline options in one string, e.g. '
-                      '"--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp '
-                      '--setup_file=./setup.py".')
-  parser.add_argument('--tfds_data_dir', default=None, metavar='DIR',
-                      help='Also build the tensorflow-datasets copy there (kinetics_sounds, vggsound, '
-                      'epic_kitchens_100), loadable with tfds.load(..., data_dir=DIR, download=False).')
-  return parser
+PROG = 'python -m avt_jax.prepare'
+
+
+def usage() -> str:
+  """What the command does, with the dataset defaults (printed by --help)."""
+  return ('Decode a dataset\'s videos into sharded records of JPEG frames and log-mel spectrograms, '
+          'reading the dataset\'s own annotation files.\n\nDataset defaults: ' + '; '.join(
+              f'{name}: ' + ', '.join(f'{k}={v}' for k, v in dataclasses.asdict(entry.defaults).items())
+              for name, entry in registry.DATASETS.items()) + '.')
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags (`avt_jax.command_line`)."""
+  flags.DEFINE_enum('dataset', None, registry.NAMES, 'Annotation format.', flag_values=fv)
+  flags.DEFINE_list('annotations', None, 'Annotation files, comma-separated: Kinetics '
+                    'train/validate/test CSVs; vggsound.csv; EPIC_100_train.csv / '
+                    'EPIC_100_validation.csv / EPIC_100_test_timestamps.csv; manifest CSV or JSON '
+                    'lines.', flag_values=fv)
+  flags.DEFINE_string('videos', None, 'Folder holding the videos.', flag_values=fv)
+  flags.DEFINE_string('output', None, 'Records folder to write.', flag_values=fv)
+  flags.DEFINE_string('classes', None, "kinetics_sounds: '31' (shipped in data/) or a class list "
+                      'file (one name per line); kinetics: keep only the classes in this file; '
+                      'vggsound/manifest: file fixing the class order. Default: kinetics_sounds 31, '
+                      'others the sorted labels found.', flag_values=fv)
+  flags.DEFINE_float('fps', None, 'Stored frames per second (default: the dataset default).',
+                     flag_values=fv)
+  flags.DEFINE_integer('short_side', None, 'Stored frame short side in pixels, even (default: the '
+                       'dataset default).', flag_values=fv)
+  flags.DEFINE_integer('n_mels', None, 'Mel bins of the log-mel spectrogram (default: the dataset '
+                       'default).', flag_values=fv)
+  flags.DEFINE_float('clip_seconds', -1.0, 'Fixed clip duration (window centred on the annotated '
+                     'segment); 0 keeps the annotated segments (default: the dataset default).',
+                     flag_values=fv)
+  flags.DEFINE_float('val_fraction', None, 'When the annotations have no `val` split: hold out at '
+                     'least this fraction of the `train` clips, whole groups at a time (manifest '
+                     '`group` column), as `val`, on which training calibrates its audio-video '
+                     'fusion; 0 holds out nothing (default: the dataset default, 0.15 for manifest, '
+                     '0 for the others).', flag_values=fv)
+  flags.DEFINE_enum('missing_audio', 'silence', ('silence', 'skip'), 'Files without an audio '
+                    'stream, or whose audio stream cannot be decoded: keep the video with silence '
+                    'and the audio/missing flag, or skip.', flag_values=fv)
+  flags.DEFINE_integer('workers', os.cpu_count(), 'Decoding processes; 0 decodes in this process '
+                       '(default: all cores).', flag_values=fv)
+  flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality of the stored frames.', flag_values=fv)
+  flags.DEFINE_list('num_shards', None, 'Record files per split: one number N for every split, or '
+                    'comma-separated SPLIT=N entries (e.g. train=1024,test=64; other splits get the '
+                    'default). Multi-host training reads files per host, so aim for files >= hosts x '
+                    '4. Default: about 256 clips per file, but at least 64 files where each keeps 8 '
+                    'clips.', flag_values=fv)
+  flags.DEFINE_enum('runner', 'local', preparation.RUNNERS, 'local: decoding processes on this '
+                    'machine (--workers); beam: an Apache Beam pipeline, one element per shard (pip '
+                    'install -e ".[beam]"; default: the embedded DirectRunner). Same output either '
+                    'way.', flag_values=fv)
+  flags.DEFINE_string('beam_options', '', 'With --runner=beam: Beam pipeline options in one string, '
+                      'e.g. "--runner=DataflowRunner --project=P --region=R '
+                      '--temp_location=gs://B/tmp --setup_file=./setup.py".', flag_values=fv)
+  flags.DEFINE_string('tfds_data_dir', None, 'Also build the tensorflow-datasets copy there '
+                      '(kinetics_sounds, vggsound, epic_kitchens_100), loadable with '
+                      'tfds.load(..., data_dir=DIR, download=False).', flag_values=fv)
+  flags.mark_flags_as_required(['dataset', 'annotations', 'videos', 'output'], flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command line; returns the exit status (2 for bad input)."""
-  args = build_parser().parse_args(argv)
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  """Runs the command line (default: sys.argv[1:]); returns the exit status (2 for bad input)."""
+  args, _ = command_line.parse(PROG, usage(), define_flags,
+                               sys.argv[1:] if argv is None else argv)
   if args.tfds_data_dir:
     from avt_jax.input import tfds_builders  # pylint: disable=g-import-not-at-top
     if args.dataset not in tfds_builders.BUILDERS:

@@ -1,7 +1,7 @@
 """The training loop: resume, train with progress logging and checkpoints, then evaluate."""
 
 import contextlib
-import json
+import dataclasses
 import time
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -11,8 +11,9 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from avt_jax import (calibration, checkpointing, data_format, dataset_stats, diagnosis, evaluate,
-                     input as input_lib, pictures, pretrained, sharding)
+from avt_jax import (calibration, checkpoint_adaptation, checkpointing, dataset_stats, diagnosis,
+                     evaluate, input as input_lib, pictures, pretrained, sharding,
+                     workdir as workdir_lib)
 from avt_jax.models.build import objectives as config_objectives
 from avt_jax.train_step import check_finite, make_train_step, param_axes, setup
 
@@ -48,111 +49,6 @@ class ProgressLog:
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` (an evaluation) out of the steps/s and ETA of the next report."""
     self.last_time += seconds
-
-
-CONFIG_FILE = 'config.json'  # in the workdir: the run's config (what `load_run` rebuilds)
-
-
-def save_run(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> None:
-  """Writes `<workdir>/config.json` (the config as JSON) and a copy of the data's `stats.json`
-  (class names, frame rate, frame size, mel bins, log-mel normalisation): what `load_run` needs to use
-  the model on new videos without the training data (`avt_jax.predict`, `avt_jax.export`)."""
-  stats = input_lib.load_stats(data_dir)  # first: a bad data folder leaves the workdir untouched
-  config_json = json.dumps(checkpointing.config_snapshot(config), indent=2)
-  (epath.Path(workdir) / CONFIG_FILE).write_text(config_json)
-  data_format.write_stats(workdir, stats)
-
-
-def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-  """(config, dataset stats) saved by `save_run` in `workdir`.
-
-  Raises:
-    FileNotFoundError: naming the missing file (workdirs of runs that predate `save_run` lack them:
-      write the config with `checkpointing.config_snapshot` and copy the records' stats.json).
-    data_format.StatsError: the stats.json lacks a key every reader needs.
-  """
-  for name in (CONFIG_FILE, data_format.STATS_FILE):
-    path = epath.Path(workdir) / name
-    if not path.exists():
-      raise FileNotFoundError(f'{path} not found: training writes it into the workdir (runs that '
-                              'predate this: the config as JSON, and a copy of the records\' '
-                              'stats.json).')
-  config = json.loads((epath.Path(workdir) / CONFIG_FILE).read_text())
-  return ml_collections.ConfigDict(config), data_format.read_stats(workdir)
-
-
-def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                   checkpoint: str = 'latest'):
-  """Parameters of a workdir's latest (or given) checkpoint, or with checkpoint='best' of its best
-  checkpoint (`<workdir>/best`), e.g. for analysis or export (adapted to `config` where it differs
-  from the checkpoint's, see `checkpointing.restore_adapted`)."""
-  *_, init = setup(config)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init, rng)
-  if checkpoint == 'best':
-    with checkpointing.BestCheckpointer(workdir, *check_eval_config(config), read_only=True) as best:
-      return best.restore(abstract.params)[0]
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints, read_only=True)
-  state, _, _ = checkpointing.restore_adapted(ckpt, abstract, init=lambda: jax.jit(init)(rng),
-                                              config=config, step=step, fresh_ok=('opt_state',))
-  ckpt.close()
-  return calibration.load_into(state.params, workdir)[0]
-
-
-def check_eval_config(config: ml_collections.ConfigDict, workdir: str | None = None
-                      ) -> tuple[str, str]:
-  """Checks the evaluation fields of `config.train` and `config.eval`; returns (best metric, best
-  mode) with '' resolved.
-
-  With `workdir`, also checks that `eval_only` with `eval_checkpoint='best'` has a best checkpoint.
-
-  Raises:
-    ValueError: naming the field, what it holds and what it may hold.
-  """
-  t = config.train
-  if not isinstance(t.eval_every, int) or t.eval_every < 0:
-    raise ValueError('config.train.eval_every: expected an integer >= 0 (steps between evaluations; '
-                     f'0 evaluates only at the end), got {t.eval_every!r}.')
-  subset = config.eval.train_subset_size
-  if not isinstance(subset, int) or subset < 0:
-    raise ValueError('config.eval.train_subset_size: expected an integer >= 0 (training clips scored '
-                     f'at every evaluation; 0 turns it off), got {subset!r}.')
-  scores = evaluate.score_names(config)
-  if not scores:  # masked objectives only
-    if t.eval_every > 0:
-      raise ValueError('config.train.eval_every: the run has nothing to evaluate (no classification '
-                       f'or contrastive objective in config.loss.weights); expected 0, got '
-                       f'{t.eval_every}.')
-    return t.best_metric, t.best_mode or 'max'
-  metric = t.best_metric or scores[0]
-  if metric not in scores:
-    raise ValueError(f'config.train.best_metric: {metric!r} is not among the evaluation metrics of '
-                     f'{evaluate.metric_kind(config)} labels {scores} (or \'\' for {scores[0]!r}).')
-  mode = t.best_mode or checkpointing.infer_best_mode(metric)
-  if mode not in ('max', 'min'):
-    raise ValueError("config.train.best_mode: expected 'max', 'min' or '' (inferred from the metric "
-                     f'name), got {t.best_mode!r}.')
-  if t.eval_checkpoint not in ('latest', 'best'):
-    raise ValueError("config.train.eval_checkpoint: expected 'latest' or 'best', got "
-                     f'{t.eval_checkpoint!r}.')
-  if workdir is not None and t.eval_only and t.eval_checkpoint == 'best':
-    if not _saved_steps(workdir, checkpointing.BEST_SUBDIR):
-      latest = _saved_steps(workdir, 'checkpoints')
-      exists = (f"its latest checkpoints are steps {latest}: use config.train.eval_checkpoint='latest'"
-                if latest else 'it has no checkpoints at all')
-      raise ValueError(
-          f"config.train.eval_checkpoint='best': there is no best checkpoint in "
-          f'{epath.Path(workdir) / checkpointing.BEST_SUBDIR} (training keeps one when '
-          f'config.train.eval_every > 0); {exists}.')
-  return metric, mode
-
-
-def _saved_steps(workdir: str, subdir: str) -> list[int]:
-  """The complete steps in `<workdir>/<subdir>`, without creating the folder."""
-  if not (epath.Path(workdir) / subdir).exists():
-    return []
-  with checkpointing.Checkpointer(workdir, subdir=subdir, read_only=True) as ckpt:
-    return ckpt.all_steps()
 
 
 def _open_best(config: ml_collections.ConfigDict, workdir: str, metric: str, mode: str):
@@ -277,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
      during training, and with a best checkpoint 'best': {'metric', 'mode', 'step', 'value'}}.
   """
   model, tx, schedule, init = setup(config)
-  best_metric, best_mode = check_eval_config(config, workdir)
+  best_metric, best_mode = workdir_lib.check_eval_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   total_steps = int(config.train.steps)
   rng = jax.random.PRNGKey(config.seed)
@@ -294,8 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
                                  workdir, prepared_init)
     # After the start succeeded (a refused restore leaves the workdir's config as it was); an
     # evaluation keeps the training run's.
-    if jax.process_index() == 0 and not (eval_only and (epath.Path(workdir) / CONFIG_FILE).exists()):
-      save_run(config, workdir, data_dir)
+    saved = (epath.Path(workdir) / workdir_lib.CONFIG_FILE).exists()
+    if jax.process_index() == 0 and not (eval_only and saved):
+      workdir_lib.save_run(config, workdir, data_dir)
     start = int(state.step)
     summary = {'train': {}, 'steps': start, 'train_seconds': 0.0, 'eval_seconds': 0.0,
                **pretrained.saved_report(workdir)}
@@ -304,14 +201,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       state, summary['steps'] = _with_best_params(state, best, abstract, state_shardings)
     last_eval = None
     if not config.train.eval_only and start < total_steps:
-      summary['train'] = _train_loop(config, model, tx, schedule, mesh, state_shardings, state,
-                                     ckpt, data_dir, workdir, start, meta, evaluator=evaluator,
-                                     best=best)
-      state = summary['train'].pop('state')
-      summary['train_seconds'] = summary['train'].pop('seconds')
-      summary['eval_seconds'] = summary['train'].pop('eval_seconds')
-      last_eval = summary['train'].pop('last_eval')
-      summary['steps'] = int(state.step)
+      run = LoopSetup(config, model, tx, schedule, mesh, state_shardings, ckpt, data_dir, workdir,
+                      evaluator, best)
+      result = _train_loop(run, state, meta)
+      state, last_eval = result.state, result.last_eval
+      summary.update(train=result.means, train_seconds=result.train_seconds,
+                     eval_seconds=result.eval_seconds, steps=int(state.step))
     try:
       with checkpointing.stop_on_preemption() if not eval_only else contextlib.nullcontext():
         state, calibrated = _calibrated(config, model, mesh, data_dir, workdir, state, summary)
@@ -352,7 +247,7 @@ def _initial_state(config, model, init, rng, abstract, state_shardings, tx, ckpt
   target = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
   # A config that differs from the checkpoint's is adapted to, or refused naming the field.
-  state, meta, notes = checkpointing.restore_adapted(
+  state, meta, notes = checkpoint_adaptation.restore_adapted(
       ckpt, target, init=lambda: jax.jit(init, out_shardings=state_shardings)(rng), config=config,
       fresh_ok=('opt_state',) if config.train.eval_only else ())
   position = {k: v for k, v in meta.items() if k in ('step', 'examples_seen')}
@@ -437,12 +332,35 @@ def _start_from_pretrained(init_from, state, state_shardings, tx, workdir: str):
   return state
 
 
-def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt, data_dir, workdir,
-                start: int, resumed_meta: dict, *,
-                evaluator: Evaluator | None = None,
-                best: checkpointing.BestCheckpointer | None = None) -> dict[str, Any]:
-  """Trains from step `start` to `train.steps`; with `train.eval_every` > 0 evaluates every that
-  many steps and at the last one (`evaluator`), and saves improvements to `best`.
+@dataclasses.dataclass(frozen=True)
+class LoopSetup:
+  """What `_train_loop` trains with: the run's parts, built once by `train_and_evaluate`."""
+  config: ml_collections.ConfigDict
+  model: Any  # the AVT module
+  tx: Any  # optax.GradientTransformation
+  schedule: Callable[[int], float]  # step -> learning rate
+  mesh: jax.sharding.Mesh
+  state_shardings: Any  # TrainState of NamedShardings
+  ckpt: checkpointing.Checkpointer
+  data_dir: str
+  workdir: str
+  evaluator: Evaluator | None = None  # with train.eval_every > 0
+  best: checkpointing.BestCheckpointer | None = None  # where improvements are saved
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+  """What `_train_loop` hands back."""
+  state: Any  # the TrainState after the last step
+  means: dict[str, float]  # the last logged means ('loss', 'loss/<objective>', ...)
+  train_seconds: float  # wall time of the training, without the evaluations
+  eval_seconds: float  # wall time of the evaluations during training
+  last_eval: tuple[int, Evaluation] | None  # (step, evaluation) of the last one, if any
+
+
+def _train_loop(run: LoopSetup, state, resumed_meta: dict) -> LoopResult:
+  """Trains from the step of `state` to `train.steps`; with `train.eval_every` > 0 evaluates every
+  that many steps and at the last one (`run.evaluator`), and saves improvements to `run.best`.
 
   Evaluation reads only the parameters: the training batches, PRNG keys and updates are the same
   with or without it.
@@ -454,11 +372,13 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
   resumed run evaluates at its next evaluation step. A checkpoint write that fails in the
   background stops the loop at the next step (`checkpointing.CheckpointWriteError`).
   """
+  config, ckpt, best, data_dir, workdir = run.config, run.ckpt, run.best, run.data_dir, run.workdir
+  mesh, state_shardings, start = run.mesh, run.state_shardings, int(state.step)
   total_steps = int(config.train.steps)
   batch_size = int(config.input.batch_size)
   eval_every = int(config.train.eval_every)
   last_eval, eval_seconds = None, 0.0
-  step_fn = jax.jit(make_train_step(config, model, tx, schedule),
+  step_fn = jax.jit(make_train_step(config, run.model, run.tx, run.schedule),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=(0,))
@@ -468,7 +388,7 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
   try:
     input_lib.check_same_stream(resumed_meta.get('input_stream'), stream)
   except ValueError as e:
-    raise checkpointing.IncompatibleCheckpointError(f'{workdir}: {e}') from None
+    raise checkpoint_adaptation.IncompatibleCheckpointError(f'{workdir}: {e}') from None
   examples_seen = int(resumed_meta.get('examples_seen', start * batch_size))
   batches: Iterator[dict] = input_lib.make_train_iterator(config, data_dir, seed=config.seed,
                                                           start_example=examples_seen)
@@ -479,7 +399,7 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
 
   def interruptible(params):  # an evaluation stops at once on preemption (raises Preempted)
     with checkpointing.stop_on_preemption():
-      return evaluator(params)
+      return run.evaluator(params)
 
   pending: list[tuple[int, dict]] = []
   means: dict[str, float] = {}
@@ -488,10 +408,9 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
   def save(step: int) -> None:
     nonlocal saved_once, last_save
     last_save = step
-    started = ckpt.save(step, state, {'step': step,
-                                      'examples_seen': examples_seen + (step - start) * batch_size,
-                                      'input_stream': stream,
-                                      'config': checkpointing.config_snapshot(config)}, force=True)
+    meta = {'step': step, 'examples_seen': examples_seen + (step - start) * batch_size,
+            'input_stream': stream, 'config': checkpoint_adaptation.config_snapshot(config)}
+    started = ckpt.save(step, state, meta, force=True)
     if started and not saved_once:  # an unwritable folder (permissions, quota, size limit) stops
       ckpt.wait()                   # the run here; later writes overlap training, checked each step
       saved_once = True
@@ -536,5 +455,4 @@ def _train_loop(config, model, tx, schedule, mesh, state_shardings, state, ckpt,
       print(f'Preemption requested: saved step {step}, exiting.', flush=True)
       raise SystemExit(0)
   writer.flush()
-  return {**means, 'state': state, 'seconds': time.time() - t0 - eval_seconds,
-          'eval_seconds': eval_seconds, 'last_eval': last_eval}
+  return LoopResult(state, means, time.time() - t0 - eval_seconds, eval_seconds, last_eval)

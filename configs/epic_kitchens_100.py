@@ -4,7 +4,7 @@ Prepare (the official `EPIC_100_train.csv` / `EPIC_100_validation.csv`; videos a
 `P01/videos/P01_01.MP4` or `P01/P01_01.MP4`; each record is an 8 s window centred on a segment):
 
     python -m avt_jax.prepare --dataset=epic_kitchens_100 \\
-        --annotations EPIC_100_train.csv EPIC_100_validation.csv \\
+        --annotations=EPIC_100_train.csv,EPIC_100_validation.csv \\
         --videos=/data/EPIC-KITCHENS --output=/data/epic_kitchens_100_records
 
 Pretrained weights: both encoders start from the ImageNet-21k ViT-B/16 of the original ViT release

@@ -3,7 +3,7 @@
 Prepare (Kinetics-400 CSVs and videos; the 31-class list shipped in data/ selects the subset):
 
     python -m avt_jax.prepare --dataset=kinetics_sounds \\
-        --annotations kinetics400/train.csv kinetics400/validate.csv \\
+        --annotations=kinetics400/train.csv,kinetics400/validate.csv \\
         --videos=/data/kinetics400/videos --output=/data/kinetics_sounds_records
 
 Pretrained weights: both encoders start from the ImageNet-21k ViT-B/16 of the original ViT release

@@ -2,7 +2,7 @@
 
 Prepare (`vggsound.csv` as published: rows `youtube_id,start_seconds,label,split`, no header):
 
-    python -m avt_jax.prepare --dataset=vggsound --annotations vggsound.csv \\
+    python -m avt_jax.prepare --dataset=vggsound --annotations=vggsound.csv \\
         --videos=/data/vggsound/video --output=/data/vggsound_records
 
 Pretrained weights: both encoders start from the ImageNet-21k ViT-B/16 of the original ViT release

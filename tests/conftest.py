@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avt_jax.default_config import get_base_config  # noqa: E402
+from avt_jax.default_config import MODEL_PRESETS, get_base_config  # noqa: E402
 
 
 def fast_jit(fun, **kwargs):
@@ -31,13 +31,12 @@ def fast_jit(fun, **kwargs):
 
 
 # Flags that shrink configs/demo.py for `python -m avt_jax.main` runs in tests (tests/test_main.py,
-# tests/test_multihost.py); the records come from --config.data.data_dir.
+# tests/test_multihost.py) to the 'smoke' model preset (the demo's 0.48 s audio segments stay); the
+# records come from --config.data.data_dir.
 TINY_MAIN_FLAGS = [
-    '--config.model.hidden_size=32', '--config.model.num_layers=2', '--config.model.num_heads=2',
-    '--config.model.mlp_dim=64', '--config.model.fusion_layer=1', '--config.model.decoder_width=16',
-    '--config.model.decoder_heads=2', '--config.model.decoder_mlp_dim=32',
-    '--config.model.contrastive_dim=16', '--config.input.batch_size=8',
-    '--config.input.eval_batch_size=8', '--config.train.log_every=2',
+    *[f'--config.model.{k}={v}' for k, v in MODEL_PRESETS['smoke'].items()
+      if k != 'segment_seconds'],
+    '--config.input.batch_size=8', '--config.input.eval_batch_size=8', '--config.train.log_every=2',
     '--config.train.checkpoint_every=2', '--config.data.synthetic=']
 
 
@@ -59,24 +58,13 @@ def demo_main_config(*flags: str) -> ml_collections.ConfigDict:
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  """A 2-layer, width-32 AVT on 4x32x32 video and 64x32 spectrograms, all objectives on."""
+  """The 'smoke' model preset (2 layers, width 32) with 2 bottlenecks and 2 masked segments on
+  4x32x32 video and 64x32 spectrograms, all objectives on."""
   c = get_base_config()
   c.data.name = 'tiny'
   c.data.num_classes = {'class': 5}
-  c.model.size = 'tiny'
-  c.model.hidden_size = 32
-  c.model.num_layers = 2
-  c.model.num_heads = 2
-  c.model.mlp_dim = 64
-  c.model.fusion_layer = 1
-  c.model.n_bottlenecks = 2
-  c.model.contrastive_dim = 16
-  c.model.decoder_width = 16
-  c.model.decoder_depth = 1
-  c.model.decoder_heads = 2
-  c.model.decoder_mlp_dim = 32
-  c.model.stochastic_depth = 0.0
-  c.model.segment_seconds = 0.32
+  c.model.update(MODEL_PRESETS['smoke'])
+  c.model.update(dict(n_bottlenecks=2, num_segments=2))
   c.input.num_frames = 4
   c.input.image_size = 32
   c.input.min_resize = 36

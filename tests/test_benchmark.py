@@ -181,3 +181,14 @@ def test_input_mode_end_to_end_compares_pipeline_and_step(tmp_path):
   np.testing.assert_allclose(r['ratio'], r['input_examples_per_second'] / step_rate)
   assert f'| {config_file} | 4 |' in (tmp_path / 'input.md').read_text()
   assert json.loads((tmp_path / 'input.json').read_text())['results'][0]['ratio'] == r['ratio']
+
+
+@pytest.mark.parametrize('flag, mode', [('--config=configs/demo.py', 'train'),
+                                        ('--config.input.batch_size=4', 'fusion'),
+                                        ('--paper_scale', 'input'), ('--configs=tiny', 'fusion')])
+def test_a_flag_the_mode_would_ignore_is_an_error(flag, mode, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.parse_args([f'--mode={mode}', flag])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip()
+  assert f'--mode={mode} would ignore it' in error and flag.split('=')[0] in error, error

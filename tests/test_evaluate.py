@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from avt_jax import calibration, evaluate, input as input_lib, sharding, train
+from avt_jax import calibration, evaluate, input as input_lib, sharding, train, workdir as workdir_lib
 from avt_jax.benchmark import synthetic_data
 from avt_jax.models import build_model
 from avt_jax.train_step import setup
@@ -127,7 +127,7 @@ def test_scores_of_two_heads_each_modality_and_retrieval_match_a_hand_computatio
   evaluation = train.make_evaluator(config, model, mesh, data_dir)(params)
   assert evaluation.metrics == pytest.approx(scored.metrics)
   assert evaluation.train_metrics == pytest.approx(subset)
-  assert train.check_eval_config(config) == ('action_top1', 'max')
+  assert workdir_lib.check_eval_config(config) == ('action_top1', 'max')
 
 
 def test_retrieval_only_without_a_classifier(setting):
@@ -140,7 +140,7 @@ def test_retrieval_only_without_a_classifier(setting):
   params = random_params(jax.eval_shape(init, jax.random.PRNGKey(0)).params, seed=2)
   names = evaluate.score_names(config)
   assert names == tuple(f'retrieval/{d}_R@{k}' for d in ('v2a', 'a2v') for k in (1, 5, 10))
-  assert train.check_eval_config(config) == ('retrieval/v2a_R@1', 'max')
+  assert workdir_lib.check_eval_config(config) == ('retrieval/v2a_R@1', 'max')
   scored = evaluate.make_scorer(config, build_model(config), sharding.make_mesh(config.mesh),
                                 data_dir)(params, 'train')
   assert scored.videos is None and set(scored.metrics) == {*names, 'num_videos'}

@@ -1,6 +1,6 @@
 """Tests for avt_jax.models.fusion: what each fusion lets the video tokens see of the audio tokens.
 
-The dependence of the final video tokens on the audio tokens fed to `BottleneckFusion` is measured by
+The dependence of the final video tokens on the audio tokens fed to `FusionEncoder` is measured by
 the Jacobian J = d video_out / d audio_in, a [video tokens * D, audio tokens * D] matrix:
 
 - `late`, and every layer before `fusion_layer`: J is exactly zero.
@@ -44,7 +44,7 @@ OPTION_FIELDS = {f.name for f in dataclasses.fields(EncoderOptions)}
 
 
 def _module(fusion: str, fusion_layer: int = 1, n_bottlenecks: int = 1, **options):
-  return fusion_lib.BottleneckFusion(MODALITIES, WIDTH, LAYERS, HEADS, MLP, fusion, fusion_layer,
+  return fusion_lib.FusionEncoder(MODALITIES, WIDTH, LAYERS, HEADS, MLP, fusion, fusion_layer,
                                      n_bottlenecks, options=EncoderOptions(**options))
 
 
@@ -93,12 +93,12 @@ def test_shapes_and_parameter_names(fusion, tokens):
 def test_impossible_attributes_raise_an_error_naming_them(tokens, field, value):
   module = (_module('bottleneck', **{field: value}) if field in OPTION_FIELDS
             else _module('bottleneck').clone(**{field: value}))
-  with pytest.raises(ValueError, match=f'BottleneckFusion.{field}:'):
+  with pytest.raises(ValueError, match=f'FusionEncoder.{field}:'):
     jax.eval_shape(module.init, jax.random.key(0), tokens)
 
 
 def test_single_modality_has_no_bottleneck_and_keeps_shapes(tokens):
-  module = fusion_lib.BottleneckFusion(('audio',), WIDTH, LAYERS, HEADS, MLP, 'bottleneck', 1, 4)
+  module = fusion_lib.FusionEncoder(('audio',), WIDTH, LAYERS, HEADS, MLP, 'bottleneck', 1, 4)
   audio = {'audio': tokens['audio']}
   params = jax.eval_shape(module.init, jax.random.key(0), audio)['params']
   assert set(params) == {'encoderblock_0_audio', 'encoderblock_1_audio', 'encoder_norm_audio'}
@@ -108,7 +108,7 @@ def test_single_modality_has_no_bottleneck_and_keeps_shapes(tokens):
 
 def test_layers_before_fusion_layer_do_not_mix_modalities(tokens):
   module = _module('bottleneck', fusion_layer=1)
-  jac = _jacobian(module, tokens, method=fusion_lib.BottleneckFusion.unimodal)
+  jac = _jacobian(module, tokens, method=fusion_lib.FusionEncoder.unimodal)
   assert np.all(jac == 0.0)
 
 
@@ -172,7 +172,7 @@ def test_remat_policy_wraps_every_block_and_keeps_parameters_and_outputs(
 
 
 def test_stochastic_depth_grows_linearly_to_the_last_layer(tokens):
-  module = fusion_lib.BottleneckFusion(MODALITIES, WIDTH, 5, HEADS, MLP, fusion_layer=2,
+  module = fusion_lib.FusionEncoder(MODALITIES, WIDTH, 5, HEADS, MLP, fusion_layer=2,
                                        options=EncoderOptions(stochastic_depth=0.2))
   bound = module.bind(random_params(jax.eval_shape(module.init, jax.random.key(0), tokens), seed=1))
   for m in MODALITIES:

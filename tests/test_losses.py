@@ -168,3 +168,20 @@ def test_modality_weight_adds_each_modalitys_own_cross_entropy(rng):
   np.testing.assert_allclose(plain['classification'], ce(outputs['logits']['class']), rtol=1e-5)
   expected = ce(outputs['logits']['class']) + 0.5 * (ce(per['video']) + ce(per['audio'])) / 2
   np.testing.assert_allclose(terms['classification'], expected, rtol=1e-5)
+
+
+def test_an_unknown_objective_is_an_error_naming_it_and_the_known_ones():
+  batch = {'mask': np.ones(2, np.float32)}
+  with pytest.raises(ValueError, match=r"'masked_text'.*'classification', 'contrastive'"):
+    losses.total_loss({}, batch, {'masked_text': 0.0})  # even with weight 0: a typo never passes
+
+
+def test_the_objective_table_is_the_one_list_of_objectives():
+  """The config's weights, the single-modality variants and the self-supervised list follow it."""
+  from avt_jax import default_config  # pylint: disable=g-import-not-at-top
+  assert set(default_config.get_base_config().loss.weights) == set(losses.OBJECTIVES)
+  assert set(losses.SELF_SUPERVISED) == set(losses.OBJECTIVES) - {'classification'}
+  for modality, other in (('video', 'audio'), ('audio', 'video')):
+    weights = default_config.single_modality(default_config.get_base_config(), modality).loss.weights
+    off = {o for o, w in weights.items() if w == 0.0}
+    assert off == {'contrastive', 'matching', 'masked_audio_segment', f'masked_{other}'}

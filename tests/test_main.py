@@ -16,7 +16,8 @@ import pytest
 
 from avt_jax import checkpointing
 from avt_jax import evaluate
-from avt_jax import train
+from avt_jax import workdir as workdir_lib
+from avt_jax.losses import OBJECTIVES, SELF_SUPERVISED
 from avt_jax.prep import demo_data
 from conftest import TINY_MAIN_FLAGS, demo_main_config as demo_config
 
@@ -71,8 +72,8 @@ def test_sigkill_then_resume_matches_uninterrupted(data_dir, straight_run, tmp_p
   assert 'Resumed from' in resumed.stdout
 
   config = demo_config(steps)
-  a = train.restore_params(config, str(straight_run))
-  b = train.restore_params(config, str(tmp_path))
+  a = workdir_lib.restore_params(config, str(straight_run))
+  b = workdir_lib.restore_params(config, str(tmp_path))
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9), a, b)
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['steps'] == 8 and results['eval']['num_videos'] == 9
@@ -95,9 +96,7 @@ def test_tensorboard_events_hold_every_objective_progress_and_pictures(straight_
   for path in tf.io.gfile.glob(str(straight_run / 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
       tags.update(v.tag for v in event.summary.value)
-  objectives = ('classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
-                'masked_audio_segment')  # all six are on in configs/demo.py
-  assert {f'loss/{o}' for o in objectives} <= tags
+  assert {f'loss/{o}' for o in OBJECTIVES} <= tags  # all are on in configs/demo.py
   assert {'loss', 'learning_rate', 'grad_norm', 'steps_per_sec', 'eta_seconds', 'eval/top1'} <= tags
   # Each modality's own scores and retrieval (contrastive is on), also on the training subset.
   for split in ('eval', 'train_eval'):
@@ -111,8 +110,7 @@ def test_non_finite_loss_stops_naming_objective_and_keeps_good_checkpoints(data_
   result = run(command(tmp_path, data_dir, '--config.train.steps=30', '--config.optim.warmup_steps=1',
                        '--config.optim.learning_rate=1e30', '--config.optim.grad_clip_norm=0',
                        '--config.train.checkpoint_every=1',
-                       *[f'--config.loss.weights.{o}=0' for o in ('contrastive', 'matching', 'masked_video',
-                                                                  'masked_audio', 'masked_audio_segment')]))
+                       *[f'--config.loss.weights.{o}=0' for o in SELF_SUPERVISED]))
   assert result.returncode != 0
   message = result.stderr[result.stderr.index('NonFiniteLossError'):]
   assert re.search(r"Objective '(\w+)' became non-finite at step (\d+)", message), message[:500]
@@ -248,8 +246,8 @@ def test_eval_every_keeps_the_best_checkpoint_through_resume_and_eval_only(
 
   # Evaluating reads the parameters only: training is the same as without eval_every.
   config = demo_config(steps)
-  assert_same_params(train.restore_params(config, str(workdir)),
-                     train.restore_params(config, str(straight_run)))
+  assert_same_params(workdir_lib.restore_params(config, str(workdir)),
+                     workdir_lib.restore_params(config, str(straight_run)))
 
   # eval/<metric> at every evaluated step, once: the final evaluation reuses step 8's.
   scalars = eval_scalars(workdir)
@@ -283,8 +281,8 @@ def test_eval_every_keeps_the_best_checkpoint_through_resume_and_eval_only(
   assert 'Resumed from' in again.stdout and 'eval step 8/8' in again.stdout
   assert json.loads((resumed / 'results.json').read_text())['best'] == results['best']
   assert [p.name for p in (resumed / 'best').iterdir()] == [str(best_step)]
-  assert_same_params(train.restore_params(config, str(resumed)),
-                     train.restore_params(config, str(workdir)))
+  assert_same_params(workdir_lib.restore_params(config, str(resumed)),
+                     workdir_lib.restore_params(config, str(workdir)))
 
   # eval_only on the best checkpoint evaluates the best step's parameters.
   only = run(command(workdir, data_dir, steps, '--config.train.eval_only=True',
@@ -302,23 +300,23 @@ def test_bad_eval_settings_name_the_field_and_what_exists(straight_run, tmp_path
     config = demo_config()
     config.train.update(train_fields)
     with pytest.raises(ValueError) as info:
-      train.check_eval_config(config, workdir and str(workdir))
+      workdir_lib.check_eval_config(config, workdir and str(workdir))
     return str(info.value)
 
-  assert train.check_eval_config(demo_config()) == ('top1', 'max')
+  assert workdir_lib.check_eval_config(demo_config()) == ('top1', 'max')
   message = error(best_metric='top3')
   assert 'config.train.best_metric' in message
   assert "('top1', 'top5', 'mAP', 'modality_top1/video'" in message
   epic = demo_config()
   epic.data.label_heads = ('verb', 'noun')
-  assert train.check_eval_config(epic) == ('action_top1', 'max')
+  assert workdir_lib.check_eval_config(epic) == ('action_top1', 'max')
   assert 'config.train.best_mode' in error(best_mode='maximum')
   assert 'config.train.eval_every' in error(eval_every=-1)
   assert 'config.train.eval_checkpoint' in error(eval_checkpoint='oldest')
   bad_subset = demo_config()
   bad_subset.eval.train_subset_size = -1
   with pytest.raises(ValueError, match='config.eval.train_subset_size: expected an integer >= 0'):
-    train.check_eval_config(bad_subset)
+    workdir_lib.check_eval_config(bad_subset)
   # straight_run trained without eval_every: it has latest checkpoints and no best one.
   message = error(straight_run, eval_only=True, eval_checkpoint='best')
   assert re.search(r"config.train.eval_checkpoint='best': there is no best checkpoint in .*best "

@@ -35,7 +35,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from avt_jax import train
+from avt_jax import workdir as workdir_lib
+from avt_jax.losses import SELF_SUPERVISED
 from avt_jax.prep import demo_data
 from conftest import TINY_MAIN_FLAGS, demo_main_config
 
@@ -50,8 +51,7 @@ FLAGS = [f'--config.train.steps={STEPS}', '--config.optim.name=sgd',
          '--config.input.min_resize=36', '--config.input.audio_frames=64',
          # 2 processes take the first 4 of their (interleaved) shares: the first 8 clips, like 1.
          '--config.eval.train_subset_size=8',
-         *[f'--config.loss.weights.{o}=0' for o in ('contrastive', 'matching', 'masked_video',
-                                                     'masked_audio', 'masked_audio_segment')]]
+         *[f'--config.loss.weights.{o}=0' for o in SELF_SUPERVISED]]
 TIMEOUT = 600
 
 
@@ -183,10 +183,10 @@ def test_two_processes_train_like_one_with_four_devices(runs):
 def test_resumed_on_another_process_count_ends_with_the_same_parameters(runs):
   base, outputs = runs
   config = demo_main_config(*FLAGS)
-  reference = train.restore_params(config, str(base / 'reference'))
+  reference = workdir_lib.restore_params(config, str(base / 'reference'))
   for name in ('resumed_on_one', 'resumed_on_two'):
     assert 'Resumed from' in outputs[name][0]
-    params = train.restore_params(config, str(base / name))
+    params = workdir_lib.restore_params(config, str(base / name))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), params,
                            reference)
 

@@ -22,7 +22,7 @@ import pytest
 from avt_jax import losses, train_step
 from avt_jax.models import build_model, scan, transformer
 from avt_jax.models.build import objectives as config_objectives
-from avt_jax.models.fusion import BottleneckFusion
+from avt_jax.models.fusion import FusionEncoder
 from avt_jax.models.options import EncoderOptions
 from conftest import fast_jit, tiny_config
 
@@ -169,7 +169,7 @@ def test_scanned_stochastic_depth_uses_per_layer_rates():
   """Layer 0 has rate 0 (never dropped); the last layer's rate is `stochastic_depth`."""
   tokens = {'audio': np.tile(np.random.default_rng(0).normal(size=(1, 3, 16)), (64, 1, 1))
             .astype(np.float32)}
-  module = lambda layers, rate: BottleneckFusion(
+  module = lambda layers, rate: FusionEncoder(
       ('audio',), 16, layers, 2, 32, 'late', layers,
       options=EncoderOptions(stochastic_depth=rate, scan_layers=True))
   rngs = {'dropout': jax.random.key(5)}

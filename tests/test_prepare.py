@@ -54,10 +54,11 @@ def _report(prepared):
     return [(entry['clip_id'], entry['status'], entry['reason']) for entry in map(json.loads, f)]
 
 
-def test_help_lists_datasets_and_options():
-  result = subprocess.run([sys.executable, '-m', 'avt_jax.prepare', '--help'], cwd=ROOT,
+@pytest.mark.parametrize('help_flag', ['--help', '--helpshort'])
+def test_help_lists_datasets_and_options(help_flag):
+  result = subprocess.run([sys.executable, '-m', 'avt_jax.prepare', help_flag], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-  assert result.returncode == 0
+  assert result.returncode == 0 and not result.stderr, result.stderr
   for text in ('kinetics_sounds', 'vggsound', 'epic_kitchens_100', 'manifest', '--annotations',
                '--videos', '--output', '--fps', '--short_side', '--n_mels', '--clip_seconds',
                '--missing_audio', '--workers', '--classes', '--tfds_data_dir', '--num_shards',
@@ -70,8 +71,9 @@ def test_command_line_with_worker_processes(smoke, tmp_path):
   raw, reference = smoke['kinetics_sounds']
   out = tmp_path / 'out'
   result = subprocess.run(
-      [sys.executable, '-m', 'avt_jax.prepare', '--dataset=kinetics_sounds', '--annotations',
-       os.path.join(raw, 'train.csv'), os.path.join(raw, 'validate.csv'), f'--videos={raw}/videos',
+      [sys.executable, '-m', 'avt_jax.prepare', '--dataset=kinetics_sounds',
+       f'--annotations={os.path.join(raw, "train.csv")},{os.path.join(raw, "validate.csv")}',
+       f'--videos={raw}/videos',
        f'--output={out}', '--fps=8', '--short_side=36', '--n_mels=32', '--clip_seconds=2',
        '--workers=1'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -90,8 +92,9 @@ def test_command_line_with_worker_processes(smoke, tmp_path):
 
 def test_num_shards_per_split_and_the_multihost_default(smoke, tmp_path, capsys):
   raw, reference = smoke['kinetics_sounds']
-  args = ['--dataset=kinetics_sounds', '--annotations', os.path.join(raw, 'train.csv'),
-          os.path.join(raw, 'validate.csv'), f'--videos={raw}/videos', '--fps=8', '--short_side=36',
+  args = ['--dataset=kinetics_sounds',
+          f'--annotations={os.path.join(raw, "train.csv")},{os.path.join(raw, "validate.csv")}',
+          f'--videos={raw}/videos', '--fps=8', '--short_side=36',
           '--n_mels=32', '--clip_seconds=2', '--workers=0']
   out = tmp_path / 'out'
   assert prepare.main([*args, f'--output={out}', '--num_shards', 'train=3']) == 0
@@ -101,11 +104,13 @@ def test_num_shards_per_split_and_the_multihost_default(smoke, tmp_path, capsys)
   ids = lambda folder: sorted(_read(str(folder), 'train'))
   assert ids(out) == ids(reference)  # the same 6 clips, in 3 files
   assert json.loads((out / 'stats.json').read_text())['num_shards'] == {'train': 3, 'val': 1}
-  for value, message in [(['vall=2'], r"--num_shards: no split 'vall' in the annotations \(splits: "
-                                      r"\['train', 'val'\]\)"),
-                         (['two'], "--num_shards: expected a number or SPLIT=N entries, got 'two'"),
-                         (['0'], '--num_shards: train needs at least 1 shard, got 0')]:
-    assert prepare.main([*args, f'--output={tmp_path / "bad"}', '--num_shards', *value]) == 2
+  for value, message in [('vall=2', r"--num_shards: no split 'vall' in the annotations \(splits: "
+                                    r"\['train', 'val'\]\)"),
+                         ('two', "--num_shards: expected a number or SPLIT=N entries, got 'two'"),
+                         ('0', '--num_shards: train needs at least 1 shard, got 0'),
+                         ('train=1,x', r"expected SPLIT=N entries \(e.g. train=512,test=64\) when "
+                                       "giving several, got 'x'")]:
+    assert prepare.main([*args, f'--output={tmp_path / "bad"}', f'--num_shards={value}']) == 2
     assert re.search(message, capsys.readouterr().err), value
   assert not (tmp_path / 'bad').exists()
   # Default: about 256 clips per file, at least 64 files of >= 8 clips (multi-host reading).
@@ -194,6 +199,15 @@ def test_symlink_leaving_the_video_folder_is_refused(tmp_path, capsys):
   status = _run_main(tmp_path, 'kinetics', 'label,youtube_id,time_start,time_end,split\na,abc,0,10,train\n')
   assert status == 2 and 'outside of' in capsys.readouterr().err
   assert not (tmp_path / 'out').exists()
+
+
+def test_files_listed_without_commas_are_an_error_not_ignored(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    prepare.main(['--dataset=vggsound', '--annotations', 'a.csv', 'b.csv', f'--videos={tmp_path}',
+                  f'--output={tmp_path / "out"}'])
+  error = capsys.readouterr().err.strip()
+  assert exit_info.value.code == 2 and error.startswith('python -m avt_jax.prepare: error: ')
+  assert "unexpected arguments ['b.csv']" in error and 'comma-separated' in error
 
 
 def test_missing_annotation_file(tmp_path, capsys):
@@ -312,3 +326,9 @@ def test_smoke_configs_read_their_smoke_data(smoke, name):
                                            process_count=1))
   num_videos = pipeline.num_eval_videos(prepared, c.data.eval_split)
   assert sum(batch['mask'].sum() for batch in views) == num_videos * 6  # 2 clips x 3 crops
+
+
+def test_an_unknown_runner_is_refused_before_anything_is_read():
+  with pytest.raises(ValueError, match=r"runner must be one of \('local', 'beam'\), got 'spark'"):
+    preparation.shard_writer('spark')
+  assert preparation.shard_writer('local') is None  # prepare_dataset's processes on this machine

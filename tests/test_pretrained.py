@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
+from flax import traverse_util
 
 from avt_jax import checkpointing, pretrained, sharding
 from avt_jax.default_config import get_base_config
@@ -448,12 +449,8 @@ def _forward(model, modality):
   return fast_jit(run)
 
 
-def _flat(tree, prefix=''):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flat(value, f'{prefix}{key}/')
-    else:
-      yield f'{prefix}{key}', value
+def _flat(tree):
+  return traverse_util.flatten_dict(tree, sep='/')
 
 
 def _nested(flat):

@@ -32,6 +32,7 @@ from avt_jax import records
 from avt_jax.prep import annotations
 from avt_jax.prep import logmel
 from avt_jax.prep import media
+from avt_jax.prep import preparation
 from avt_jax.prep import shards
 from avt_jax.prep.datasets import manifest as manifest_lib
 
@@ -280,7 +281,8 @@ def test_beam_runner_writes_what_the_local_runner_writes(cases, tmp_path):
       **kwargs)
   run(tmp_path / 'local', num_workers=0)
   beam_options = '--direct_num_workers=2 --direct_running_mode=multi_threading'
-  run(tmp_path / 'beam', runner='beam', beam_options=beam_options)
+  beam_writer = preparation.shard_writer('beam', beam_options)
+  run(tmp_path / 'beam', write_shards=beam_writer)
   local = _outputs(tmp_path / 'local')
   assert len(local) == 5 and sum(map(len, (local[f'train-0000{i}-of-00003.tfrecord']
                                            for i in range(3)))) == 9
@@ -289,7 +291,7 @@ def test_beam_runner_writes_what_the_local_runner_writes(cases, tmp_path):
   beam = tmp_path / 'beam'
   kept = (beam / 'train-00000-of-00003.tfrecord').stat().st_mtime_ns
   (beam / 'train-00001-of-00003.tfrecord').unlink()
-  run(beam, runner='beam', beam_options=beam_options)
+  run(beam, write_shards=beam_writer)
   assert (beam / 'train-00000-of-00003.tfrecord').stat().st_mtime_ns == kept
   assert _outputs(beam) == local
 

@@ -244,8 +244,8 @@ def test_clip_window():
 def _tasks(videos, clip_ids):
   folder, specs = videos
   by_id = {spec.clip_id: spec for spec in specs}
-  settings = shards._Settings(fps=4, short_side=16, n_mels=32, clip_seconds=None, missing_audio='silence',
-                              jpeg_quality=90)
+  settings = shards.RecordSettings(fps=4, short_side=16, n_mels=32, clip_seconds=None,
+                                   missing_audio='silence', jpeg_quality=90)
   tasks = []
   for clip_id in clip_ids:
     spec = by_id.get(clip_id) or _spec(clip_id, 'train', 0, path='t0.mp4')  # 'crash*': any file

@@ -1,7 +1,10 @@
 """Tests for avt_jax.models.summary at a tiny size: parameter counts and FLOPs against hand formulas."""
 
+import functools
+
 import pytest
 
+from avt_jax import command_line
 from avt_jax.default_config import get_base_config
 from avt_jax.models import summary
 
@@ -71,3 +74,19 @@ def test_inference_flops_per_clip_match_the_matmul_count():
 def test_unknown_pass_is_rejected():
   with pytest.raises(ValueError, match='passes'):
     summary.summarize(_config(), passes=('backward',))
+
+
+def test_command_line_overrides_config_fields_and_refuses_a_field_set_twice(capsys):
+  argv = ['--config.model.size=small', '--num_classes=7']
+  define = functools.partial(summary.define_flags, argv=argv)
+  fv, _ = command_line.parse(summary.PROG, summary.USAGE, define, argv)
+  config = summary.config_from_flags(fv)
+  assert (config.model.size, config.model.fusion) == ('small', 'bottleneck')  # --size not given
+  assert dict(config.data.num_classes) == {'class': 7}
+  argv = ['--size=tiny', '--config.model.size=small']
+  fv, _ = command_line.parse(summary.PROG, summary.USAGE,
+                             functools.partial(summary.define_flags, argv=argv), argv)
+  with pytest.raises(SystemExit) as exit_info:
+    summary.config_from_flags(fv)
+  assert exit_info.value.code == 2
+  assert '--size and --config.model.size set the same field' in capsys.readouterr().err

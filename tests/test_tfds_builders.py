@@ -87,8 +87,9 @@ def test_prepare_command_line_builds_the_tfds_copy(built, tmp_path, capsys):
   prepared, _ = built
   raw = os.path.join(os.path.dirname(prepared['epic_kitchens_100']), 'raw')
   status = prepare.main([
-      '--dataset=epic_kitchens_100', '--annotations', os.path.join(raw, 'EPIC_100_train.csv'),
-      os.path.join(raw, 'EPIC_100_validation.csv'), f'--videos={raw}/videos', f'--output={tmp_path / "out"}',
+      '--dataset=epic_kitchens_100',
+      f'--annotations={os.path.join(raw, "EPIC_100_train.csv")},'
+      f'{os.path.join(raw, "EPIC_100_validation.csv")}', f'--videos={raw}/videos', f'--output={tmp_path / "out"}',
       '--fps=4', '--short_side=16', '--n_mels=16', '--clip_seconds=1', '--workers=0',
       f'--tfds_data_dir={tmp_path / "tfds"}'])
   assert status == 0

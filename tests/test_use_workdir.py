@@ -13,8 +13,8 @@ import pytest
 from clu import metric_writers
 import tensorflow as tf
 
-from avt_jax import (checkpointing, evaluate, export, input as input_lib, predict, records, sharding,
-                     train)
+from avt_jax import (checkpoint_adaptation, checkpointing, evaluate, export, input as input_lib,
+                     predict, records, sharding, train, workdir as workdir_lib)
 from avt_jax.models import build_model
 from avt_jax.prep import demo_data, logmel, media, preparation
 from avt_jax.train_step import setup
@@ -41,9 +41,10 @@ def save_random_checkpoint(config, workdir, data_dir):
   params = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), random_params(abstract.params, seed=3),
                         abstract.params)
   state = state.replace(params=params)
-  train.save_run(config, workdir, data_dir)
+  workdir_lib.save_run(config, workdir, data_dir)
   with checkpointing.Checkpointer(workdir) as ckpt:
-    ckpt.save(2, state, {'step': 2, 'config': checkpointing.config_snapshot(config)}, force=True)
+    snapshot = checkpoint_adaptation.config_snapshot(config)
+    ckpt.save(2, state, {'step': 2, 'config': snapshot}, force=True)
   return state.params
 
 
@@ -216,7 +217,7 @@ def test_log_mel_in_tensorflow_matches_librosa(setting):
 
 
 def test_saved_model_serves_with_plain_tensorflow_like_the_jax_model(setting, tmp_path):
-  config, stats = train.load_run(setting['workdir'])
+  config, stats = workdir_lib.load_run(setting['workdir'])
   assert export.main([f'--workdir={setting["workdir"]}', f'--output={tmp_path / "saved"}',
                       '--platforms=cpu']) == 0
   frames, waveform = raw_clip(os.path.join(setting['videos'], CLIP), stats['fps'])

@@ -5,6 +5,7 @@
 `--config=PATH:ARG`.
 """
 
+import functools
 import os
 import sys
 import types
@@ -14,7 +15,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from avt_jax import benchmark
+from avt_jax import benchmark, command_line
 from avt_jax.benchmark import modes, report
 from avt_jax.benchmark.configs import BENCHMARKS
 from avt_jax.models import build
@@ -26,11 +27,17 @@ _CHECKOUT_DEMO = os.path.join(os.path.dirname(os.path.abspath(benchmark.__file__
                               os.pardir, 'configs', 'demo.py')
 DEFAULT_CONFIG = (os.path.normpath(_CHECKOUT_DEMO) if os.path.exists(_CHECKOUT_DEMO)
                   else 'configs/demo.py')
+# Flags that only one mode reads: given with another mode they would be ignored, so they are refused.
+MODE_FLAGS = {
+    'train': ('configs',),
+    'fusion': ('fusion_size', 'paper_scale', 'paper_step_time'),
+    'input': ('config', 'config_file', 'config_arg', 'data_dir', 'input_batches', 'synthetic_clips',
+              'step_batch_size'),
+}
 
 
-def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
-  """A fresh set of the command's flags; `argv` names the `--config.<field>` overrides."""
-  fv = flags.FlagValues()
+def _define_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+  """Adds the command's flags to `fv`; `argv` names the `--config.<field>` overrides."""
   flags.DEFINE_enum('mode', 'train', ('train', 'fusion', 'input'), 'what to measure', flag_values=fv)
   flags.DEFINE_list('configs', ['tiny', 'small', 'base'],
                     f'comma-separated subset of {sorted(BENCHMARKS)} (train mode)', flag_values=fv)
@@ -68,37 +75,33 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   flags.DEFINE_integer('step_batch_size', None, 'input mode: batch size of the train step '
                        '(default: the input batch size)', flag_values=fv)
   flags.DEFINE_string('output_dir', 'benchmark_results', 'where the reports go', flag_values=fv)
-  return fv
 
 
 def _usage_error(message: str):
-  print(f'{PROG}: error: {message}', file=sys.stderr)
-  sys.exit(2)
+  command_line.usage_error(PROG, message)
 
 
 def _parse(argv: Sequence[str]) -> flags.FlagValues:
   """Parses `argv` (program name first); exits with status 2 on an error, 0 after --help."""
-  fv = _define_flags(argv)
-  if {'-h', '--help', '--helpfull'} & set(argv[1:]):
-    print(f'{benchmark.__doc__}\n{fv.get_help()}')
-    sys.exit(0)
-  try:
-    rest = fv(argv)
-  except flags.Error as e:
-    _usage_error(str(e))
-  if len(rest) > 1:
-    _usage_error(f'unexpected arguments {rest[1:]}')
-  return fv
+  define = functools.partial(_define_flags, argv=argv)
+  return command_line.parse(PROG, benchmark.__doc__, define, argv[1:])[0]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
   """The flags of `argv` (default: sys.argv[1:]) as attributes; `config` is the loaded config,
   `config_file` and `config_arg` name it.
 
-  Exits with status 2 on an unknown flag or value, as argparse does.
+  Exits with status 2 on an unknown flag or value, and on a flag that the chosen `--mode` would
+  ignore (`MODE_FLAGS`, e.g. `--config` without `--mode=input`).
   """
   argv = [PROG, *(sys.argv[1:] if argv is None else argv)]
   fv = _parse(argv)
+  for mode, names in MODE_FLAGS.items():
+    given = [f'--{name}' for name in fv if fv[name].present and (
+        name in names or mode == 'input' and name.startswith('config.'))]
+    if given and mode != fv.mode:
+      _usage_error(f'{", ".join(given)}: only --mode={mode} reads this; --mode={fv.mode} would '
+                   'ignore it')
   if fv.config_file or fv.config_arg:  # the older spelling of --config=PATH:ARG
     if fv['config'].present:
       _usage_error('pass either --config or --config_file / --config_arg')

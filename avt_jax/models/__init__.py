@@ -1,12 +1,12 @@
 """Reusable Flax modules of AVT.
 
-    from avt_jax.models import AVT, BottleneckFusion, EncoderBlock, EncoderOptions
+    from avt_jax.models import AVT, FusionEncoder, EncoderBlock, EncoderOptions
 """
 
 from avt_jax.models.avt import AVT, MODALITIES, OBJECTIVES
 from avt_jax.models.build import SIZES, ConfigError, build_model, validate
 from avt_jax.models.decoders import MaskedDecoder
-from avt_jax.models.fusion import FUSIONS, BottleneckFusion
+from avt_jax.models.fusion import FUSIONS, BottleneckFusion, FusionEncoder
 from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, LogitFusion, LogitScale,
                                   MatchingHead, sample_hard_negatives)
 from avt_jax.models.masking import random_masking, segment_mask

@@ -6,9 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avt_jax.losses import OBJECTIVE_TABLE, OBJECTIVES
 from avt_jax.models import masking
 from avt_jax.models.decoders import MaskedDecoder
-from avt_jax.models.fusion import BottleneckFusion, fusion_problems, fusion_start
+from avt_jax.models.fusion import FusionEncoder, fusion_problems, fusion_start
 from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, LogitFusion, LogitScale,
                                   MatchingHead, sample_hard_negatives)
 from avt_jax.models.options import EncoderOptions, Problem, raise_first
@@ -17,12 +18,9 @@ from avt_jax.models.tokenizers import (PositionEmbedding, SpectrogramPatchEmbedd
 from avt_jax.models.transformer import ATTENTION_COLLECTION
 
 MODALITIES = ('video', 'audio')
-OBJECTIVES = ('classification', 'contrastive', 'matching', 'masked_video', 'masked_audio',
-              'masked_audio_segment')
 CLASSIFIERS = ('token', 'gap')
 CONTRASTIVE_POOLS = ('token', 'gap')
-FULL_PASS_OBJECTIVES = {'classification', 'contrastive', 'matching'}
-NEEDS_BOTH_MODALITIES = ('contrastive', 'matching', 'masked_audio_segment')
+FULL_PASS_OBJECTIVES = {o.name for o in OBJECTIVE_TABLE.values() if o.model_pass == 'full'}
 
 
 def objective_problems(objectives: Sequence[str], modalities: Sequence[str]) -> list[Problem]:
@@ -30,14 +28,14 @@ def objective_problems(objectives: Sequence[str], modalities: Sequence[str]) -> 
   audio-video objectives need both modalities, masked modelling its own (field `weights` or
   `weights.<objective>`, as in `config.loss`)."""
   found = []
-  both = [o for o in objectives if o in NEEDS_BOTH_MODALITIES]
+  needs = {o: OBJECTIVE_TABLE[o].modalities for o in objectives}
+  both = [o for o, need in needs.items() if len(need) > 1]
   if both and len(modalities) < 2:
     found.append(('weights', f'objectives {both} need both modalities, but '
                   f'model.modalities={tuple(modalities)}'))
-  for o in objectives:
-    modality = {'masked_video': 'video', 'masked_audio': 'audio'}.get(o)
-    if modality and modality not in modalities:
-      found.append((f'weights.{o}', f'needs the {modality} modality in model.modalities'))
+  for o, need in needs.items():
+    if len(need) == 1 and need[0] not in modalities:
+      found.append((f'weights.{o}', f'needs the {need[0]} modality in model.modalities'))
   return found
 
 
@@ -79,7 +77,7 @@ class AVT(nn.Module):
   Inputs are `video` [batch, frames, height, width, 3] and `audio` [batch, time, mels] (log-mel,
   100 frames/s). Each modality is tokenized (tubelets / spectrogram patches, learned position
   embeddings, a CLS token), encoded by its own Transformer stack and fused through bottleneck tokens
-  (`BottleneckFusion`). Which branches are computed is decided by `objectives`, so an objective that
+  (`FusionEncoder`). Which branches are computed is decided by `objectives`, so an objective that
   is not requested adds nothing to the compiled graph.
 
   Our design choices where the method description is silent (see docs/method.md): the contrastive
@@ -103,7 +101,7 @@ class AVT(nn.Module):
     audio_patch: spectrogram patch (time, mels); `audio_stride` defaults to it.
     video_grid: video token grid the position embedding is created for.
     audio_grid: audio token grid the position embedding is created for.
-    fusion, fusion_layer, n_bottlenecks: see BottleneckFusion.
+    fusion, fusion_layer, n_bottlenecks: see FusionEncoder.
     contrastive_dim: projection width of the contrastive heads.
     decoder_width, decoder_depth, decoder_heads, decoder_mlp_dim: masked-modelling decoders.
     mask_ratio_video, mask_ratio_audio: MAE mask ratios.
@@ -282,7 +280,7 @@ class AVT(nn.Module):
     x = Embedded(patches, {m: posembs[m](patches[m]) for m in self.modalities},
                  {m: self.param(f'cls_{m}', nn.initializers.zeros, (1, 1, self.hidden_size))
                   for m in self.modalities})
-    encoder = BottleneckFusion(
+    encoder = FusionEncoder(
         modalities=self.modalities, hidden_size=self.hidden_size, num_layers=self.num_layers,
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, fusion=self.fusion,
         fusion_layer=self.fusion_layer, n_bottlenecks=self.n_bottlenecks, options=self.options,
@@ -319,7 +317,7 @@ class AVT(nn.Module):
     x = inputs[modality] if modality == 'video' else inputs[modality][..., None]
     return patchify(x, self._patch(modality)).astype(jnp.float32)
 
-  def _full_pass(self, encoder: BottleneckFusion, x: Embedded, example_mask: jax.Array | None,
+  def _full_pass(self, encoder: FusionEncoder, x: Embedded, example_mask: jax.Array | None,
                  objectives: set[str], deterministic: bool) -> FullPass:
     """Classification, contrastive (pre-fusion) and matching (fused) branches on all tokens."""
     unimodal = encoder.unimodal(x.with_cls(x.tokens), deterministic)
@@ -344,7 +342,7 @@ class AVT(nn.Module):
                 if len(modality_logits) > 1 else next(iter(modality_logits.values())))
     return FullPass(unimodal, features, contrastive, matching, logits, modality_logits)
 
-  def _matching(self, encoder: BottleneckFusion, unimodal: dict[str, jax.Array],
+  def _matching(self, encoder: FusionEncoder, unimodal: dict[str, jax.Array],
                 contrastive: dict[str, jax.Array], example_mask: jax.Array | None,
                 deterministic: bool) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Scores the positive pairs and one hard negative per example and direction.
@@ -367,7 +365,7 @@ class AVT(nn.Module):
                 'negative_valid': jnp.concatenate([has_neg, has_neg]).astype(jnp.float32)}
     return {m: t[:batch] for m, t in final.items()}, matching
 
-  def _masked_pass(self, encoder: BottleneckFusion, x: Embedded, inputs: Mapping[str, jax.Array],
+  def _masked_pass(self, encoder: FusionEncoder, x: Embedded, inputs: Mapping[str, jax.Array],
                    decoded: Sequence[str], deterministic: bool) -> dict[str, Reconstruction]:
     """Masks every modality at its ratio (MAE), runs the encoder on the visible tokens and decodes
     the modalities in `decoded`."""
@@ -387,7 +385,7 @@ class AVT(nn.Module):
       out[m] = Reconstruction(pred, target, masks[m])
     return out
 
-  def _segment_pass(self, encoder: BottleneckFusion, x: Embedded, posembed_audio: nn.Module,
+  def _segment_pass(self, encoder: FusionEncoder, x: Embedded, posembed_audio: nn.Module,
                     inputs: Mapping[str, jax.Array], unimodal: dict[str, jax.Array] | None,
                     deterministic: bool) -> Reconstruction:
     """Replaces whole time segments of the audio embeddings with a learned mask token, runs the

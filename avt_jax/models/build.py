@@ -7,16 +7,13 @@ import ml_collections
 import numpy as np
 
 from avt_jax import data_format
+from avt_jax.default_config import ENCODER_SIZES, MODEL_PRESETS
 from avt_jax.models.avt import AVT, OBJECTIVES, objective_problems
 from avt_jax.models.options import EncoderOptions, raise_first
 from avt_jax.models.tokenizers import token_grid
 
-# Encoder size per modality.
-SIZES = {
-    'tiny': dict(hidden_size=192, num_layers=6, num_heads=3, mlp_dim=768),
-    'small': dict(hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536),
-    'base': dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),  # ViT-B/16
-}
+# Encoder size per modality: `model.size` -> its preset (`default_config.MODEL_PRESETS`).
+SIZES = {name: MODEL_PRESETS[name] for name in ENCODER_SIZES}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 

@@ -31,7 +31,7 @@ def fusion_start(fusion: str, fusion_layer: int, num_layers: int, num_modalities
 
 def fusion_problems(hidden_size: int, num_layers: int, num_heads: int, fusion: str,
                     fusion_layer: int, n_bottlenecks: int) -> list[Problem]:
-  """(field, message) for each impossible encoder shape or fusion setting (see BottleneckFusion)."""
+  """(field, message) for each impossible encoder shape or fusion setting (see FusionEncoder)."""
   found = []
   if fusion not in FUSIONS:
     found.append(('fusion', f'expected one of {FUSIONS}, got {fusion!r}'))
@@ -46,8 +46,10 @@ def fusion_problems(hidden_size: int, num_layers: int, num_heads: int, fusion: s
   return found
 
 
-class BottleneckFusion(nn.Module):
-  """Multimodal Transformer encoder with bottleneck (or concat / late) fusion.
+class FusionEncoder(nn.Module):
+  """Multimodal Transformer encoder with bottleneck, concat or late fusion (`fusion`).
+
+  Formerly `BottleneckFusion` (that name stays an alias).
 
   Parameters are named `encoderblock_{i}_{modality}` (shared `encoderblock_{i}` for the fused layers of
   `concat`), `encoder_norm_{modality}` and `bottleneck` ([1, n_bottlenecks, D]).
@@ -74,7 +76,7 @@ class BottleneckFusion(nn.Module):
     options: dropout, stochastic depth, dtype, attention, remat and scan settings.
 
   Raises (at init or apply):
-    ValueError: `BottleneckFusion.<field>: ...` for an impossible attribute or option.
+    ValueError: `FusionEncoder.<field>: ...` for an impossible attribute or option.
   """
   modalities: Sequence[str]
   hidden_size: int
@@ -99,7 +101,7 @@ class BottleneckFusion(nn.Module):
     return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, options=self.options)
 
   def setup(self):
-    raise_first('BottleneckFusion', fusion_problems(
+    raise_first('FusionEncoder', fusion_problems(
         self.hidden_size, self.num_layers, self.num_heads, self.fusion, self.fusion_layer,
         self.n_bottlenecks) + self.options.problems())
     scan_layers = self.options.scan_layers
@@ -244,3 +246,6 @@ class BottleneckLayer(nn.Module):
     block_cls = remat_block_class(self.block_args['options'].remat_policy, in_scan=True)
     blocks = {m: block_cls(**self.block_args, name=m) for m in self.modalities}
     return bottleneck_layer(blocks, *carry, deterministic, droppath)
+
+
+BottleneckFusion = FusionEncoder  # the former name, kept for users' imports

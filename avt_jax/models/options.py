@@ -1,7 +1,7 @@
 """Encoder options: the settings every Transformer layer reads, in one object; and how the modules
 report impossible settings.
 
-`EncoderOptions` travels as one module attribute from `AVT` through `BottleneckFusion` and
+`EncoderOptions` travels as one module attribute from `AVT` through `FusionEncoder` and
 `EncoderBlock` down to the attention (as Flax's lm1b example does with its `TransformerConfig`). Its
 field names are those of `config.model`, so a problem reported by `problems()` names the config
 field as well as the module attribute (our design).
@@ -31,12 +31,12 @@ class EncoderOptions:
   Attributes:
     dropout: dropout rate after attention and inside the MLP, in [0, 1).
     stochastic_depth: drop-path rate of the last layer, in [0, 1) (linearly increasing from 0 at
-      layer 0; `BottleneckFusion` sets each block's rate).
+      layer 0; `FusionEncoder` sets each block's rate).
     dtype: computation dtype; parameters stay float32.
     attention_implementation: one of ATTENTION_IMPLEMENTATIONS (see `transformer`).
     attention_chunk_size: queries per chunk of the `chunked` attention, >= 1.
     remat_policy: one of REMAT_POLICIES; rematerialises each block in the backward pass.
-    scan_layers: run identical layers in `nn.scan` (stacked parameters, see `BottleneckFusion`).
+    scan_layers: run identical layers in `nn.scan` (stacked parameters, see `FusionEncoder`).
     gelu_approximate: the MLP's GELU as the tanh approximation (the original ViT, big_vision,
       Scenic) or exact with erf (PyTorch's default: DINOv2, timm, Hugging Face); a checkpoint
       reproduces its own outputs only with its own form (DINOv2 ViT-S/14 on a real image: up to
@@ -76,7 +76,7 @@ def raise_first(owner: str, problems: Iterable[Problem], error: type[ValueError]
                 ) -> None:
   """Raises `error('<owner>.<field>: <message>')` for the first of `problems`, if any.
 
-  `owner` names where the value came from: a module ('BottleneckFusion') or a config
+  `owner` names where the value came from: a module ('FusionEncoder') or a config
   ('config.model').
   """
   for field, message in problems:

@@ -1,6 +1,6 @@
 """Converts encoder parameters between the unrolled and the scanned (`scan_layers=True`) layout.
 
-Unrolled (`BottleneckFusion` default, ViT/MBT naming), inside the `encoder` dict:
+Unrolled (`FusionEncoder` default, ViT/MBT naming), inside the `encoder` dict:
   `encoderblock_{i}_{modality}`: layer i of a modality's stack (bottleneck and late fusion, and the
     unimodal layers of concat fusion);
   `encoderblock_{i}`: layer i shared by all modalities (the fused layers of concat fusion).
@@ -53,7 +53,7 @@ def unrolled_to_scanned(tree: Any, fusion_start: int) -> Any:
 
   Args:
     tree: parameters (or any pytree containing them) in the unrolled layout.
-    fusion_start: first layer whose modalities exchange information (`BottleneckFusion.fusion_start`:
+    fusion_start: first layer whose modalities exchange information (`FusionEncoder.fusion_start`:
       `fusion_layer`, or `num_layers` for late fusion and single-modality models).
 
   Returns:

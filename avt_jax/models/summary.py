@@ -1,7 +1,7 @@
 """Parameter count and FLOPs per clip of an AVT model, without allocating its parameters.
 
     python -m avt_jax.models.summary [--size=base] [--fusion=bottleneck] [--fusion_layer=8]
-        [--num_classes=309] [--batch=2]
+        [--num_classes=309] [--batch=2] [--config.<field>=value ...]
 
 The model is built from `avt_jax.default_config.get_base_config()` (ViT-B/16 per modality, 32 frames
 of 224x224 in 2x16x16 tubelets, 8 s of audio as 800x128 log-mel in 16x16 patches, 4 bottlenecks from
@@ -11,14 +11,18 @@ are `model_flops` of the plain model's forward passes (a multiply-add counts as 
 the batch size; a training step adds the backward pass, roughly twice the forward.
 """
 
-import argparse
+import functools
+import sys
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
+from avt_jax import command_line
 from avt_jax.default_config import get_base_config
 from avt_jax.models import build
 from avt_jax.models.avt import AVT, OBJECTIVES
@@ -132,34 +136,56 @@ def summarize(config: ml_collections.ConfigDict, batch: int = 2,
           'flops': flops}
 
 
-def _config(size: str, fusion: str, fusion_layer: int | None,
-            num_classes: int | None) -> ml_collections.ConfigDict:
-  config = get_base_config()
-  config.model.size = size
-  config.model.fusion = fusion
-  if fusion_layer is not None:
-    config.model.fusion_layer = fusion_layer
-  if num_classes is not None:
-    config.data.num_classes = {'class': num_classes}
+PROG = 'python -m avt_jax.models.summary'
+USAGE = 'Parameter count and FLOPs per clip of the base AVT configuration.'
+# The shortcut flags and the config field each sets (only when given: `--config.<field>` works too).
+SHORTCUTS = {'size': 'model.size', 'fusion': 'model.fusion', 'fusion_layer': 'model.fusion_layer',
+             'num_classes': 'data.num_classes'}
+
+
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] = ()) -> None:
+  """The command's flags (`avt_jax.command_line`): shortcuts and the `--config.<field>` overrides
+  that `argv` names."""
+  flags.DEFINE_enum('size', 'base', sorted(build.SIZES), 'encoder size preset', flag_values=fv)
+  flags.DEFINE_enum('fusion', 'bottleneck', FUSIONS, 'fusion type', flag_values=fv)
+  flags.DEFINE_integer('fusion_layer', None, 'first fused layer (default: the base config, 8)',
+                       flag_values=fv)
+  flags.DEFINE_integer('num_classes', None, 'classes of the single label head (default: the base '
+                       'config)', flag_values=fv)
+  flags.DEFINE_integer('batch', 2, 'batch size to compile for', flag_values=fv)
+  config_flags.DEFINE_config_dict('config', get_base_config(), 'the base config; override fields '
+                                  'with --config.<field>=value', flag_values=fv,
+                                  sys_argv=[PROG, *argv])
+
+
+def config_from_flags(fv: flags.FlagValues) -> ml_collections.ConfigDict:
+  """The base config with the `--config.<field>` overrides, then the shortcut flags given.
+
+  Raises:
+    SystemExit: (status 2) a shortcut and the config field it sets are both given.
+  """
+  config = fv.config
+  for name, field in SHORTCUTS.items():
+    if fv[name].present and f'config.{field}' in fv and fv[f'config.{field}'].present:
+      command_line.usage_error(PROG, f'--{name} and --config.{field} set the same field; give one')
+    if fv[name].present:
+      value = {'class': fv[name].value} if name == 'num_classes' else fv[name].value
+      section, key = field.split('.')
+      config[section][key] = value
   return config
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog='python -m avt_jax.models.summary',
-      description='Parameter count and FLOPs per clip of the base AVT configuration.')
-  parser.add_argument('--size', default='base', choices=sorted(build.SIZES), help='encoder size preset')
-  parser.add_argument('--fusion', default='bottleneck', choices=FUSIONS, help='fusion type')
-  parser.add_argument('--fusion_layer', type=int, default=None,
-                      help='first fused layer (default: the base config, 8)')
-  parser.add_argument('--num_classes', type=int, default=None,
-                      help='classes of the single label head (default: the base config)')
-  parser.add_argument('--batch', type=int, default=2, help='batch size to compile for')
-  args = parser.parse_args(argv)
-  config = _config(args.size, args.fusion, args.fusion_layer, args.num_classes)
-  result = summarize(config, batch=args.batch)
+  """Prints the summary of the config the command line (default: sys.argv[1:]) gives."""
+  argv = sys.argv[1:] if argv is None else argv
+  fv, _ = command_line.parse(PROG, USAGE, functools.partial(define_flags, argv=argv), argv)
+  config = config_from_flags(fv)
+  try:
+    result = summarize(config, batch=fv.batch)
+  except build.ConfigError as e:
+    command_line.usage_error(PROG, str(e))
   m, inp = config.model, config.input
-  print(f'AVT size={args.size} fusion={args.fusion} fusion_layer={m.fusion_layer} '
+  print(f'AVT size={m.size} fusion={m.fusion} fusion_layer={m.fusion_layer} '
         f'n_bottlenecks={m.n_bottlenecks}; video {inp.num_frames}x{inp.image_size}x{inp.image_size} '
         f'tubelets {tuple(m.video_patch)}; audio {inp.audio_frames}x{inp.n_mels} patches '
         f'{tuple(m.audio_patch)}; classes {dict(config.data.num_classes)}')

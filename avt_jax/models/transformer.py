@@ -293,7 +293,7 @@ class EncoderBlock(nn.Module):
     """[batch, tokens, D] -> [batch, tokens, D].
 
     `droppath` (a traced scalar) overrides the `droppath` attribute; the layer scan of
-    `BottleneckFusion` passes each layer's rate this way.
+    `FusionEncoder` passes each layer's rate this way.
     """
     rate = float(self.droppath) if droppath is None else droppath
     dtype = self.options.dtype

@@ -44,9 +44,11 @@ def parse_options(beam_options: str) -> pipeline_options.PipelineOptions:
 
 
 def write_shards(pending: Mapping[str, Sequence[annotations.ClipSpec]], video_dir: str,
-                 out_dir: str, settings: 'shards._Settings', label_names: Mapping[str, Sequence[str]],
+                 out_dir: str, settings: shards.RecordSettings,
+                 label_names: Mapping[str, Sequence[str]],
                  options: pipeline_options.PipelineOptions) -> None:
-  """Decodes and writes the shards `pending` (shard name -> its clips) with Apache Beam.
+  """Decodes and writes the shards `pending` (shard name -> its clips) with Apache Beam (with
+  `options` bound, a `shards.ShardWriter`).
 
   Args:
     pending: the shards to write, with their clips in shard order.
@@ -67,6 +69,6 @@ def write_shards(pending: Mapping[str, Sequence[annotations.ClipSpec]], video_di
 
 
 def _write_shard(shard: tuple[str, list[annotations.ClipSpec]], video_dir: str, out_dir: str,
-                 settings: 'shards._Settings', label_names: dict[str, list[str]]) -> None:
+                 settings: shards.RecordSettings, label_names: dict[str, list[str]]) -> None:
   name, clips = shard
   shards.write_one_shard(name, clips, video_dir, out_dir, settings, label_names)

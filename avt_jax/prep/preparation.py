@@ -5,6 +5,7 @@ hands the clips to `avt_jax.prep.shards.prepare_dataset`, `summary` reports what
 """
 
 import collections
+import functools
 import json
 import os
 import re
@@ -17,6 +18,29 @@ from avt_jax.prep import registry
 from avt_jax.prep import shards
 
 _NUMBER_RE = re.compile(r'-?[0-9]+(?:\.[0-9]+)?')
+RUNNERS = ('local', 'beam')
+
+
+def shard_writer(runner: str, beam_options: str = '') -> shards.ShardWriter | None:
+  """The shard writer of `runner`: None for 'local' (`shards.prepare_dataset`'s processes on this
+  machine), or for 'beam' Apache Beam (`avt_jax.prep.beam_runner`: one element per unfinished
+  shard, decoded clip by clip in a worker process of the Beam worker).
+
+  Args:
+    runner: 'local' or 'beam'.
+    beam_options: with runner='beam', Beam pipeline options as on a command line (e.g.
+      '--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp'); empty for the
+      embedded DirectRunner.
+
+  Raises:
+    ValueError: an unknown runner or bad Beam options. ImportError: Apache Beam is not installed.
+  """
+  if runner not in RUNNERS:
+    raise ValueError(f'runner must be one of {RUNNERS}, got {runner!r}.')
+  if runner == 'local':
+    return None
+  from avt_jax.prep import beam_runner  # pylint: disable=g-import-not-at-top  # optional extra
+  return functools.partial(beam_runner.write_shards, options=beam_runner.parse_options(beam_options))
 
 
 def read_annotations(dataset: str, annotation_paths: Sequence[str], video_dir: str,
@@ -71,8 +95,7 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
     jpeg_quality: JPEG quality of the stored frames.
     num_shards: record files per split: one number for all splits, or per split (splits left out
       get the default); None for `shards.multihost_num_shards` of each split's clip count.
-    runner: 'local' or 'beam' (Apache Beam, see `avt_jax.prep.beam_runner`).
-    beam_options: Beam pipeline options as on a command line (runner='beam').
+    runner, beam_options: see `shard_writer`.
     progress: print progress and a summary on stderr.
     val_fraction: least fraction of `train` clips held out by group as split `val` when the
       annotations have none (`avt_jax.prep.holdout`); None for the dataset default.
@@ -81,8 +104,10 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
     The dataset statistics (`stats.json`).
 
   Raises:
-    ValueError: `num_shards` names a split the annotations do not have, or is < 1.
+    ValueError: `num_shards` names a split the annotations do not have, or is < 1; see also
+      `shard_writer`.
   """
+  write_shards = shard_writer(runner, beam_options)  # before any output: Beam missing stops here
   specs, label_names = read_annotations(dataset, annotation_paths, video_dir, classes)
   defaults = registry.get(dataset).defaults
   specs, held_out = holdout.hold_out_validation(
@@ -104,8 +129,7 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
       clip_seconds=defaults.clip_seconds if clip_seconds is not None and clip_seconds < 0
       else clip_seconds,
       missing_audio=missing_audio, num_workers=workers, jpeg_quality=jpeg_quality,
-      num_shards_per_split=shards_per_split, runner=runner, beam_options=beam_options,
-      progress=progress)
+      num_shards_per_split=shards_per_split, write_shards=write_shards, progress=progress)
 
 
 def _shards_per_split(num_shards: int | Mapping[str, int] | None,

@@ -48,7 +48,6 @@ from avt_jax.prep import logmel as logmel_lib
 from avt_jax.prep import media
 
 MISSING_AUDIO_POLICIES = ('silence', 'skip')
-RUNNERS = ('local', 'beam')
 TARGET_CLIPS_PER_SHARD = 256
 # `multihost_num_shards`: at least this many files per split, each of at least MIN_CLIPS_PER_SHARD
 # clips (our choice: 64 files let 16 hosts read 4 each, or 64 hosts one).
@@ -65,7 +64,7 @@ _MAX_CONSECUTIVE_CRASHES = 8
 
 
 @dataclasses.dataclass(frozen=True)
-class _Settings:
+class RecordSettings:
   """Everything that changes the content of the records."""
   fps: float
   short_side: int
@@ -75,11 +74,17 @@ class _Settings:
   jpeg_quality: int
 
 
+# Writes the unfinished shards (name -> clips in shard order) of a preparation: (pending, video_dir,
+# out_dir, settings, label_names) -> None, each shard as `write_one_shard` does (see `prepare_dataset`).
+ShardWriter = Callable[[Mapping[str, Sequence[annotations.ClipSpec]], str, str, RecordSettings,
+                        Mapping[str, Sequence[str]]], None]
+
+
 @dataclasses.dataclass
 class _Task:
   spec: annotations.ClipSpec
   video_path: str
-  settings: _Settings
+  settings: RecordSettings
 
 
 @dataclasses.dataclass
@@ -194,8 +199,7 @@ def prepare_dataset(
     missing_audio: str = 'silence',
     jpeg_quality: int = 90,
     progress: bool = True,
-    runner: str = 'local',
-    beam_options: str = '',
+    write_shards: ShardWriter | None = None,
 ) -> dict[str, Any]:
   """Decodes clips into sharded records and writes `stats.json` and `report.jsonl` (resumable).
 
@@ -220,13 +224,10 @@ def prepare_dataset(
     missing_audio: 'silence' or 'skip' for clips without usable audio (see above).
     jpeg_quality: JPEG quality of the stored frames.
     progress: print a progress line (clips done / total, clips/s, ETA) on stderr.
-    runner: 'local' (`num_workers` processes on this machine) or 'beam': one Apache Beam element
-      per unfinished shard, decoded clip by clip in a worker process of the Beam worker and written
-      by the same code (`avt_jax.prep.beam_runner`); this process then combines the per-shard
-      statistics. Same output either way.
-    beam_options: with runner='beam', Beam pipeline options as on a command line (e.g.
-      '--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp'); empty for the
-      embedded DirectRunner.
+    write_shards: None to write the unfinished shards with `num_workers` processes on this
+      machine, or another runner that writes each with `write_one_shard` (e.g. Apache Beam,
+      `avt_jax.prep.beam_runner`, chosen by `avt_jax.prep.preparation.shard_writer`); this process
+      then combines the per-shard statistics. Same output either way.
 
   Returns:
     The statistics written to `stats.json`: `logmel_mean` and `logmel_std` (over all values of the
@@ -242,15 +243,10 @@ def prepare_dataset(
   """
   if missing_audio not in MISSING_AUDIO_POLICIES:
     raise ValueError(f'missing_audio must be one of {MISSING_AUDIO_POLICIES}, got {missing_audio!r}.')
-  if runner not in RUNNERS:
-    raise ValueError(f'runner must be one of {RUNNERS}, got {runner!r}.')
-  if runner == 'beam':  # before any output: Beam missing or bad options stop the run here
-    from avt_jax.prep import beam_runner  # pylint: disable=g-import-not-at-top
-    options = beam_runner.parse_options(beam_options)
   if fps <= 0 or short_side <= 0 or short_side % 2 or (clip_seconds is not None and clip_seconds <= 0):
     raise ValueError(f'Expected fps > 0, an even short_side > 0 and clip_seconds > 0 or None; got '
                      f'fps={fps}, short_side={short_side}, clip_seconds={clip_seconds}.')
-  settings = _Settings(fps=float(fps), short_side=int(short_side), n_mels=int(n_mels),
+  settings = RecordSettings(fps=float(fps), short_side=int(short_side), n_mels=int(n_mels),
                        clip_seconds=None if clip_seconds is None else float(clip_seconds),
                        missing_audio=missing_audio, jpeg_quality=int(jpeg_quality))
   label_names = {head: list(names) for head, names in label_names.items()}
@@ -264,8 +260,8 @@ def prepare_dataset(
   gfile.makedirs(os.path.join(out_dir, SHARD_STATS_DIR))
   _check_plan(out_dir, settings, label_names, plan)
   pending = {name: plan[name] for name in plan if not _is_finished(out_dir, name)}
-  if runner == 'beam':
-    beam_runner.write_shards(pending, video_dir, out_dir, settings, label_names, options)
+  if write_shards is not None:
+    write_shards(pending, video_dir, out_dir, settings, label_names)
   else:
     meter = _Progress(sum(len(clips) for clips in pending.values()), enabled=progress)
     results = _run_tasks(_tasks(pending, video_dir, settings), num_workers)
@@ -298,7 +294,7 @@ def _plan_shards(specs: Sequence[annotations.ClipSpec],
 
 
 def _tasks(shards: Mapping[str, Sequence[annotations.ClipSpec]], video_dir: str,
-           settings: _Settings) -> Iterator[_Task]:
+           settings: RecordSettings) -> Iterator[_Task]:
   """The clips of `shards` in shard order, as decoding tasks."""
   for clips in shards.values():
     for spec in clips:
@@ -306,7 +302,7 @@ def _tasks(shards: Mapping[str, Sequence[annotations.ClipSpec]], video_dir: str,
 
 
 def write_one_shard(name: str, clips: Sequence[annotations.ClipSpec], video_dir: str, out_dir: str,
-                    settings: _Settings, label_names: Mapping[str, Sequence[str]]) -> None:
+                    settings: RecordSettings, label_names: Mapping[str, Sequence[str]]) -> None:
   """Decodes the clips of shard `name` in one worker process (a decoder crash costs only its clip)
   and writes the shard and its statistics, as the local runner does (used by the Beam runner)."""
   results = _run_tasks(_tasks({name: clips}, video_dir, settings), num_workers=1)
@@ -336,7 +332,7 @@ def _check_specs(specs: Sequence[annotations.ClipSpec], video_dir: str,
                            f'[0, {len(label_names[head])}).')
 
 
-def _check_plan(out_dir: str, settings: _Settings, label_names: Mapping[str, Sequence[str]],
+def _check_plan(out_dir: str, settings: RecordSettings, label_names: Mapping[str, Sequence[str]],
                 plan: Mapping[str, Sequence[annotations.ClipSpec]]) -> None:
   """Records the plan, or refuses to continue a folder prepared with another plan."""
   gfile = _tf().io.gfile
@@ -493,7 +489,7 @@ class _Lanes:
 
 
 def _write_shard(out_dir: str, name: str, clips: Sequence[annotations.ClipSpec],
-                 results: Iterator[_Result], settings: _Settings,
+                 results: Iterator[_Result], settings: RecordSettings,
                  label_names: Mapping[str, Sequence[str]], meter: '_Progress') -> None:
   """Writes one shard from the next `len(clips)` results, then its stats, then renames it into place."""
   from avt_jax import records  # pylint: disable=g-import-not-at-top  # imports TensorFlow
@@ -541,7 +537,7 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _write_summary(out_dir: str, settings: _Settings, label_names: Mapping[str, list[str]],
+def _write_summary(out_dir: str, settings: RecordSettings, label_names: Mapping[str, list[str]],
                    plan: Mapping[str, Sequence[annotations.ClipSpec]]) -> dict[str, Any]:
   """Aggregates the per-shard stats into `stats.json` and `report.jsonl`."""
   shard_stats = collections.defaultdict(list)  # split -> per-shard stats

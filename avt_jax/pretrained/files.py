@@ -22,6 +22,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 from etils import epath
+from flax import traverse_util
 
 Flat = dict[str, np.ndarray]
 
@@ -115,15 +116,11 @@ def _read_safetensors(path: epath.Path, data: bytes) -> Flat:
   return flat
 
 
-def _flatten(tree, prefix: str = '') -> Flat:
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, dict):
-      flat.update(_flatten(value, name + '/'))
-    elif isinstance(value, (np.ndarray, np.generic, int, float)) and not isinstance(value, bool):
-      flat[name] = np.asarray(value)
-  return flat
+def _flatten(tree) -> Flat:
+  """The numeric leaves of a nested dict, keyed by '/'-joined paths."""
+  flat = traverse_util.flatten_dict(tree, sep='/')
+  numeric = lambda v: isinstance(v, (np.ndarray, np.generic, int, float)) and type(v) is not bool
+  return {name: np.asarray(value) for name, value in flat.items() if numeric(value)}
 
 
 def _read_msgpack(path: epath.Path, data: bytes) -> Flat:

@@ -64,6 +64,7 @@ import dataclasses
 import re
 
 import numpy as np
+from flax import traverse_util
 
 from avt_jax.pretrained.files import Flat, PretrainedError, describe
 
@@ -685,15 +686,5 @@ def _avt(flat: Flat, where: str) -> Source:
     tree = scan.scanned_to_unrolled(tree)
   except ValueError as e:
     raise PretrainedError(f'{where}: {e}') from e
-  params = {}
-  _flatten_into(tree, '', params)
-  params = {k: _as_float32(v) for k, v in params.items()}
+  params = {k: _as_float32(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
   return Source('avt', 'avt', params, {k: k for k in params}, [])
-
-
-def _flatten_into(tree: dict, prefix: str, out: Flat) -> None:
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      _flatten_into(value, f'{prefix}{key}/', out)
-    else:
-      out[f'{prefix}{key}'] = value

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from flax import traverse_util
 
 from avt_jax.models import scan
 from avt_jax.pretrained import files, layouts, mapping
@@ -113,25 +114,12 @@ def _model_grids(shapes: dict[str, tuple[int, ...]], modalities: list[str]) -> l
 # The model's parameter layout
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict) or hasattr(value, 'items') and not hasattr(value, 'shape'):
-      out.update(_flatten(value, f'{prefix}{key}/'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
+def _flatten(tree: Any) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep='/')
 
 
 def _unflatten(flat: dict[str, Any]) -> dict:
-  tree: dict = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split('/')
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def _stacked(name: str) -> bool:
