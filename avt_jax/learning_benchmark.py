@@ -1,7 +1,7 @@
 """Learning benchmark suite on real media: linear floors and AVT runs over seeds, per set.
 
-    apt-get install fluidsynth timgm6mb-soundfont musescore-general-soundfont-small \
-        tango-icon-theme oxygen-icon-theme elementary-xfce-icon-theme adwaita-icon-theme
+    apt-get install fluidsynth timgm6mb-soundfont musescore-general-soundfont-small
+    apt-get install tango-icon-theme oxygen-icon-theme elementary-xfce-icon-theme adwaita-icon-theme
     apt-get install hedgewars-data          # only for the VoiceDigits sets
     pip install -e '.[test]'                # scikit-learn for the linear floors
     python -m avt_jax.learning_benchmark                       # 4 sets x 3 runs x 3 seeds
@@ -32,11 +32,15 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
-from avt_jax import data_format
-from avt_jax.losses import OBJECTIVES
+from avt_jax import command_line  # before TensorFlow and JAX load
+
+command_line.quiet_native_logs()
+
+from avt_jax import data_format  # noqa: E402
+from avt_jax.losses import OBJECTIVES  # noqa: E402
 
 FLOOR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 VIDEO_FEATURE_SIZE = 16
@@ -411,76 +415,86 @@ def _train_all(todo: Sequence[tuple[str, str, str, int]], workdir: str, config: 
   return {(n, r, s): summary for (n, _, r, s), summary in zip(todo, done) if summary is not None}
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list('sets', None, 'Sets to run (default: the suite, `suite.SUITE`); also the VoiceDigits '
-                  'sets of `suite.EXTRA`.')
-flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; each run gets --config.seed=S.')
-flags.DEFINE_list('runs', list(RUNS), f'Subset of {sorted(RUNS)}.')
-flags.DEFINE_bool('quick', False, 'One seed (the first), audio + video only.')
-flags.DEFINE_bool('reduced', False, 'The reduced suite of the tests (REDUCED_SET, REDUCED_OVERRIDES).')
-flags.DEFINE_bool('train_eval', True, 'Evaluate runs lacking results.json["train_eval"] on their '
-                  'training split.')
-flags.DEFINE_integer('jobs', 2, 'Training processes at once.', lower_bound=1)
-flags.DEFINE_string('workdir', '/tmp/avt_learning_benchmark', 'Runs, floors and the table.')
-flags.DEFINE_string('cache_dir', None, 'Dataset cache (default $AVT_JAX_CACHE or ~/.cache/avt_jax).')
-flags.DEFINE_string('config', 'configs/manifest.py', 'The recipe every run trains.')
-flags.DEFINE_multi_string('override', [], 'Extra --config.x=y flag for every run (repeatable).')
-flags.DEFINE_float('label_fraction', 0.0, '> 0: the self-supervised label-efficiency study on each '
-                   'of --sets instead.')
+PROG = 'python -m avt_jax.learning_benchmark'
 
 
-def _parse_flags() -> tuple[list[str], list[int], list[str]]:
-  """(sets, seeds, runs) from the flags; app.UsageError naming the flag on a bad value."""
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags (`avt_jax.command_line`)."""
+  flags.DEFINE_list('sets', None, 'Sets to run (default: the suite, `suite.SUITE`); also the '
+                    'VoiceDigits sets of `suite.EXTRA`.', flag_values=fv)
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; each run gets --config.seed=S.', flag_values=fv)
+  flags.DEFINE_list('runs', list(RUNS), f'Subset of {sorted(RUNS)}.', flag_values=fv)
+  flags.DEFINE_bool('quick', False, 'One seed (the first), audio + video only.', flag_values=fv)
+  flags.DEFINE_bool('reduced', False, 'The reduced suite of the tests (REDUCED_SET, '
+                    'REDUCED_OVERRIDES).', flag_values=fv)
+  flags.DEFINE_bool('train_eval', True, 'Evaluate runs lacking results.json["train_eval"] on their '
+                    'training split.', flag_values=fv)
+  flags.DEFINE_integer('jobs', 2, 'Training processes at once.', lower_bound=1, flag_values=fv)
+  flags.DEFINE_string('workdir', '/tmp/avt_learning_benchmark', 'Runs and the table.',
+                      flag_values=fv)
+  flags.DEFINE_string('cache_dir', None, 'Dataset cache (default $AVT_JAX_CACHE or '
+                      '~/.cache/avt_jax).', flag_values=fv)
+  flags.DEFINE_string('config', 'configs/manifest.py', 'The recipe every run trains.',
+                      flag_values=fv)
+  flags.DEFINE_multi_string('override', [], 'Extra --config.x=y flag for every run (repeatable).',
+                            flag_values=fv)
+  flags.DEFINE_float('label_fraction', 0.0, '> 0: the self-supervised label-efficiency study on '
+                     'each of --sets instead.', flag_values=fv)
+
+
+def _checked(args: flags.FlagValues) -> tuple[list[str], list[int], list[str]]:
+  """(sets, seeds, runs) from the flags; a bad value is one usage line naming the flag."""
   from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
 
-  names = FLAGS.sets or list(suite.SUITE)
-  unknown = [n for n in names if n not in suite.SUITE + suite.EXTRA]
-  if unknown:
-    raise app.UsageError(f'--sets: unknown {unknown}; expected some of {list(suite.SUITE + suite.EXTRA)}.')
-  bad_runs = [r for r in FLAGS.runs if r not in RUNS]
-  if bad_runs:
-    raise app.UsageError(f'--runs: unknown {bad_runs}; expected a subset of {sorted(RUNS)}.')
-  try:
-    seeds = [int(s) for s in FLAGS.seeds]
-  except ValueError:
-    raise app.UsageError(f'--seeds: expected comma-separated integers, got {FLAGS.seeds}.') from None
-  if FLAGS.quick:
+  names = args.sets or list(suite.SUITE)
+  known = list(suite.SUITE + suite.EXTRA)
+  if [n for n in names if n not in known]:
+    command_line.usage_error(PROG, f'--sets: unknown {[n for n in names if n not in known]}; '
+                             f'expected some of {known}.')
+  if [r for r in args.runs if r not in RUNS]:
+    command_line.usage_error(PROG, f'--runs: unknown {[r for r in args.runs if r not in RUNS]}; '
+                             f'expected a subset of {sorted(RUNS)}.')
+  if not all(s.lstrip('-').isdigit() for s in args.seeds):
+    command_line.usage_error(PROG, f'--seeds: expected comma-separated integers, got {args.seeds}.')
+  seeds = [int(s) for s in args.seeds]
+  if args.quick:
     return names, seeds[:1], ['av']
-  return names, seeds, list(FLAGS.runs)
+  return names, seeds, list(args.runs)
 
 
-def main(argv: Sequence[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}.')
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line (default: sys.argv[1:]); returns the exit status (1 when a set could not
+  be built)."""
+  args, _ = command_line.parse(PROG, __doc__, define_flags, sys.argv[1:] if argv is None else argv)
   from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
 
-  names, seeds, runs = _parse_flags()
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  if FLAGS.label_fraction:
+  names, seeds, runs = _checked(args)
+  os.makedirs(args.workdir, exist_ok=True)
+  if args.label_fraction:
     table = {}
     for name in names:
-      table[name] = label_efficiency(suite.ensure(name, FLAGS.cache_dir), FLAGS.label_fraction,
-                                     os.path.join(FLAGS.workdir, name, 'labels'), FLAGS.config,
-                                     FLAGS.override)
+      table[name] = label_efficiency(suite.ensure(name, args.cache_dir), args.label_fraction,
+                                     os.path.join(args.workdir, name, 'labels'), args.config,
+                                     args.override)
     rows = ['| set | labels | run | top-1 |', '|---|---|---|---|'] + [
-        f'| {n} | {FLAGS.label_fraction:.0%} | {k} | {v:.3f} |' for n, t in table.items()
+        f'| {n} | {args.label_fraction:.0%} | {k} | {v:.3f} |' for n, t in table.items()
         for k, v in t.items()]
     text = '\n'.join(rows)
-  elif FLAGS.reduced:
+  elif args.reduced:
     options = {k: v for k, v in REDUCED_SET.items() if k != 'name'}
-    table = run_suite([REDUCED_SET['name']], seeds, runs, os.path.join(FLAGS.workdir, 'reduced'),
-                      FLAGS.config, [*REDUCED_OVERRIDES, *FLAGS.override], FLAGS.cache_dir,
-                      FLAGS.train_eval, options, FLAGS.jobs)
+    table = run_suite([REDUCED_SET['name']], seeds, runs, os.path.join(args.workdir, 'reduced'),
+                      args.config, [*REDUCED_OVERRIDES, *args.override], args.cache_dir,
+                      args.train_eval, options, args.jobs)
     text = markdown(table)
   else:
-    table = run_suite(names, seeds, runs, FLAGS.workdir, FLAGS.config, FLAGS.override,
-                      FLAGS.cache_dir, FLAGS.train_eval, jobs=FLAGS.jobs)
+    table = run_suite(names, seeds, runs, args.workdir, args.config, args.override,
+                      args.cache_dir, args.train_eval, jobs=args.jobs)
     text = markdown(table)
-  with open(os.path.join(FLAGS.workdir, 'learning_benchmark.json'), 'w') as f:
+  with open(os.path.join(args.workdir, 'learning_benchmark.json'), 'w') as f:
     json.dump(table, f, indent=2, default=float)
   print(text)
   return 1 if any('error' in v for v in table.values()) else 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

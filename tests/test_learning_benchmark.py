@@ -233,3 +233,15 @@ def test_reduced_suite_fusion_beats_each_modality_and_the_floors(reduced_dir, tm
   assert top1['audio'] > floors['video'], (top1, floors)  # audio is the reliable modality here
   assert top1['av'] > max(top1['video'], top1['audio']), (top1, floors)
   assert top1['av'] > max(floors.values()), (top1, floors)
+
+
+@pytest.mark.parametrize('flag, named', [('--sets=instruments_icons,nope', '--sets'),
+                                         ('--runs=av,both', '--runs'), ('--seeds=0,x', '--seeds'),
+                                         ('--jobs=0', 'jobs'), ('--nosuch=1', 'nosuch')])
+def test_bad_flags_are_one_line_naming_the_flag(flag, named, capsys):
+  with pytest.raises(SystemExit) as stop:
+    learning_benchmark.main([flag])
+  assert stop.value.code == 2
+  err = capsys.readouterr().err.strip().split('\n')
+  assert len(err) == 1 and err[0].startswith('python -m avt_jax.learning_benchmark: error:')
+  assert named in err[0]
