@@ -37,10 +37,11 @@ def test_every_data_field_comes_from_stats(tmp_path):
   fields = dataset_stats.apply_stats(config, write_stats(tmp_path))
   assert dict(config.data.num_classes) == {'class': 7} and tuple(config.data.label_heads) == ('class',)
   assert config.input.n_mels == 48 and config.input.min_resize == 72
-  # 3 s at 12 fps = 36 stored frames over num_frames=4 -> stride 9 (the whole 3 s); audio covers the
-  # same 3 s in whole 16-frame patches: 300 // 16 * 16 = 288.
-  assert config.input.num_frames == 4
-  assert config.input.frame_stride == 9 and config.input.audio_frames == 288
+  # 3 s at 12 fps = 36 stored frames over num_frames=10 -> stride round(3.6) = 4 (the window's 40
+  # frames pass the clip's end: its last frame repeats); audio covers the clip's 3 s in whole 16-frame
+  # patches: 300 // 16 * 16 = 288.
+  assert config.input.num_frames == 10
+  assert config.input.frame_stride == 4 and config.input.audio_frames == 288
   # image size: the configured cap 64 (< short side 72) in whole 16-pixel patches.
   assert config.input.image_size == 64
   # epochs -> steps: ceil(epochs * 250 / 32); warm-up in epochs.
