@@ -174,6 +174,7 @@ def train_run(config: str, data_dir: str, workdir: str, overrides: Sequence[str]
                f'--config.data.data_dir={data_dir}', *overrides]
     begin = time.time()
     if log:
+      os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
       with open(log, 'a') as out:
         failed = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     else:

@@ -245,3 +245,12 @@ def test_bad_flags_are_one_line_naming_the_flag(flag, named, capsys):
   err = capsys.readouterr().err.strip().split('\n')
   assert len(err) == 1 and err[0].startswith('python -m avt_jax.learning_benchmark: error:')
   assert named in err[0]
+
+
+def test_a_failed_run_in_a_fresh_workdir_names_its_log(tmp_path):
+  """A run's folder and log are created on first use; a run that fails is one error naming the log."""
+  log = tmp_path / 'fresh' / 'set' / 'av_seed0.log'
+  with pytest.raises(RuntimeError, match='av_seed0.log'):
+    learning_benchmark.train_run(str(tmp_path / 'no_such_config.py'), str(tmp_path),
+                                 str(tmp_path / 'fresh' / 'set' / 'av_seed0'), log=str(log))
+  assert 'no_such_config.py' in log.read_text()
