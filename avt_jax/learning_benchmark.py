@@ -449,12 +449,10 @@ def _checked(args: flags.FlagValues) -> tuple[list[str], list[int], list[str]]:
 
   names = args.sets or list(suite.SUITE)
   known = list(suite.SUITE + suite.EXTRA)
-  if [n for n in names if n not in known]:
-    command_line.usage_error(PROG, f'--sets: unknown {[n for n in names if n not in known]}; '
-                             f'expected some of {known}.')
-  if [r for r in args.runs if r not in RUNS]:
-    command_line.usage_error(PROG, f'--runs: unknown {[r for r in args.runs if r not in RUNS]}; '
-                             f'expected a subset of {sorted(RUNS)}.')
+  if unknown := [n for n in names if n not in known]:
+    command_line.usage_error(PROG, f'--sets: unknown {unknown}; expected some of {known}.')
+  if unknown := [r for r in args.runs if r not in RUNS]:
+    command_line.usage_error(PROG, f'--runs: unknown {unknown}; expected a subset of {sorted(RUNS)}.')
   if not all(s.lstrip('-').isdigit() for s in args.seeds):
     command_line.usage_error(PROG, f'--seeds: expected comma-separated integers, got {args.seeds}.')
   seeds = [int(s) for s in args.seeds]

@@ -21,11 +21,16 @@ from avt_jax.prep.suite import icons, sets, soundfonts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-try:
-  voice_digits.voices_dir()
-  VOICES = None
-except FileNotFoundError as e:
-  VOICES = str(e)
+def missing_sources(check) -> str | None:
+  """The FileNotFoundError message of `check()` (a source package is not installed), or None."""
+  try:
+    check()
+  except FileNotFoundError as e:
+    return str(e)
+  return None
+
+
+VOICES = missing_sources(voice_digits.voices_dir)
 
 
 @pytest.fixture(scope='module')
@@ -77,11 +82,8 @@ def test_complementary_classes_need_both_modalities(num_classes):
 
 # The benchmark suite (avt_jax/prep/suite): SoundFont instruments x icon themes.
 
-try:
-  sets.check_sources(sets.SETS[learning_benchmark.REDUCED_SET['name']])
-  SUITE_SOURCES = None
-except FileNotFoundError as e:
-  SUITE_SOURCES = str(e)
+SUITE_SOURCES = missing_sources(
+    lambda: sets.check_sources(sets.SETS[learning_benchmark.REDUCED_SET['name']]))
 
 
 @pytest.fixture(scope='module')
