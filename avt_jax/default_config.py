@@ -61,6 +61,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       dict(freq_masks=2, freq_width=24, time_masks=2, time_width=96))
   # Random speed (time) and vocal-tract-length (mel axis) stretch, max relative change; 0 = off.
   c.input.spec_stretch = ml_collections.ConfigDict(dict(time=0.0, freq=0.0))
+  # FilterAugment (Nam et al. 2022): a random gain curve over the mel axis, at most `max_db` dB at
+  # each of `bands` (min, max) band edges; 0 = off.
+  c.input.filter_augment = ml_collections.ConfigDict(dict(max_db=0.0, bands=(3, 6)))
   c.input.mixup_alpha = 0.0
   c.input.eval_clips = 4
   c.input.eval_crops = 3

@@ -1,4 +1,5 @@
-"""Tests for avt_jax.input.augment: crop windows, flip, colour jitter, SpecAugment, mixup."""
+"""Tests for avt_jax.input.augment: crop windows, flip, colour jitter, SpecAugment, FilterAugment,
+mixup."""
 
 import numpy as np
 import pytest
@@ -167,6 +168,37 @@ def test_spec_augment_without_masks_is_identity():
   out = augment.spec_augment(spectrogram, _seed(0), freq_masks=0, freq_width=5, time_masks=0,
                              time_width=5)
   np.testing.assert_array_equal(out.numpy(), spectrogram.numpy())
+
+
+def _filter_curves(bands, seeds=range(30), max_gain=2.0):
+  """[seeds, n_mels] gain curves filter_augment added, and the per-frame spread of each."""
+  spectrogram = tf.random.stateless_normal([6, 40], [1, 2])
+  outs = [augment.filter_augment(spectrogram, _seed(i), max_gain=max_gain, bands=bands).numpy()
+          - spectrogram.numpy() for i in seeds]
+  return (np.stack([o[0] for o in outs]),
+          max(float(np.abs(o - o[0]).max()) for o in outs))
+
+
+def test_filter_augment_adds_one_bounded_piecewise_linear_curve_to_every_frame():
+  curves, frame_spread = _filter_curves(bands=(3, 5))
+  assert frame_spread < 1e-6  # the same filter for every frame
+  assert np.abs(curves).max() <= 2.0 + 1e-6
+  assert np.abs(curves).max() > 1.5  # the gains span the range
+  # At most 3 inner edges; each bends the curve at most at its two neighbouring bins.
+  kinks = (np.abs(np.diff(curves, 2, axis=1)) > 1e-4).sum(axis=1)
+  assert kinks.max() <= 6 and kinks.max() >= 2
+
+
+def test_filter_augment_with_two_edges_is_a_tilt_and_zero_gain_is_identity():
+  curves, _ = _filter_curves(bands=(2, 2))
+  np.testing.assert_allclose(np.diff(curves, 2, axis=1), 0.0, atol=1e-5)  # a straight line
+  curves, _ = _filter_curves(bands=(3, 6), max_gain=0.0)
+  np.testing.assert_array_equal(curves, 0.0)
+
+
+def test_filter_augment_rejects_bad_bands():
+  with pytest.raises(ValueError, match='bands'):
+    augment.filter_augment(tf.zeros([4, 8]), _seed(0), max_gain=1.0, bands=(1, 3))
 
 
 def test_spectrogram_stretch_off_is_identity():

@@ -237,6 +237,20 @@ def test_stream_identity_refuses_changes_that_reorder_examples(data_dir):
     pipeline.check_same_stream(older, identity(_config(), count=2))
 
 
+def test_filter_augment_adds_a_per_clip_gain_curve_of_at_most_max_db(data_dir):
+  plain = next(pipeline.make_train_iterator(_config(), data_dir, seed=4))
+  filtered = next(pipeline.make_train_iterator(
+      _config(filter_augment=ml_collections.ConfigDict(dict(max_db=6.0, bands=(3, 6)))),
+      data_dir, seed=4))
+  np.testing.assert_array_equal(filtered['video'], plain['video'])  # other streams untouched
+  gain = (filtered['audio'] - plain['audio']) * STD  # [B, A, M] in log-power units
+  np.testing.assert_allclose(gain - gain[:, :1], 0.0, atol=1e-4)  # one curve for all frames
+  max_gain = 6.0 * np.log(10) / 10  # 6 dB of power in natural-log units
+  assert np.abs(gain).max() <= max_gain + 1e-4
+  assert np.abs(gain).max() > max_gain / 2
+  assert not np.allclose(gain[0, 0], gain[1, 0])  # each clip its own filter
+
+
 def test_mixup_uses_one_lambda_for_video_audio_and_labels(data_dir):
   plain = next(pipeline.make_train_iterator(_config(crop_area_range=(0.3, 1.0), flip=True),
                                             data_dir, seed=4))

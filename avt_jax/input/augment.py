@@ -16,6 +16,8 @@ Contents:
   color_jitter        random brightness/contrast/saturation of a clip.
   spec_augment        frequency and time masks on a spectrogram.
   spectrogram_stretch random speed (time) and vocal-tract-length (frequency) stretch of a spectrogram.
+  filter_augment      a random smooth gain curve over the mel axis (an unseen microphone, room or
+                      instrument maker).
   mixup               batch-level mixup of video, audio and labels with one lambda.
 """
 
@@ -261,6 +263,53 @@ def spectrogram_stretch(spectrogram: tf.Tensor, seed: tf.Tensor, *, max_time: fl
                    constant_values=silence)
   start = tf.where(size[0] > num_time, offset, 0)
   return tf.ensure_shape(resized[start:start + num_time], [num_time, num_freq])
+
+
+def filter_augment(log_spectrogram: tf.Tensor, seed: tf.Tensor, *, max_gain: float,
+                   bands: tuple[int, int]) -> tf.Tensor:
+  """Adds a random piecewise-linear gain curve over the mel axis of a log spectrogram.
+
+  FilterAugment, linear type (Nam et al., ICASSP 2022): `n` band edges, `n` uniform in
+  [bands[0], bands[1]], are the two ends of the mel axis plus `n - 2` random bins; each edge gets a
+  gain uniform in [-max_gain, max_gain] and the gain between edges is interpolated linearly. Added
+  to a log spectrogram this is a random smooth filter (what another microphone, room or instrument
+  maker does to a sound's spectral envelope), the same for every frame.
+
+  Args:
+    log_spectrogram: [time, n_mels] float32 with a static shape, in the units of `max_gain`.
+    seed: [2] int64.
+    max_gain: largest gain at a band edge, in the spectrogram's units (0 = identity).
+    bands: (min, max) number of band edges, 2 <= min <= max.
+
+  Returns:
+    [time, n_mels] float32.
+
+  Raises:
+    ValueError: a dynamic shape, a negative gain or bad `bands`.
+  """
+  num_freq = log_spectrogram.shape[-1]
+  if num_freq is None or log_spectrogram.shape.rank != 2:
+    raise ValueError(f'filter_augment needs a static [time, n_mels] shape, got '
+                     f'{log_spectrogram.shape}.')
+  low, high = bands
+  if max_gain < 0 or not 2 <= low <= high:
+    raise ValueError(f'filter_augment needs max_gain >= 0 and 2 <= bands[0] <= bands[1], got '
+                     f'{max_gain} and {bands}.')
+  num_edges = low + _uniform_int(derive_seed(seed, 0), tf.constant(high - low))
+  inner = tf.random.stateless_uniform([high], derive_seed(seed, 1), maxval=num_freq - 1.0)
+  # Unused inner edges sit on the top edge, where they change nothing.
+  inner = tf.where(tf.range(high) < num_edges - 2, inner, float(num_freq - 1))
+  edges = tf.sort(tf.concat([[0.0], inner, [float(num_freq - 1)]], 0))  # [high + 2]
+  gains = tf.random.stateless_uniform([high + 2], derive_seed(seed, 2), minval=-max_gain,
+                                      maxval=max_gain)
+  # Every copy of the top edge carries the top edge's gain.
+  gains = tf.where(tf.range(high + 2) < num_edges - 1, gains, tf.gather(gains, num_edges - 1))
+  bins = tf.range(num_freq, dtype=tf.float32)
+  right = tf.clip_by_value(tf.searchsorted(edges, bins, side='right'), 1, high + 1)  # [n_mels]
+  left_edge, right_edge = tf.gather(edges, right - 1), tf.gather(edges, right)
+  weight = (bins - left_edge) / tf.maximum(right_edge - left_edge, 1e-6)
+  curve = (1.0 - weight) * tf.gather(gains, right - 1) + weight * tf.gather(gains, right)
+  return log_spectrogram + curve[None, :]
 
 
 def mixup(batch: Mapping[str, tf.Tensor], seed: tf.Tensor, alpha: float,
