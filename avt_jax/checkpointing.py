@@ -491,8 +491,10 @@ BEST_SUBDIR = 'best'
 
 
 def infer_best_mode(metric: str) -> str:
-  """'min' for metric names that end in 'loss' or 'error', else 'max'."""
-  return 'min' if metric.lower().endswith(('loss', 'error')) else 'max'
+  """'min' for losses (metric names that end in 'loss' or 'error', and the held-out
+  `reconstruction/...` losses), else 'max'."""
+  lower = metric.lower()
+  return 'min' if lower.endswith(('loss', 'error')) or lower.startswith('reconstruction/') else 'max'
 
 
 class BestCheckpointer:

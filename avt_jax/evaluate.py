@@ -11,6 +11,10 @@ results.json's `eval` and `train_eval`; our design):
   e.g. `modality_top1/video`, `modality_verb_top1/audio`, `modality_mAP/audio`;
 - with the contrastive objective trained (both modalities): `retrieval/v2a_R@<k>` and
   `retrieval/a2v_R@<k>` for k in `RECALL_KS` (see `make_scorer`'s retrieval protocol);
+- with a masked objective trained (`masked_video`, `masked_audio`, `masked_audio_segment`):
+  `reconstruction/<objective>`, its loss on the split's held-out clips (one view per clip, fixed
+  masks), next to `reconstruction/<objective>_patch_mean`, the patch-mean baseline's loss on the
+  same masked patches (`losses.patch_mean_loss`); a decoder that learned something is below it;
 - `num_videos`.
 """
 
@@ -18,11 +22,12 @@ import math
 from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from avt_jax import data_format, input as input_lib, metrics, sharding
+from avt_jax import data_format, input as input_lib, losses, metrics, sharding
 from avt_jax.models.build import objectives as config_objectives
 
 RECALL_KS = (1, 5, 10)
@@ -57,6 +62,11 @@ def has_retrieval(config: ml_collections.ConfigDict) -> bool:
           and {'video', 'audio'} <= set(config.model.modalities))
 
 
+def reconstruction_objectives(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The trained masked objectives, whose held-out losses evaluation reports."""
+  return tuple(o for o in config_objectives(config) if o in losses.RECONSTRUCTION)
+
+
 def score_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The scores evaluation returns for this config (besides 'num_videos'); the first is the
   headline (the classifier's, or v2a R@1 for a run without a classifier)."""
@@ -68,6 +78,8 @@ def score_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
         for score in metrics.modality_score_names(kind, heads))
   if has_retrieval(config):
     names += tuple(f'retrieval/{d}_R@{k}' for d in DIRECTIONS for k in RECALL_KS)
+  for o in reconstruction_objectives(config):
+    names += (f'reconstruction/{o}', f'reconstruction/{o}_patch_mean')
   return names
 
 
@@ -93,6 +105,26 @@ def make_scoring_step(model, modalities, objectives):
     result = {k: out[k] for k in ('logits', 'modality_logits') if k in out}
     if 'contrastive' in out:
       result['embeddings'] = {m: out['contrastive'][m] for m in modalities}
+    return result
+  return step
+
+
+def make_reconstruction_step(model, modalities, objectives, normalize_target: bool):
+  """step(params, batch, rng) -> objective -> [3] (summed loss, summed patch-mean baseline loss,
+  number of masked patches of valid clips); masks drawn from `rng`."""
+  def step(params, batch, rng):
+    inputs = {k: batch[k] for k in (*modalities, 'mask')}
+    out = model.apply({'params': params}, inputs, train=False, objectives=objectives,
+                      rngs={'masking': rng})
+    mask = batch['mask'].astype(jnp.float32)
+    result = {}
+    for o in objectives:
+      r = out[o]
+      count = jnp.sum(r['mask'] * mask[:, None])
+      loss = losses.masked_reconstruction_loss(r['pred'], r['target'], r['mask'], mask,
+                                               normalize_target)
+      baseline = losses.patch_mean_loss(r['target'], r['mask'], mask, normalize_target)
+      result[o] = jnp.stack([loss * count, baseline * count, count])
     return result
   return step
 
@@ -135,6 +167,27 @@ def make_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: str
   kind, heads = metric_kind(config), tuple(config.data.label_heads)
   single = _single_view(config)
   views_per_clip = int(config.input.eval_clips) * int(config.input.eval_crops)
+  masked = reconstruction_objectives(config)
+  masked_step = jax.jit(make_reconstruction_step(model, modalities, masked,
+                                                 bool(config.loss.normalize_target)),
+                        in_shardings=(None, sharding.batch_sharding(mesh), None))
+
+  def reconstruction(params, split, max_videos) -> dict[str, float]:
+    """Held-out masked losses and their patch-mean baselines (one view per clip; batch i's masks
+    from PRNGKey(0) folded with i, the same at every evaluation)."""
+    totals = {o: np.zeros(3) for o in masked}
+    for i, batch in enumerate(_host_batches(single, data_dir, split, max_videos)):
+      out = masked_step(params, sharding.global_batch({k: batch[k] for k in (*modalities, 'mask')},
+                                                      mesh),
+                        jax.random.fold_in(jax.random.PRNGKey(0), i))
+      out = multihost_utils.process_allgather(out) if jax.process_count() > 1 else out
+      for o in masked:
+        totals[o] += np.asarray(jax.device_get(out[o]), np.float64).reshape(-1, 3)[0]
+    results = {}
+    for o, (loss, baseline, count) in totals.items():
+      results[f'reconstruction/{o}'] = float(loss / max(count, 1.0))
+      results[f'reconstruction/{o}_patch_mean'] = float(baseline / max(count, 1.0))
+    return results
 
   def outputs(params, view_config, split, max_videos) -> Iterator[tuple[dict, dict, np.ndarray,
                                                                         np.ndarray]]:
@@ -171,6 +224,8 @@ def make_scorer(config: ml_collections.ConfigDict, model, mesh, data_dir: str
           embeddings.add(out['embeddings'], index, mask)
       results.update(embeddings.recall())
       results.setdefault('num_videos', embeddings.num_videos)
+    if masked:
+      results.update(reconstruction(params, split, max_videos))
     return Scored(videos, per_modality, results)
 
   return score

@@ -108,6 +108,18 @@ def masked_reconstruction_loss(pred: jax.Array, target: jax.Array, patch_mask: j
   return jnp.sum(per_patch * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def patch_mean_loss(target: jax.Array, patch_mask: jax.Array, mask: jax.Array,
+                    normalize_target: bool = True) -> jax.Array:
+  """`masked_reconstruction_loss` of the patch-mean baseline: predicting each masked patch's own
+  mean value (an oracle that knows only each patch's brightness; with normalised targets the
+  prediction is 0 and the loss var / (var + 1e-6), about 1). Shapes as there."""
+  if normalize_target:
+    pred = jnp.zeros_like(target, jnp.float32)
+  else:
+    pred = jnp.broadcast_to(jnp.mean(target.astype(jnp.float32), -1, keepdims=True), target.shape)
+  return masked_reconstruction_loss(pred, target, patch_mask, mask, normalize_target)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossOptions:
   """The config's loss options that `total_loss` hands to every term (see there)."""
@@ -181,6 +193,7 @@ OBJECTIVE_TABLE = {o.name: o for o in (
 )}
 OBJECTIVES = tuple(OBJECTIVE_TABLE)
 SELF_SUPERVISED = tuple(o for o in OBJECTIVES if o != 'classification')
+RECONSTRUCTION = tuple(o.name for o in OBJECTIVE_TABLE.values() if o.model_pass != 'full')
 
 
 def objective(name: str) -> Objective:

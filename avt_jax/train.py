@@ -299,7 +299,7 @@ def _final_evaluation(config, evaluator, state, best, summary: dict, last_eval
   `summary['train_eval']`.
 
   Reuses the training loop's evaluation of the same step when there is one; a run without a
-  classification or contrastive objective has nothing to evaluate.
+  classification, contrastive or masked objective has nothing to evaluate.
 
   Returns:
     (the evaluation to log, reused): `reused` is True when nothing new was evaluated (nothing to
@@ -308,9 +308,9 @@ def _final_evaluation(config, evaluator, state, best, summary: dict, last_eval
   if last_eval is not None and last_eval[0] == summary['steps']:  # evaluated (and logged) already
     summary['eval'], summary['train_eval'] = last_eval[1].metrics, last_eval[1].train_metrics
     return None, True
-  if not evaluate.score_names(config):  # self-supervised without contrastive: nothing to score
-    print('No classification or contrastive objective (config.loss.weights): the run has nothing '
-          'to evaluate; fine-tune from this workdir with config.init.', flush=True)
+  if not evaluate.score_names(config):  # e.g. matching alone: nothing to score
+    print('No classification, contrastive or masked objective (config.loss.weights): the run has '
+          'nothing to evaluate; fine-tune from this workdir with config.init.', flush=True)
     summary['eval'], summary['train_eval'] = {}, {}
     return None, True
   evaluation = evaluator(state.params)

@@ -87,10 +87,10 @@ def check_eval_config(config: ml_collections.ConfigDict, workdir: str | None = N
     raise ValueError('config.eval.train_subset_size: expected an integer >= 0 (training clips scored '
                      f'at every evaluation; 0 turns it off), got {subset!r}.')
   scores = evaluate.score_names(config)
-  if not scores:  # masked objectives only
+  if not scores:  # e.g. matching alone
     if t.eval_every > 0:
-      raise ValueError('config.train.eval_every: the run has nothing to evaluate (no classification '
-                       f'or contrastive objective in config.loss.weights); expected 0, got '
+      raise ValueError('config.train.eval_every: the run has nothing to evaluate (no classification, '
+                       f'contrastive or masked objective in config.loss.weights); expected 0, got '
                        f'{t.eval_every}.')
     return t.best_metric, t.best_mode or 'max'
   metric = t.best_metric or scores[0]

@@ -167,3 +167,25 @@ def test_calibration_scorer_gives_each_modality_s_view_averaged_logits(setting):
   for h in HEADS:
     expected = [next(lab[h] for index, _, lab, _ in rows if index == video) for video in order]
     np.testing.assert_array_equal(np.argmax(labels[h], -1), expected)
+
+
+def test_held_out_reconstruction_starts_at_the_patch_mean_baseline(setting):
+  """The decoders' zero-initialised prediction layer predicts 0 = the normalised patch mean, so
+  an initialised model's held-out masked losses equal their baselines, each about 1."""
+  config, data_dir, *_ = setting
+  config = config.copy_and_resolve_references()
+  for name in config.loss.weights:
+    config.loss.weights[name] = 1.0 if name.startswith('masked') else 0.0
+  config.input.eval_clips = 1
+  names = evaluate.score_names(config)
+  assert names[0] == 'reconstruction/masked_video'
+  assert workdir_lib.check_eval_config(config) == ('reconstruction/masked_video', 'min')
+  *_, init = setup(config)
+  params = jax.jit(init)(jax.random.PRNGKey(0)).params
+  scored = evaluate.make_scorer(config, build_model(config), sharding.make_mesh(config.mesh),
+                                data_dir)(params, 'train')
+  assert set(scored.metrics) == set(names)
+  for name in ('masked_video', 'masked_audio', 'masked_audio_segment'):
+    loss = scored.metrics[f'reconstruction/{name}']
+    np.testing.assert_allclose(loss, scored.metrics[f'reconstruction/{name}_patch_mean'], rtol=1e-5)
+    assert 0.9 < loss <= 1.0

@@ -118,6 +118,19 @@ def test_masked_mse_counts_only_masked_patches_of_valid_examples(rng, normalize)
                                                                normalize), value, rtol=1e-6)
 
 
+@pytest.mark.parametrize('normalize', [True, False])
+def test_patch_mean_baseline_is_the_mean_patch_variance(rng, normalize):
+  target = rng.normal(size=(3, 5, 4)).astype(np.float32) * 3 + 1
+  patch_mask = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1], [1, 1, 1, 1, 1]], np.float32)
+  mask = np.array([1, 1, 0], np.float32)
+  variances = target.var(-1)  # predicting a patch's mean leaves its (population) variance
+  if normalize:
+    variances = variances / (variances + 1e-6)
+  want = variances[(patch_mask * mask[:, None]) > 0].mean()
+  np.testing.assert_allclose(losses.patch_mean_loss(target, patch_mask, mask, normalize), want,
+                             rtol=1e-5)
+
+
 def test_segment_loss_is_the_mse_over_the_masked_time_segments(rng):
   """A [time 4 x freq 2] patch grid with segments over whole frequency ranges."""
   time_mask = np.array([[0, 1, 1, 0], [1, 1, 0, 0]], np.float32)
