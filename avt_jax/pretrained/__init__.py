@@ -2,6 +2,7 @@
 
     from avt_jax import pretrained
     prepared = pretrained.prepare(config, abstract_state.params)  # None without config.init
+    params = pretrained.load_into(config, host_params)  # the same, unsharded (probes, notebooks)
     state = pretrained.apply(prepared, state, state_shardings, tx)
     print(pretrained.format_report(prepared.report))
 
@@ -13,5 +14,5 @@ builds the report, `loader.py` ties them to the config and to the sharded train 
 from avt_jax.pretrained.files import PretrainedError, read
 from avt_jax.pretrained.layouts import FORMATS, Source, convert, detect
 from avt_jax.pretrained.loader import (REPORT_FILE, Prepared, apply, format_report,
-                                       map_params, plan, prepare, read_source, requested,
+                                       load_into, map_params, plan, prepare, read_source, requested,
                                        save_report, saved_report, target_layout, validate)

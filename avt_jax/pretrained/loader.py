@@ -291,6 +291,30 @@ def apply(prepared: Prepared | None, state: Any, state_shardings: Any, tx: Any) 
   return jax.jit(merge, out_shardings=state_shardings)(state, placed)
 
 
+def load_into(config: ml_collections.ConfigDict, params: Any) -> Any:
+  """`params` (a host pytree, e.g. a fresh init) with `config.init`'s checkpoint values put in:
+  the unsharded counterpart of `prepare` + `apply`, for probes and notebooks.
+
+  Raises:
+    PretrainedError: as `prepare`.
+  """
+  prepared = prepare(config, params)
+  if prepared is None:
+    return params
+
+  def leaf(path, initial):
+    name = _path_name(path)
+    if name not in prepared.values:
+      return initial
+    value = prepared.values[name].astype(np.asarray(initial).dtype)
+    if name in prepared.layer_masks:
+      mask = prepared.layer_masks[name].reshape((-1,) + (1,) * (value.ndim - 1))
+      return np.where(mask, value, initial)
+    return value
+
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 
