@@ -203,7 +203,8 @@ def test_restore_that_cannot_adapt_stops_with_one_line_naming_the_field(data_dir
                        '--config.model.hidden_size=48'))
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith('Error: ')]
-  assert len(errors) == 1 and len(errors[0]) < 400, result.stderr[-3000:]
+  # One short line, apart from the workdir's path (named twice; pytest's tmp paths vary in length).
+  assert len(errors) == 1 and len(errors[0].replace(str(straight_run), '')) < 320, result.stderr[-3000:]
   assert 'config.model.hidden_size is 32 in the checkpoint and 48 now' in errors[0]
 
 
