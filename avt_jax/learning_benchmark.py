@@ -443,7 +443,8 @@ def _train_all(todo: Sequence[tuple[str, str, str, int]], workdir: str, config: 
       clock['left'] -= 1
       per_run = (time.time() - clock['begin']) / clock['trained']
       eta = f', ETA {_seconds(per_run * clock["left"])}' if clock['left'] else ''
-    print(f'  {name} {run} seed {seed}: test top-1 {summary["eval"]["top1"]:.3f}, train top-1 '
+    print(f'  {name} {run} seed {seed}: test top-1 {summary["eval"].get("top1", float("nan")):.3f}'
+          f', train top-1 '
           f'{(summary.get("train_eval") or {}).get("top1", float("nan")):.3f}, '
           f'{summary["train_seconds"]:.0f} s{eta}', flush=True)
     return summary

@@ -256,3 +256,17 @@ def test_a_failed_run_in_a_fresh_workdir_names_its_log(tmp_path):
     learning_benchmark.train_run(str(tmp_path / 'no_such_config.py'), str(tmp_path),
                                  str(tmp_path / 'fresh' / 'set' / 'av_seed0'), log=str(log))
   assert 'no_such_config.py' in log.read_text()
+
+
+def test_a_run_without_a_classifier_is_reported_not_fatal(tmp_path, capsys):
+  """A self-supervised run (e.g. contrastive only: retrieval, no top-1) goes through the run loop."""
+  run_dir = tmp_path / 'toy' / 'av_seed0'
+  run_dir.mkdir(parents=True)
+  kept = {'eval': {'retrieval/v2a_R@1': 0.25, 'num_videos': 8}, 'train_seconds': 3.0,
+          'train_eval': {}}
+  (run_dir / 'results.json').write_text(json.dumps(kept))
+  done = learning_benchmark._train_all([('toy', str(tmp_path), 'av', 0)], str(tmp_path),
+                                       'configs/manifest.py', [], train_eval=False, jobs=1)
+  assert done[('toy', 'av', 0)]['eval'] == kept['eval']
+  assert 'toy av seed 0: test top-1 nan' in capsys.readouterr().out
+  assert 'top1' not in learning_benchmark.summarise({0: done[('toy', 'av', 0)]})
