@@ -211,9 +211,9 @@ def test_markdown_reports_mean_std_and_floors():
 
 
 @pytest.mark.xfail(reason='issue 20 item 2, open: with configs/manifest.py as of this commit, seed 0, '
-                   'audio + video 0.719 beats audio only 0.625 and video only 0.188 but only ties the '
-                   'linear floor on both modalities (0.719 when last printed; video 0.531, audio '
-                   '0.656). Remove this mark when the recipe passes.', strict=False)
+                   'audio + video 0.719 beats audio only 0.625 and video only 0.188 but is under the '
+                   'linear floor on both modalities (0.750; video 0.500, audio 0.719, printed '
+                   '2026-12-06). Remove this mark when the recipe passes.', strict=False)
 def test_reduced_suite_fusion_beats_each_modality_and_the_floors(reduced_dir, tmp_path):
   """Item 6 of issue 20: where audio is the reliable modality, audio + video beats audio only,
   video only and every linear floor (the recipe of configs/manifest.py, a tiny model)."""
