@@ -44,6 +44,7 @@ from avt_jax import command_line  # before TensorFlow and JAX load
 command_line.quiet_native_logs()
 
 from avt_jax import data_format  # noqa: E402
+from avt_jax.default_config import MODEL_PRESETS  # noqa: E402
 from avt_jax.losses import OBJECTIVES  # noqa: E402
 
 FLOOR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -242,7 +243,7 @@ def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: 
   """Self-supervised pretraining on every training clip vs supervised training, with `fraction` of
   the labels: test top-1 of fine-tuning, supervised-only training, and linear probes on frozen
   features of the pretrained and of a randomly initialised encoder."""
-  from avt_jax import train_step, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from avt_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from avt_jax.prep import clips  # pylint: disable=g-import-not-at-top
 
   labelled = clips.labelled_subset(data_dir, fraction)
@@ -259,17 +260,23 @@ def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: 
   out = {k: float(v['eval']['top1']) for k, v in out.items()}
   config = load_config(config_path, data_dir, [*overrides, *PRETRAIN_OVERRIDES])
   pretrained = workdir_lib.restore_params(config, pretrain_dir)
-  import jax  # pylint: disable=g-import-not-at-top
-  *_, init_fn = train_step.setup(config)
-  random = jax.device_get(jax.jit(init_fn)(jax.random.PRNGKey(config.seed)).params)
+  random = initial_params(config)
   out['linear probe, pretrained'] = linear_probe(config, pretrained, labelled, labelled)
   out['linear probe, random init'] = linear_probe(config, random, labelled, labelled)
   return out
 
 
-VIT_S = ['--config.model.hidden_size=384', '--config.model.num_layers=12',
-         '--config.model.num_heads=6', '--config.model.mlp_dim=1536',
-         '--config.model.gelu_approximate=False']
+VIT_S = [f'--config.model.{k}={v}' for k, v in MODEL_PRESETS['small'].items()] + [
+    '--config.model.gelu_approximate=False']
+
+
+def initial_params(config) -> Any:
+  """The host parameters of a fresh init of `config`'s model (key PRNGKey(config.seed))."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from avt_jax import train_step  # pylint: disable=g-import-not-at-top
+
+  *_, init_fn = train_step.setup(config)
+  return jax.device_get(jax.jit(init_fn)(jax.random.PRNGKey(config.seed)).params)
 
 
 def pretrained_probe(data_dir: str, config_path: str, checkpoint: str, seeds: Sequence[int],
@@ -281,8 +288,7 @@ def pretrained_probe(data_dir: str, config_path: str, checkpoint: str, seeds: Se
   into both encoders (the audio encoder AST-style, `avt_jax.pretrained`). Returns {'random':
   [test top-1 per seed], 'pretrained': [test top-1]} (`linear_probe`, train split -> test split).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from avt_jax import pretrained, train_step  # pylint: disable=g-import-not-at-top
+  from avt_jax import pretrained  # pylint: disable=g-import-not-at-top
 
   out = {'random': [], 'pretrained': []}
   for init, run_seeds in (('random', seeds), ('pretrained', seeds[:1])):
@@ -291,8 +297,7 @@ def pretrained_probe(data_dir: str, config_path: str, checkpoint: str, seeds: Se
                '--config.init.pixel_normalization=imagenet'] if init == 'pretrained' else []
       config = load_config(config_path, data_dir, [*VIT_S, *overrides, *extra,
                                                    f'--config.seed={seed}'])
-      *_, init_fn = train_step.setup(config)
-      params = jax.device_get(jax.jit(init_fn)(jax.random.PRNGKey(seed)).params)
+      params = initial_params(config)
       if init == 'pretrained':
         params = pretrained.load_into(config, params)
       out[init].append(linear_probe(config, params, data_dir, data_dir))

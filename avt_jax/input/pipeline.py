@@ -255,10 +255,12 @@ class ClipDecoder:
                              time_masks=int(spec.time_masks), time_width=int(spec.time_width))
     self.spec_stretch = dict(max_time=float(cfg.spec_stretch.time),
                              max_freq=float(cfg.spec_stretch.freq))
-    # dB -> the normalised log-power spectrogram's units (log power: ln(10) / 10 per dB).
-    filt = cfg.get('filter_augment', {'max_db': 0.0, 'bands': (3, 6)})
-    self.filter_augment = dict(max_gain=float(filt['max_db']) * math.log(10) / 10 / self.logmel_std,
-                               bands=tuple(int(b) for b in filt['bands']))
+    # None when off (or absent: configs saved before it existed); dB -> the normalised log-power
+    # spectrogram's units (log power: ln(10) / 10 per dB).
+    filt = cfg.get('filter_augment')
+    self.filter_augment = dict(
+        max_gain=float(filt.max_db) * math.log(10) / 10 / self.logmel_std,
+        bands=tuple(int(b) for b in filt.bands)) if filt and filt.max_db else None
     self.eval_clips = int(cfg.eval_clips)
     self.eval_crops = int(cfg.eval_crops)
     if self.eval_clips < 1 or self.eval_crops not in (1, 3):
@@ -357,7 +359,7 @@ class ClipDecoder:
     if self.spec_stretch['max_time'] or self.spec_stretch['max_freq']:
       audio = augment.spectrogram_stretch(audio, augment.derive_seed(seed, _STRETCH_STREAM),
                                           **self.spec_stretch)
-    if self.filter_augment['max_gain']:
+    if self.filter_augment:
       audio = augment.filter_augment(audio, augment.derive_seed(seed, _FILTER_STREAM),
                                      **self.filter_augment)
     if self.spec_augment['freq_masks'] or self.spec_augment['time_masks']:
