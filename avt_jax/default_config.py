@@ -123,6 +123,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 1.0
   c.optim.accumulation_steps = 1
   c.optim.warmup_epochs = 0.0  # with train.epochs: warm-up length in epochs (replaces warmup_steps)
+  # Regular expression over '/'-joined parameter paths (e.g. 'encoder/encoderblock_0_video/...'):
+  # matching parameters are frozen (no gradient, update, weight decay or optimizer state). '' trains
+  # all. E.g. a pretrained encoder trained only in its top blocks (configs/manifest.py:pretrained).
+  c.optim.frozen = ''
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices

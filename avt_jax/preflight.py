@@ -3,8 +3,8 @@
 `python -m avt_jax.main` calls `check_config` (no data needed) and `check_run` after
 `models.validate` and before it writes into the workdir or compiles: the mesh against the devices, `config.input` against the data's stats.json and
 record files (batch sizes, sharding, record files cut short), evaluation settings, resuming (the
-input stream of the workdir's checkpoint) and `config.init`'s checkpoints (exist, readable, mapped
-onto the model). A problem is a `ConfigError` whose message starts with the field it is about, so a
+input stream of the workdir's checkpoint), `config.init`'s checkpoints (exist, readable, mapped
+onto the model) and `config.optim.frozen` (only with a checkpoint; matches some parameters). A problem is a `ConfigError` whose message starts with the field it is about, so a
 failed start prints one `Error:` line and leaves the workdir as it was.
 """
 
@@ -45,6 +45,10 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     mesh = sharding.make_mesh(config.mesh)
   except ValueError as e:
     raise _as_config_error(e, 'mesh') from e
+  if config.optim.get('frozen') and not pretrained.requested(config):
+    raise ConfigError(f'config.optim.frozen: {config.optim.frozen!r} freezes parameters of a randomly '
+                      'initialised model; set config.init.checkpoint (e.g. DINOv2 for '
+                      "configs/manifest.py:pretrained) or config.optim.frozen=''.")
   split = 1
   for axis in sharding.BATCH_AXES:
     split *= mesh.shape[axis]
@@ -112,7 +116,12 @@ def _read_init(config: ml_collections.ConfigDict) -> pretrained.Prepared | None:
       raise ConfigError(f'config.init.{field}: {path} does not exist.')
   from avt_jax.train_step import setup  # pylint: disable=g-import-not-at-top
   *_, init = setup(config)
-  abstract: Any = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  try:
+    abstract: Any = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  except ValueError as e:
+    if str(e).startswith('config.optim.frozen'):  # matched against the model's parameters
+      raise ConfigError(str(e)) from None
+    raise
   try:
     return pretrained.prepare(config, abstract.params)
   except pretrained.PretrainedError as e:

@@ -5,6 +5,7 @@ checkpoints and logging around it.
 """
 
 import functools
+import re
 from typing import Any, Callable
 
 import flax
@@ -30,12 +31,37 @@ class TrainState:
   rng: jax.Array  # [2] uint32 base key; step keys are fold_in(rng, step)
 
 
+def frozen_mask(pattern: str, params: Any) -> Any:
+  """Tree of bools like `params`: True where the parameter's '/'-joined path (e.g.
+  'encoder/encoderblock_3_video/MlpBlock_3/Dense_0/kernel') fully matches `pattern`
+  (`config.optim.frozen`; '' freezes nothing). Our design; big_vision freezes by path pattern too.
+
+  Raises:
+    ValueError: `pattern` is not a regular expression, or it matches no parameter or all of them.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  if not pattern:
+    return jax.tree_util.tree_map(lambda _: False, params)
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f'config.optim.frozen: {pattern!r} is not a regular expression ({e}).') from e
+  path = lambda p: '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in p)
+  frozen = {path(p) for p, _ in leaves if regex.fullmatch(path(p))}
+  if not frozen or len(frozen) == len(leaves):
+    raise ValueError(
+        f'config.optim.frozen: {pattern!r} matches {len(frozen)} of the {len(leaves)} parameters; '
+        "expected some but not all (paths look like '" + path(leaves[0][0]) + "').")
+  return jax.tree_util.tree_map_with_path(lambda p, _: path(p) in frozen, params)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW or SGD+momentum with linear warm-up, cosine decay and global-norm clipping.
 
   Weight decay applies to kernels only (not to norms, biases, position embeddings, CLS, bottleneck
-  or mask tokens).
+  or mask tokens). Parameters matching `optim.frozen` (`frozen_mask`) are left unchanged and get no
+  optimizer state.
   """
   warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
@@ -52,6 +78,10 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
     raise ValueError(f"config.optim.name: expected 'adamw' or 'sgd', got {optim.name!r}.")
   if optim.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
+  if optim.get('frozen', ''):
+    labels = lambda params: jax.tree_util.tree_map(
+        lambda f: 'frozen' if f else 'trained', frozen_mask(optim.frozen, params))
+    tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx, schedule
 
 
@@ -87,7 +117,9 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
   Objectives with weight 0 are not traced at all. With `optim.accumulation_steps = k`, the batch is
   split into k interleaved micro-batches whose gradients are averaged (contrastive negatives then
   come from each micro-batch). A step whose loss or gradients are not finite leaves parameters and
-  optimizer state unchanged; `metrics['finite']` reports it so the loop can stop.
+  optimizer state unchanged; `metrics['finite']` reports it so the loop can stop. Gradients of
+  parameters frozen by `optim.frozen` are zero (so XLA never computes them) and left out of
+  `grad_norm` and clipping.
   """
   objs = config_objectives(config)
   weights = {o: float(config.loss.weights[o]) for o in objs}
@@ -105,7 +137,12 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
         modality_weight=config.loss.modality_weight)
     return total, terms
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grad_fn(params, batch, rng):
+    value, grads = value_and_grad(params, batch, rng)
+    frozen = frozen_mask(config.optim.get('frozen', ''), grads)
+    return value, jax.tree_util.tree_map(lambda f, g: jnp.zeros_like(g) if f else g, frozen, grads)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)

@@ -156,3 +156,62 @@ def test_train_step_imports_without_tensorflow():
           "print(sorted(m for m in ('tensorflow', 'clu') if m in sys.modules))")
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]'
+
+
+FROZEN = 'encoder/encoderblock_0_.*'  # the first block of each modality
+
+
+def test_frozen_parameters_keep_their_values_and_the_rest_train_as_without_freezing():
+  """One SGD step without clipping: the frozen block is exactly its initial value, every other
+  parameter equals the unfrozen run's (its gradient does not depend on what is frozen)."""
+  def config(frozen):
+    return tiny_config(**{'optim.name': 'sgd', 'optim.learning_rate': 0.1,
+                          'optim.warmup_steps': 0, 'optim.grad_clip_norm': 0.0,
+                          'optim.frozen': frozen})
+  batches = make_batches(config(''), 1)
+  one, devices = dict(data=1, fsdp=1, model=1), jax.devices()[:1]
+  (plain,), plain_params = run_steps(config(''), one, batches, devices)
+  (frozen,), frozen_params = run_steps(config(FROZEN), one, batches, devices)
+  model = build_model(config(''))
+  tx, _ = train_step.make_optimizer(config('').optim, 10)
+  initial = jax.device_get(jax.jit(functools.partial(train_step.init_state, config(''), model, tx))(
+      jax.random.PRNGKey(0)).params)
+  mask = train_step.frozen_mask(FROZEN, initial)
+  assert 0 < sum(jax.tree_util.tree_leaves(mask)) < len(jax.tree_util.tree_leaves(mask))
+
+  def check(is_frozen, got, unfrozen, init):
+    if is_frozen:
+      np.testing.assert_array_equal(got, init)
+      assert np.abs(unfrozen - init).max() > 0  # it would have trained
+    else:
+      np.testing.assert_allclose(got, unfrozen, rtol=1e-5, atol=1e-7)
+  jax.tree_util.tree_map(check, mask, frozen_params, plain_params, initial)
+  np.testing.assert_allclose(frozen['loss'], plain['loss'], rtol=1e-6)
+  assert frozen['grad_norm'] < plain['grad_norm']  # the frozen block's gradients are left out
+
+
+def test_frozen_parameters_get_no_optimizer_state():
+  params = {'encoder': {'encoderblock_0_video': {'kernel': jnp.ones((3, 3))},
+                        'encoderblock_1_video': {'kernel': jnp.ones((2, 2))}}}
+
+  def state_size(frozen):
+    optim = tiny_config().optim
+    optim.frozen = frozen
+    tx, _ = train_step.make_optimizer(optim, 10)
+    return sum(x.size for x in jax.tree_util.tree_leaves(tx.init(params)))
+  assert state_size('') - state_size(FROZEN) == 2 * 9  # AdamW's two moments of the 3x3 kernel
+
+
+@pytest.mark.parametrize('pattern, message', [
+    ('encoder/(', 'not a regular expression'),
+    ('decoder/.*', 'matches 0 of the 2 parameters'),
+    ('.*', 'matches 2 of the 2 parameters'),
+])
+def test_bad_frozen_pattern_names_the_field(pattern, message):
+  optim = tiny_config().optim
+  optim.frozen = pattern
+  tx, _ = train_step.make_optimizer(optim, 10)
+  params = {'encoder': {'encoderblock_0_video': {'kernel': jnp.ones((3, 3))},
+                        'encoderblock_1_video': {'kernel': jnp.ones((2, 2))}}}
+  with pytest.raises(ValueError, match=rf'config\.optim\.frozen: .*{message}'):
+    tx.init(params)
