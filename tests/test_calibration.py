@@ -56,6 +56,27 @@ def test_fit_weights_keeps_both_when_both_carry_information():
   assert _nll(w[0] * a + w[1] * b, labels) < min(_nll(w.sum() * a, labels), _nll(w.sum() * b, labels))
 
 
+def test_weights_on_held_out_clips_that_fusion_gets_all_right_are_the_best_mix_not_a_blow_up():
+  """Every held-out clip is right under the equal mean (as on the suite's in-distribution `val`
+  clips): the video is right on all with margin 3, the audio right with margin 6 and wrong on a
+  fifth with margin 2. The weights sum to 1 and are the best mix of a 1001-point grid (by hand); video
+  gets the larger one. (A free scale sent both weights towards the bound, with the audio's larger.)"""
+  rng = np.random.default_rng(3)
+  n, classes = 100, 6
+  y = rng.integers(0, classes, n)
+  labels = np.eye(classes)[y]
+  video = 3.0 * labels + 0.1 * rng.normal(size=(n, classes))
+  wrong = np.eye(classes)[(y + 1) % classes]
+  audio = np.where(rng.random(n)[:, None] < 0.2, 2.0 * wrong, 6.0 * labels)
+  assert ((0.5 * video + 0.5 * audio).argmax(-1) == y).all()
+  w = calibration.fit_weights({'video/class': video, 'audio/class': audio}, {'class': labels},
+                              ('video', 'audio'))
+  assert w.sum() == pytest.approx(1.0, abs=1e-6) and (w >= 0).all() and w[0] > w[1]
+  grid = np.linspace(0.0, 1.0, 1001)
+  best = min(_nll(p * video + (1 - p) * audio, labels) for p in grid)
+  assert _nll(w[0] * video + w[1] * audio, labels) <= best + 1e-4
+
+
 def test_with_weights_replaces_only_the_fusion_weights():
   params = {'logit_fusion': {'modality_weights': np.full(2, 0.5, np.float32)},
             'classifier': {'kernel': np.ones(3)}}
