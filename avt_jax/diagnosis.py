@@ -29,8 +29,10 @@ _UNDERFIT_ADVICE = (
     'config.model.audio_patch), or weaker augmentation and regularisation')
 _OVERFIT_ADVICE = (
     'try stronger augmentation (mixup, SpecAugment), stochastic depth or weight decay, fewer '
-    'steps (config.train.eval_every keeps the best checkpoint), a smaller model, or a pretrained '
-    'start (config.init.checkpoint)')
+    'steps (config.train.eval_every keeps the best checkpoint), a smaller model, or {start}')
+_START_ADVICE = {  # by whether the run started from a checkpoint
+    False: 'a pretrained start (config.init.checkpoint; configs/manifest.py:pretrained)',
+    True: 'fewer trained blocks of the pretrained encoder (config.optim.frozen)'}
 
 
 def diagnose(config: ml_collections.ConfigDict, eval_metrics: Mapping[str, float],
@@ -56,7 +58,8 @@ def diagnose(config: ml_collections.ConfigDict, eval_metrics: Mapping[str, float
   if fitted is not None and score in eval_metrics and fitted - eval_metrics[score] > GAP:
     notes.append(f'The model fits its training data but does not generalise: {score} '
                  f'{fitted:.3f} on training clips, {eval_metrics[score]:.3f} on '
-                 f'{config.data.eval_split}; {_OVERFIT_ADVICE}.')
+                 f'{config.data.eval_split}; '
+                 f'{_OVERFIT_ADVICE.format(start=_START_ADVICE[bool(config.init.checkpoint)])}.')
   for where, results in ((config.data.eval_split, eval_metrics), ('the training subset',
                                                                    train_metrics)):
     notes += _modality_notes(config, score, results, where)

@@ -46,7 +46,11 @@ def test_a_model_that_does_not_generalise_is_named():
   notes = diagnosis.diagnose(config(), scores(0.5, 0.45, 0.45), scores(1.0, 0.95, 0.95), 100)
   assert len(notes) == 1 and notes[0].startswith(
       'The model fits its training data but does not generalise: top1 1.000 on training clips, '
-      '0.500 on test')
+      '0.500 on test') and notes[0].endswith('a pretrained start (config.init.checkpoint; '
+                                               'configs/manifest.py:pretrained).')
+  pretrained = config(**{'init.checkpoint': '/ckpt/dinov2.safetensors'})
+  notes = diagnosis.diagnose(pretrained, scores(0.5, 0.45, 0.45), scores(1.0, 0.95, 0.95), 100)
+  assert notes[0].endswith('fewer trained blocks of the pretrained encoder (config.optim.frozen).')
 
 
 @pytest.mark.parametrize('modalities', [('video',), ('audio',)])
