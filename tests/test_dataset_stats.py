@@ -87,3 +87,32 @@ def test_learning_benchmark_builds_a_run_config_like_main(tmp_path):
   assert config.init.exclude == ('^classifier/',)
   assert config.train.steps == math.ceil(3 * 250 / config.input.batch_size)
   assert dict(config.data.num_classes) == {'class': 7}
+
+
+def test_video_and_audio_variants_exclude_each_other():
+  with pytest.raises(ValueError, match="exclude each other"):
+    manifest_config('video:audio')
+
+
+def test_pretrained_variant_trains_only_the_top_blocks_norms_and_heads(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from avt_jax import train_step  # pylint: disable=g-import-not-at-top
+  config = manifest_config('pretrained:video')
+  dataset_stats.apply_stats(config, write_stats(tmp_path))
+  assert config.model.modalities == ('video',) and config.model.hidden_size == 384
+  *_, init = train_step.setup(config)
+  params = jax.eval_shape(init, jax.random.PRNGKey(0)).params
+  mask = train_step.frozen_mask(config.optim.frozen, params)
+  trained = {'/'.join(k.key for k in path[:2]) for path, frozen in
+             jax.tree_util.tree_flatten_with_path(mask)[0] if not frozen}
+  assert trained == {'encoder/encoderblock_10_video', 'encoder/encoderblock_11_video',
+                     'encoder/encoder_norm_video', 'classifier/output_projection'}
+
+
+def test_frozen_parameters_need_a_checkpoint(tmp_path):
+  from avt_jax import preflight  # pylint: disable=g-import-not-at-top
+  from avt_jax.models import ConfigError  # pylint: disable=g-import-not-at-top
+  config = manifest_config('pretrained')
+  dataset_stats.apply_stats(config, write_stats(tmp_path))
+  with pytest.raises(ConfigError, match=r'^config\.optim\.frozen: .* config\.init\.checkpoint'):
+    preflight.check_config(config, str(tmp_path / 'work'))

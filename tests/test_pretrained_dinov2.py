@@ -114,3 +114,51 @@ def test_patch_size_resampling_on_a_real_image(dinov2):
   print(f'resampled 16px vs DINOv2 14px: CLS cosine {cosine[0]:.5f}, patch cosine min '
         f'{cosine[1:].min():.5f} mean {cosine[1:].mean():.5f}, max |diff| {np.abs(got - want).max():.3f}')
   assert cosine[0] > 0.9995 and cosine[1:].mean() > 0.999  # measured 0.99996, 0.99988
+
+
+def test_pretrained_manifest_variant_trains_only_its_top_blocks_from_the_real_weights(dinov2, tmp_path):
+  """configs/manifest.py:pretrained:video on the real weights: after two AdamW steps the frozen
+  blocks, embeddings and CLS token hold DINOv2's values exactly; the top two blocks have moved."""
+  from avt_jax import dataset_stats, train_step  # pylint: disable=g-import-not-at-top
+  from tests.test_dataset_stats import manifest_config, write_stats  # pylint: disable=g-import-not-at-top
+  config = manifest_config('pretrained:video')
+  dataset_stats.apply_stats(config, write_stats(tmp_path, num_classes={'class': 3}, short_side=32,
+                                                clip_seconds=1.0))
+  config.init.checkpoint = dinov2['path']
+  config.input.batch_size = 4
+  config.train.steps, config.optim.warmup_steps, config.optim.warmup_epochs = 2, 0, 0.0
+  model, tx, schedule, init = train_step.setup(config)
+  state = jax.jit(init)(jax.random.PRNGKey(0))
+  loaded = pretrained.load_into(config, jax.device_get(state.params))
+  state = state.replace(params=loaded, opt_state=tx.init(loaded))
+  rng = np.random.default_rng(0)
+  size = config.input.image_size
+  batch = {'video': rng.random((4, config.input.num_frames, size, size, 3), np.float32),
+           'labels/class': np.eye(3, dtype=np.float32)[[0, 1, 2, 0]], 'mask': np.ones(4, np.float32)}
+  step = jax.jit(train_step.make_train_step(config, model, tx, schedule))
+  for _ in range(2):
+    state, _ = step(state, batch)
+  mask = train_step.frozen_mask(config.optim.frozen, loaded)
+  moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                                 loaded, jax.device_get(state.params))
+  flat = {'/'.join(k.key for k in p): (f, m) for (p, f), (_, m) in zip(
+      jax.tree_util.tree_flatten_with_path(mask)[0], jax.tree_util.tree_flatten_with_path(moved)[0])}
+  assert not any(m for f, m in flat.values() if f)  # frozen: bit-identical to the checkpoint
+  assert all(m for name, (f, m) in flat.items() if 'encoderblock_11_video/MlpBlock' in name)
+  assert flat['encoder/encoderblock_9_video/MlpBlock_3/Dense_0/kernel'][0]  # frozen below the top 2
+
+
+def test_learning_benchmark_gives_pretrained_runs_the_converted_weights(dinov2):
+  import types  # pylint: disable=g-import-not-at-top
+  from avt_jax import learning_benchmark  # pylint: disable=g-import-not-at-top
+  cache = dinov2['path'].split('/dinov2_small-')[0]
+  args = types.SimpleNamespace(config='configs/manifest.py:pretrained', override=['--config.seed=1'],
+                               cache_dir=cache)
+  assert learning_benchmark._run_overrides(args) == [  # pylint: disable=protected-access
+      '--config.seed=1', f'--config.init.checkpoint={dinov2["path"]}']
+  args.override = ['--config.init.checkpoint=/mine.safetensors']
+  assert learning_benchmark._run_overrides(args) == args.override  # pylint: disable=protected-access
+  args.config = 'configs/manifest.py'
+  args.override = ['--config.init.checkpoint=dinov2_small']
+  assert learning_benchmark._run_overrides(args) == [  # pylint: disable=protected-access
+      f'--config.init.checkpoint={dinov2["path"]}']
