@@ -977,3 +977,14 @@ def test_bicubic_posemb_resize_is_cubic_convolution():
   grid = np.full((1, 37, 37, 2), 0.25, np.float32)
   np.testing.assert_allclose(mapping.resize_bicubic(grid, (16, 8)), np.full((1, 16, 8, 2), 0.25),
                              rtol=1e-6)
+
+
+def test_a_frozen_pattern_that_matches_nothing_stops_before_training(files):
+  from avt_jax import preflight  # pylint: disable=g-import-not-at-top
+  from avt_jax.models import ConfigError  # pylint: disable=g-import-not-at-top
+  config = config_for(files['vit_npz'], **{'optim.frozen': 'encoder/encoderblock_7_video/.*'})
+  with pytest.raises(ConfigError, match=r"^config\.optim\.frozen: 'encoder/encoderblock_7_video/\.\*' "
+                                        r'matches 0 of the \d+ parameters'):
+    preflight._read_init(config)  # pylint: disable=protected-access
+  config.optim.frozen = 'encoder/encoderblock_0_video/.*'
+  assert preflight._read_init(config) is not None  # pylint: disable=protected-access
