@@ -39,20 +39,21 @@ def frozen_mask(pattern: str, params: Any) -> Any:
   Raises:
     ValueError: `pattern` is not a regular expression, or it matches no parameter or all of them.
   """
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   if not pattern:
     return jax.tree_util.tree_map(lambda _: False, params)
   try:
     regex = re.compile(pattern)
   except re.error as e:
     raise ValueError(f'config.optim.frozen: {pattern!r} is not a regular expression ({e}).') from e
-  path = lambda p: '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in p)
-  frozen = {path(p) for p, _ in leaves if regex.fullmatch(path(p))}
-  if not frozen or len(frozen) == len(leaves):
+  path = lambda p: jax.tree_util.keystr(p, simple=True, separator='/')
+  mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(regex.fullmatch(path(p))), params)
+  flags = jax.tree_util.tree_leaves(mask)
+  if not any(flags) or all(flags):
+    first = jax.tree_util.tree_flatten_with_path(params)[0][0][0]
     raise ValueError(
-        f'config.optim.frozen: {pattern!r} matches {len(frozen)} of the {len(leaves)} parameters; '
-        "expected some but not all (paths look like '" + path(leaves[0][0]) + "').")
-  return jax.tree_util.tree_map_with_path(lambda p, _: path(p) in frozen, params)
+        f'config.optim.frozen: {pattern!r} matches {sum(flags)} of the {len(flags)} parameters; '
+        f"expected some but not all (paths look like '{path(first)}').")
+  return mask
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int

@@ -37,8 +37,8 @@ TRAINED_BLOCKS = 2
 def pretrained_variant(c):
   """ViT-S encoders (384 wide, 12 layers, exact GELU) started from a DINOv2 ViT-S/14 checkpoint
   (`config.init.checkpoint`, required; the audio encoder AST-style from the same weights), ImageNet
-  pixel statistics, all but the top `TRAINED_BLOCKS` blocks frozen. Our design (README "Pretrained
-  encoders on your own videos")."""
+  pixel statistics, all but the top `TRAINED_BLOCKS` blocks frozen. Our design (README "Train on your
+  own videos", "Pretrained encoders on the suite")."""
   size = MODEL_PRESETS['small']
   c.model.update(dict(size='small', gelu_approximate=False, **size))
   c.init.pixel_normalization = 'imagenet'
