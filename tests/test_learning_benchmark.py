@@ -122,6 +122,21 @@ def test_labelled_subset_keeps_a_balanced_fraction_and_the_whole_test_split(redu
   assert sorted({r['label'] for r in kept}) == labels
 
 
+def test_floors_of_a_labelled_subset_are_its_own_and_need_two_clips_a_class(reduced_dir):
+  """`--label_fraction`: the floors are fitted on the subset's clips (k-fold down to 3 clips a
+  class) and kept beside the set's own, not over them."""
+  subset = clips.labelled_subset(reduced_dir, 0.125, progress=False)  # 3 of 24 clips a class
+  floors = learning_benchmark.load_floors(subset)
+  parent = os.path.dirname(subset)
+  with open(os.path.join(parent, 'floors-prepared_labels12.json')) as f:
+    assert json.load(f) == floors
+  assert not os.path.exists(os.path.join(parent, 'floors-prepared.json'))
+  assert set(floors) == {'video', 'audio', 'av', 'floor_seconds'}
+  single = clips.labelled_subset(reduced_dir, 0.01, progress=False)  # 1 clip a class
+  with pytest.raises(ValueError, match='prepared_labels1: the linear floors need at least 2'):
+    learning_benchmark.linear_floors(single)
+
+
 def test_suite_sets_classes_and_reliable_modalities():
   assert len(suite.SUITE) >= 4
   assert {'audio', 'video', 'neither alone'} <= set(suite.RELIABLE[n] for n in suite.SUITE)
@@ -239,7 +254,9 @@ def test_reduced_suite_fusion_beats_each_modality_and_the_floors(reduced_dir, tm
 
 @pytest.mark.parametrize('flag, named', [('--sets=instruments_icons,nope', '--sets'),
                                          ('--runs=av,both', '--runs'), ('--seeds=0,x', '--seeds'),
-                                         ('--jobs=0', 'jobs'), ('--nosuch=1', 'nosuch')])
+                                         ('--jobs=0', 'jobs'), ('--nosuch=1', 'nosuch'),
+                                         ('--label_fraction=1.5', '--label_fraction'),
+                                         ('--pretrain_study', '--pretrain_study')])
 def test_bad_flags_are_one_line_naming_the_flag(flag, named, capsys):
   with pytest.raises(SystemExit) as stop:
     learning_benchmark.main([flag])
