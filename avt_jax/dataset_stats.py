@@ -11,7 +11,9 @@ so a user gives only `--config.data.data_dir`. Our design:
 * `input.min_resize` is the stored short side and `input.image_size` the largest multiple of the
   video patch not above it nor above the configured `input.image_size` (a cap).
 * With `train.epochs > 0`, `train.steps = ceil(epochs * train clips / batch_size)` and
-  `optim.warmup_steps = round(optim.warmup_epochs * steps per epoch)`.
+  `optim.warmup_steps = round(optim.warmup_epochs * steps per epoch)`; where that gives fewer than
+  `train.min_steps` steps, the whole schedule is stretched to `train.min_steps` (warm-up included),
+  so that a few dozen clips still get enough updates to fit them.
 """
 
 import math
@@ -67,10 +69,12 @@ def apply_stats(config: ml_collections.ConfigDict, data_dir: str) -> dict:
     raise DatasetStatsError(f'{where}: no clips in the training split '
                             f'{config.data.train_split!r} (config.data.train_split).')
   fields = _data_fields(config, stats, where, num_classes) if config.data.from_stats else {}
-  if config.train.get('epochs', 0):
-    steps_per_epoch = train_clips / int(config.input.batch_size)
-    fields['train.steps'] = max(1, math.ceil(config.train.epochs * steps_per_epoch))
-    fields['optim.warmup_steps'] = int(round(config.optim.warmup_epochs * steps_per_epoch))
+  if epochs := config.train.get('epochs', 0):
+    # Steps per epoch, or more where train.min_steps rules: the schedule is stretched as a whole.
+    per_epoch = max(train_clips / int(config.input.batch_size),
+                    config.train.get('min_steps', 0) / epochs)
+    fields['train.steps'] = max(1, math.ceil(epochs * per_epoch))
+    fields['optim.warmup_steps'] = int(round(config.optim.warmup_epochs * per_epoch))
   with config.unlocked():
     for key, value in fields.items():
       section, name = key.split('.')

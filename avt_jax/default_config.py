@@ -136,6 +136,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 30000
   c.train.epochs = 0.0  # > 0: train.steps = ceil(epochs * train clips / batch_size) (from stats.json)
+  c.train.min_steps = 0  # with train.epochs: at least this many steps (a small set still fits)
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3

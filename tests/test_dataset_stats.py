@@ -53,6 +53,19 @@ def test_every_data_field_comes_from_stats(tmp_path):
   assert model.num_classes == {'class': 7}
 
 
+@pytest.mark.parametrize('variant', [None, 'pretrained'])
+def test_a_few_dozen_clips_get_at_least_min_steps(tmp_path, variant):
+  """36 training clips (10% of a small set): the epoch schedule (scratch 60 epochs = 68 steps,
+  pretrained 20 = 23) is stretched to train.min_steps, warm-up in proportion."""
+  config = manifest_config(variant)
+  min_steps, epochs = config.train.min_steps, config.train.epochs
+  assert math.ceil(epochs * 36 / config.input.batch_size) < min_steps
+  dataset_stats.apply_stats(config, write_stats(tmp_path, num_clips={'train': 36, 'test': 20}))
+  assert config.train.steps == min_steps
+  assert config.optim.warmup_steps == round(config.optim.warmup_epochs / epochs * min_steps)
+  assert config.optim.warmup_steps > 0
+
+
 def test_small_frames_shrink_the_image_size_to_whole_patches(tmp_path):
   config = manifest_config('video')
   dataset_stats.apply_stats(config, write_stats(tmp_path, short_side=44))
@@ -81,7 +94,7 @@ def test_learning_benchmark_builds_a_run_config_like_main(tmp_path):
   from avt_jax import learning_benchmark  # pylint: disable=g-import-not-at-top
   config = learning_benchmark.load_config(
       os.path.join(ROOT, 'configs/manifest.py:video'), write_stats(tmp_path),
-      ['--config.train.epochs=3', '--config.model.fusion=bottleneck',
+      ['--config.train.epochs=3', '--config.train.min_steps=0', '--config.model.fusion=bottleneck',
        "--config.init.exclude=('^classifier/',)"])
   assert config.model.modalities == ('video',) and config.model.fusion == 'bottleneck'
   assert config.init.exclude == ('^classifier/',)
