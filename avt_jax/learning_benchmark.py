@@ -105,31 +105,40 @@ def _cell_means(x: np.ndarray, cells: Sequence[int]) -> np.ndarray:
 
 def linear_floors(data_dir: str, train_split: str = 'train', test_split: str = 'test'
                   ) -> dict[str, float]:
-  """Test top-1 of logistic regression on video, audio and both feature sets (C by k-fold
-  cross-validation on the training clips, k = 5 or the fewest clips of a class, at least 2).
+  """Test top-1 of `logistic_regression` on video, audio and both feature sets.
 
   Raises:
     ValueError: a class has fewer than 2 training clips.
   """
-  from sklearn import linear_model, model_selection, pipeline as skpipe, preprocessing  # pylint: disable=g-import-not-at-top
-
   train = clip_features(data_dir, train_split)
   test = clip_features(data_dir, test_split)
   sets = {'video': [0], 'audio': [1], 'av': [0, 1]}
-  folds = min(5, int(np.unique(train[2], return_counts=True)[1].min()))
-  if folds < 2:
-    raise ValueError(f'{data_dir}: the linear floors need at least 2 training clips of each class.')
   floors = {}
   for name, parts in sets.items():
     x_train = np.concatenate([train[i] for i in parts], axis=1)
     x_test = np.concatenate([test[i] for i in parts], axis=1)
-    probe = model_selection.GridSearchCV(
-        skpipe.make_pipeline(preprocessing.StandardScaler(),
-                             linear_model.LogisticRegression(max_iter=2000)),
-        {'logisticregression__C': FLOOR_C_GRID}, cv=folds)
-    probe.fit(x_train, train[2])
+    probe = logistic_regression(x_train, train[2], f'{data_dir} {train_split!r}')
     floors[name] = float(probe.score(x_test, test[2]))
   return floors
+
+
+def logistic_regression(x: np.ndarray, labels: np.ndarray, what: str) -> Any:
+  """scikit-learn logistic regression on standardised `x` [N, D] fitted to `labels` [N], C from
+  `FLOOR_C_GRID` by k-fold cross-validation (k = 5, or the fewest clips of a class).
+
+  Raises:
+    ValueError: a class has fewer than 2 clips (the message names `what`).
+  """
+  from sklearn import linear_model, model_selection, pipeline as skpipe, preprocessing  # pylint: disable=g-import-not-at-top
+
+  folds = min(5, int(np.unique(labels, return_counts=True)[1].min()))
+  if folds < 2:
+    raise ValueError(f'{what}: logistic regression needs at least 2 clips of each class.')
+  probe = model_selection.GridSearchCV(
+      skpipe.make_pipeline(preprocessing.StandardScaler(),
+                           linear_model.LogisticRegression(max_iter=2000)),
+      {'logisticregression__C': FLOOR_C_GRID}, cv=folds)
+  return probe.fit(x, labels)
 
 
 def encoder_features(config, params, data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -162,17 +171,10 @@ def encoder_features(config, params, data_dir: str, split: str) -> tuple[np.ndar
 
 
 def linear_probe(config, params, train_dir: str, test_dir: str) -> float:
-  """Test top-1 of logistic regression on frozen `encoder_features` (C by 5-fold CV on train)."""
-  from sklearn import linear_model, model_selection, pipeline as skpipe, preprocessing  # pylint: disable=g-import-not-at-top
-
+  """Test top-1 of `logistic_regression` on frozen `encoder_features`."""
   x_train, y_train = encoder_features(config, params, train_dir, config.data.train_split)
   x_test, y_test = encoder_features(config, params, test_dir, config.data.eval_split)
-  probe = model_selection.GridSearchCV(
-      skpipe.make_pipeline(preprocessing.StandardScaler(),
-                           linear_model.LogisticRegression(max_iter=2000)),
-      {'logisticregression__C': FLOOR_C_GRID}, cv=min(5, int(np.bincount(y_train).min())))
-  probe.fit(x_train, y_train)
-  return float(probe.score(x_test, y_test))
+  return float(logistic_regression(x_train, y_train, train_dir).score(x_test, y_test))
 
 
 def train_run(config: str, data_dir: str, workdir: str, overrides: Sequence[str] = (),

@@ -133,7 +133,7 @@ def test_floors_of_a_labelled_subset_are_its_own_and_need_two_clips_a_class(redu
   assert not os.path.exists(os.path.join(parent, 'floors-prepared.json'))
   assert set(floors) == {'video', 'audio', 'av', 'floor_seconds'}
   single = clips.labelled_subset(reduced_dir, 0.01, progress=False)  # 1 clip a class
-  with pytest.raises(ValueError, match='prepared_labels1: the linear floors need at least 2'):
+  with pytest.raises(ValueError, match="labels1 'train': logistic regression needs at least 2"):
     learning_benchmark.linear_floors(single)
 
 
