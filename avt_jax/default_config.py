@@ -82,6 +82,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.fusion_layer = 8
   c.model.n_bottlenecks = 4
   c.model.contrastive_dim = 256
+  c.model.contrastive_temperature = 0.07  # InfoNCE temperature at init (learned; CLIP's value)
   c.model.decoder_width = 384
   c.model.decoder_depth = 2
   c.model.decoder_heads = 6

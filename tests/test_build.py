@@ -64,6 +64,7 @@ def _video_only_with(objective: str):
     (_set('model.audio_stride', (4, 8)), 'model.audio_stride'),  # masked audio needs stride == patch
     (_set('model.segment_seconds', 0.5), 'model.segment_seconds'),  # 6 time patches > 4
     (_set('model.num_segments', 0), 'model.num_segments'),
+    (_set('model.contrastive_temperature', 2.0), 'model.contrastive_temperature'),  # above 1
     (_set('data.num_classes', {'class': 0}), 'data.num_classes'),
     (_video_only_with('contrastive'), 'loss.weights'),
     (_video_only_with('masked_audio'), 'loss.weights.masked_audio'),

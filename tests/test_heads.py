@@ -65,6 +65,8 @@ def test_logit_scale_starts_at_inverse_temperature_and_is_clamped():
   module = heads.LogitScale()
   variables = module.init(jax.random.key(0))
   np.testing.assert_allclose(module.apply(variables), 1.0 / heads.TEMPERATURE_INIT, rtol=1e-5)
+  warm = heads.LogitScale(init_temperature=0.5)
+  np.testing.assert_allclose(warm.apply(warm.init(jax.random.key(0))), 2.0, rtol=1e-5)
   low, high = heads.TEMPERATURE_RANGE
   for log_scale, expected in ((10.0, 1.0 / low), (-3.0, 1.0 / high), (np.log(20.0), 20.0)):
     params = {'params': {'log_inverse_temperature': np.float32(log_scale)}}

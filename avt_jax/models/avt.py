@@ -11,7 +11,7 @@ from avt_jax.models import masking
 from avt_jax.models.decoders import MaskedDecoder
 from avt_jax.models.fusion import FusionEncoder, fusion_problems, fusion_start
 from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, LogitFusion, LogitScale,
-                                  MatchingHead, sample_hard_negatives)
+                                  MatchingHead, TEMPERATURE_RANGE, sample_hard_negatives)
 from avt_jax.models.options import EncoderOptions, Problem, raise_first
 from avt_jax.models.tokenizers import (PositionEmbedding, SpectrogramPatchEmbedding, TubeletEmbedding,
                                        patchify, token_grid)
@@ -103,6 +103,10 @@ class AVT(nn.Module):
     audio_grid: audio token grid the position embedding is created for.
     fusion, fusion_layer, n_bottlenecks: see FusionEncoder.
     contrastive_dim: projection width of the contrastive heads.
+    contrastive_temperature: the learnable InfoNCE temperature's initial value (CLIP: 0.07). Our
+      finding: where an encoder maps every clip to nearly the same point (a pretrained encoder on
+      new inputs), 0.07 makes the loss at initialisation exceed ln(batch), and the shortest way down
+      is to make every embedding the same, the collapse at ln(batch) (README "Self-supervision").
     decoder_width, decoder_depth, decoder_heads, decoder_mlp_dim: masked-modelling decoders.
     mask_ratio_video, mask_ratio_audio: MAE mask ratios.
     segment_patches, num_segments: masked audio segments (in time patches) per example.
@@ -137,6 +141,7 @@ class AVT(nn.Module):
   fusion_layer: int = 8
   n_bottlenecks: int = 4
   contrastive_dim: int = 256
+  contrastive_temperature: float = 0.07
   decoder_width: int = 128
   decoder_depth: int = 2
   decoder_heads: int = 4
@@ -165,6 +170,10 @@ class AVT(nn.Module):
                     f'{self.contrastive_pool!r}'))
     if not self.posemb_init_std >= 0:
       found.append(('posemb_init_std', f'must be >= 0, got {self.posemb_init_std}'))
+    low, high = TEMPERATURE_RANGE
+    if not low <= self.contrastive_temperature <= high:
+      found.append(('contrastive_temperature', f'expected a number in [{low}, {high}], got '
+                    f'{self.contrastive_temperature}'))
     if self.decoder_width % self.decoder_heads:
       found.append(('decoder_heads', f'decoder_width {self.decoder_width} is not divisible by '
                     f'decoder_heads {self.decoder_heads}'))
@@ -328,7 +337,8 @@ class AVT(nn.Module):
       contrastive = {m: ContrastiveProjection(self.contrastive_dim,
                                               name=f'contrastive_projection_{m}')(
           self._pool(t, self.contrastive_pool)) for m, t in unimodal.items()}
-      contrastive['logit_scale'] = LogitScale(name='contrastive_temperature')()
+      contrastive['logit_scale'] = LogitScale(self.contrastive_temperature,
+                                              name='contrastive_temperature')()
     if 'matching' in objectives:
       final, matching = self._matching(encoder, unimodal, contrastive, example_mask, deterministic)
     elif 'classification' in objectives:

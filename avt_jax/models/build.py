@@ -122,7 +122,8 @@ def segment_patches(config: ml_collections.ConfigDict) -> int:
 
 
 # config.model fields that are AVT attributes of the same name and value.
-_AVT_FIELDS = ('fusion', 'fusion_layer', 'n_bottlenecks', 'contrastive_dim', 'decoder_width',
+_AVT_FIELDS = ('fusion', 'fusion_layer', 'n_bottlenecks', 'contrastive_dim',
+               'contrastive_temperature', 'decoder_width',
                'decoder_depth', 'decoder_heads', 'decoder_mlp_dim', 'mask_ratio_video',
                'mask_ratio_audio', 'num_segments', 'classifier', 'contrastive_pool',
                'posemb_init_std')

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Learnable contrastive temperature: initialised at 0.07, clamped to [0.01, 1].
+# Learnable contrastive temperature: initialised at 0.07 (CLIP) unless set, clamped to [0.01, 1].
 TEMPERATURE_INIT = 0.07
 TEMPERATURE_RANGE = (0.01, 1.0)
 
@@ -75,11 +75,17 @@ class ContrastiveProjection(nn.Module):
 
 
 class LogitScale(nn.Module):
-  """Learnable inverse temperature exp(p), clamped so the temperature stays in TEMPERATURE_RANGE."""
+  """Learnable inverse temperature exp(p), clamped so the temperature stays in TEMPERATURE_RANGE.
+
+  Attributes:
+    init_temperature: the temperature at initialisation (in TEMPERATURE_RANGE).
+  """
+  init_temperature: float = TEMPERATURE_INIT
 
   @nn.compact
   def __call__(self) -> jax.Array:
-    p = self.param('log_inverse_temperature', nn.initializers.constant(-np.log(TEMPERATURE_INIT)), ())
+    p = self.param('log_inverse_temperature',
+                   nn.initializers.constant(-np.log(self.init_temperature)), ())
     low, high = TEMPERATURE_RANGE
     return jnp.exp(jnp.clip(p, -np.log(high), -np.log(low)))
 
