@@ -14,8 +14,8 @@
     python -m avt_jax.learning_benchmark --label_fraction=0.1   # 10% of the training labels
 
 Builds (and caches) each set (`avt_jax/prep/suite/`), fits its linear floors (scikit-learn logistic
-regression on simple features, the regularisation picked by 5-fold cross-validation on the training
-clips) and trains `configs/manifest.py` audio + video, video only and audio only with
+regression on simple features, the regularisation picked by k-fold cross-validation on the training
+clips, `logistic_regression`) and trains `configs/manifest.py` audio + video, video only and audio only with
 `python -m avt_jax.main`, one process per (set, run, seed) with `--config.seed=S` (`--jobs` at once), its output in
 `<workdir>/<set>/<run>_seed<S>.log`. Finished runs are reused, an interrupted one resumes from its
 checkpoints. Reports per set and run the mean and sample standard deviation over seeds of test top-1,
@@ -27,8 +27,9 @@ stdout and `learning_benchmark.json` in `--workdir`.
 `--label_fraction=F` trains every run on the first F of each class's training clips
 (`clips.labelled_subset`) and fits the floors on the same clips; `--pretrain_study` instead compares
 self-supervised pretraining on every clip then fine-tuning at F with supervised training at F
-(`label_efficiency`). `--probe_checkpoint` instead compares frozen features (`pretrained_probe`): logistic regression on a
-ViT-S's pooled features, random init vs the checkpoint, per set and run (issue 21).
+(`label_efficiency`). `--probe_checkpoint` instead compares frozen features (`pretrained_probe`):
+logistic regression on a ViT-S's pooled features, random init vs the checkpoint, per set and run
+(issue 21).
 
 Features of the floors (our design): video, the mean over a clip's stored frames, grey, 16x16; audio,
 the normalised log-mel averaged into 20 time x 16 mel cells; both, the two concatenated.

@@ -11,7 +11,8 @@ from avt_jax.models import masking
 from avt_jax.models.decoders import MaskedDecoder
 from avt_jax.models.fusion import FusionEncoder, fusion_problems, fusion_start
 from avt_jax.models.heads import (ClassificationHead, ContrastiveProjection, LogitFusion, LogitScale,
-                                  MatchingHead, TEMPERATURE_RANGE, sample_hard_negatives)
+                                  MatchingHead, TEMPERATURE_INIT, TEMPERATURE_RANGE,
+                                  sample_hard_negatives)
 from avt_jax.models.options import EncoderOptions, Problem, raise_first
 from avt_jax.models.tokenizers import (PositionEmbedding, SpectrogramPatchEmbedding, TubeletEmbedding,
                                        patchify, token_grid)
@@ -141,7 +142,7 @@ class AVT(nn.Module):
   fusion_layer: int = 8
   n_bottlenecks: int = 4
   contrastive_dim: int = 256
-  contrastive_temperature: float = 0.07
+  contrastive_temperature: float = TEMPERATURE_INIT
   decoder_width: int = 128
   decoder_depth: int = 2
   decoder_heads: int = 4
