@@ -534,6 +534,8 @@ def _checked(args: flags.FlagValues) -> tuple[list[str], list[int], list[str]]:
                              f'{args.label_fraction}.')
   if args.pretrain_study and not args.label_fraction:
     command_line.usage_error(PROG, '--pretrain_study: needs --label_fraction (e.g. 0.1).')
+  if args.label_fraction and (args.reduced or args.probe_checkpoint):
+    command_line.usage_error(PROG, '--label_fraction: not used by --reduced or --probe_checkpoint.')
   if args.quick:
     return names, seeds[:1], ['av']
   return names, seeds, list(args.runs)

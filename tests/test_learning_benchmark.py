@@ -256,10 +256,11 @@ def test_reduced_suite_fusion_beats_each_modality_and_the_floors(reduced_dir, tm
                                          ('--runs=av,both', '--runs'), ('--seeds=0,x', '--seeds'),
                                          ('--jobs=0', 'jobs'), ('--nosuch=1', 'nosuch'),
                                          ('--label_fraction=1.5', '--label_fraction'),
-                                         ('--pretrain_study', '--pretrain_study')])
+                                         ('--pretrain_study', '--pretrain_study'),
+                                         ('--reduced --label_fraction=0.1', '--label_fraction')])
 def test_bad_flags_are_one_line_naming_the_flag(flag, named, capsys):
   with pytest.raises(SystemExit) as stop:
-    learning_benchmark.main([flag])
+    learning_benchmark.main(flag.split())
   assert stop.value.code == 2
   err = capsys.readouterr().err.strip().split('\n')
   assert len(err) == 1 and err[0].startswith('python -m avt_jax.learning_benchmark: error:')
