@@ -142,23 +142,40 @@ def logistic_regression(x: np.ndarray, labels: np.ndarray, what: str) -> Any:
   return probe.fit(x, labels)
 
 
+def with_classification_branch(config, model, params) -> dict:
+  """`params` plus the leaves that only the classification branch has, from a fresh init.
+
+  A self-supervised run's checkpoint (classification weight 0) lacks the classifier and the
+  encoder's final norms `encoder_norm_{modality}`; they are taken from `model.init` (classifier
+  zero, LayerNorm scale 1 and bias 0: plain layer normalisation). Leaves `params` has are kept as
+  they are. Our design, for linear probes of any checkpoint.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from avt_jax.models.build import example_inputs  # pylint: disable=g-import-not-at-top
+
+  key = jax.random.PRNGKey(0)
+  fresh = jax.jit(lambda x: model.init({'params': key, 'masking': key}, x, train=False,
+                                       objectives=('classification',))['params'])(
+      example_inputs(config, batch=1))
+  merged = traverse_util.flatten_dict(nn.meta.unbox(fresh))
+  merged.update(traverse_util.flatten_dict(params))
+  return traverse_util.unflatten_dict(merged)
+
+
 def encoder_features(config, params, data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """([N, modalities * D] final pooled features, [N] labels) of every clip of `split` (centre view).
 
-  `params` may lack the classifier (a self-supervised run): a zero one is added, it does not change
-  the features.
+  `params` may lack the classification branch (a self-supervised run): `with_classification_branch`
+  adds it.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from avt_jax import input as input_lib  # pylint: disable=g-import-not-at-top
   from avt_jax.models import build_model  # pylint: disable=g-import-not-at-top
-  from avt_jax.models.build import encoder_size  # pylint: disable=g-import-not-at-top
 
   model = build_model(config)
-  if 'classifier' not in params:
-    width, classes = encoder_size(config.model)['hidden_size'], config.data.num_classes['class']
-    params = dict(params, classifier={'output_projection': {
-        'kernel': np.zeros((width, classes), np.float32),
-        'bias': np.zeros((classes,), np.float32)}})
+  params = with_classification_branch(config, model, params)
   modalities = tuple(config.model.modalities)
   apply = jax.jit(lambda p, b: model.apply({'params': p}, b, objectives=('classification',))[
       'features']['final'])

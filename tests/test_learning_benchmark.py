@@ -288,3 +288,38 @@ def test_a_run_without_a_classifier_is_reported_not_fatal(tmp_path, capsys):
   assert done[('toy', 'av', 0)]['eval'] == kept['eval']
   assert 'toy av seed 0: test top-1 nan' in capsys.readouterr().out
   assert 'top1' not in learning_benchmark.summarise({0: done[('toy', 'av', 0)]})
+
+
+def test_a_self_supervised_checkpoint_is_probed_on_its_layer_normalised_encoder_output():
+  """A contrastive-only run has no classifier and no final encoder norms; the probe's features are
+  then the CLS tokens under plain layer normalisation (hand-computed here), the run's leaves kept."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from conftest import random_params, tiny_config  # pylint: disable=g-import-not-at-top
+  from avt_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from avt_jax.models.build import example_inputs  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config(**{'model.fusion': 'late', 'model.classifier': 'token'})
+  model = build_model(config)
+  inputs = example_inputs(config, batch=3)
+  inputs['video'] = np.random.default_rng(0).normal(size=inputs['video'].shape).astype(np.float32)
+  inputs['audio'] = np.random.default_rng(1).normal(size=inputs['audio'].shape).astype(np.float32)
+  init = lambda objectives: jax.eval_shape(lambda: model.init(
+      {'params': jax.random.PRNGKey(0), 'masking': jax.random.PRNGKey(0)}, inputs, train=False,
+      objectives=objectives))['params']
+  params = random_params(init(('contrastive',)))
+  assert not any('encoder_norm' in '/'.join(k) or k[0] == 'classifier'
+                 for k in traverse_util.flatten_dict(params))
+
+  filled = learning_benchmark.with_classification_branch(config, model, params)
+
+  assert set(traverse_util.flatten_dict(filled)) == set(
+      traverse_util.flatten_dict(nn.meta.unbox(init(('classification', 'contrastive')))))
+  for key, value in traverse_util.flatten_dict(params).items():
+    np.testing.assert_array_equal(traverse_util.flatten_dict(filled)[key], value)
+  features = model.apply({'params': filled}, inputs, objectives=('classification',))['features']
+  for m in ('video', 'audio'):
+    cls = np.asarray(features['pre_fusion_token'][m], np.float64)
+    normalised = (cls - cls.mean(-1, keepdims=True)) / np.sqrt(cls.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(features['final'][m], normalised, rtol=1e-4, atol=1e-4)
