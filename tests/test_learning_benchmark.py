@@ -257,6 +257,8 @@ def test_reduced_suite_fusion_beats_each_modality_and_the_floors(reduced_dir, tm
                                          ('--jobs=0', 'jobs'), ('--nosuch=1', 'nosuch'),
                                          ('--label_fraction=1.5', '--label_fraction'),
                                          ('--pretrain_study', '--pretrain_study'),
+                                         ('--pretrain_override=--config.seed=1',
+                                          '--pretrain_override'),
                                          ('--reduced --label_fraction=0.1', '--label_fraction')])
 def test_bad_flags_are_one_line_naming_the_flag(flag, named, capsys):
   with pytest.raises(SystemExit) as stop:
