@@ -164,18 +164,15 @@ def with_classification_branch(config, model, params) -> dict:
   return traverse_util.unflatten_dict(merged)
 
 
-def encoder_features(config, params, data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def encoder_features(config, model, params, data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """([N, modalities * D] final pooled features, [N] labels) of every clip of `split` (centre view).
 
-  `params` may lack the classification branch (a self-supervised run): `with_classification_branch`
-  adds it.
+  `model`: `build_model(config)`; `params` must hold the classification branch
+  (`with_classification_branch` adds it to a self-supervised run's).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from avt_jax import input as input_lib  # pylint: disable=g-import-not-at-top
-  from avt_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
-  model = build_model(config)
-  params = with_classification_branch(config, model, params)
   modalities = tuple(config.model.modalities)
   apply = jax.jit(lambda p, b: model.apply({'params': p}, b, objectives=('classification',))[
       'features']['final'])
@@ -189,9 +186,14 @@ def encoder_features(config, params, data_dir: str, split: str) -> tuple[np.ndar
 
 
 def linear_probe(config, params, train_dir: str, test_dir: str) -> float:
-  """Test top-1 of `logistic_regression` on frozen `encoder_features`."""
-  x_train, y_train = encoder_features(config, params, train_dir, config.data.train_split)
-  x_test, y_test = encoder_features(config, params, test_dir, config.data.eval_split)
+  """Test top-1 of `logistic_regression` on frozen `encoder_features`; `params` may lack the
+  classification branch (a self-supervised run)."""
+  from avt_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
+  model = build_model(config)
+  params = with_classification_branch(config, model, params)
+  x_train, y_train = encoder_features(config, model, params, train_dir, config.data.train_split)
+  x_test, y_test = encoder_features(config, model, params, test_dir, config.data.eval_split)
   return float(logistic_regression(x_train, y_train, train_dir).score(x_test, y_test))
 
 
@@ -320,14 +322,16 @@ def pretrain_study(names: Sequence[str], seeds: Sequence[int], args) -> tuple[di
   from avt_jax.prep import suite  # pylint: disable=g-import-not-at-top
 
   table = {}
+  overrides = _run_overrides(args)
   pretrain_overrides = args.pretrain_override or PRETRAIN_OVERRIDES
   for name in names:
     data_dir = suite.ensure(name, args.cache_dir)
-    per_seed = [label_efficiency(
-        data_dir, args.label_fraction,
-        os.path.join(args.workdir, name, f'pretrain{round(100 * args.label_fraction)}', f'seed{s}'),
-        args.config, [*_run_overrides(args), f'--config.seed={s}'], pretrain_overrides)
-                for s in seeds]
+    study_dir = os.path.join(args.workdir, name, f'pretrain{round(100 * args.label_fraction)}')
+    per_seed = []
+    for seed in seeds:
+      per_seed.append(label_efficiency(data_dir, args.label_fraction,
+                                       os.path.join(study_dir, f'seed{seed}'), args.config,
+                                       [*overrides, f'--config.seed={seed}'], pretrain_overrides))
     table[name] = {k: [r[k] for r in per_seed] for k in per_seed[0]}
   rows = ['| set | labels | run | seeds | test top-1 |', '|---|---|---|---|---|']
   for name, quantities in table.items():
