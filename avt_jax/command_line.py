@@ -43,6 +43,23 @@ def usage_error(prog: str, message: str) -> NoReturn:
   raise SystemExit(2)
 
 
+# What parsing raises for a bad flag: absl's errors (config files' own errors included), and
+# ml_collections' AttributeError / KeyError for a `--config.<field>` override of a field the config
+# does not have.
+FLAG_ERRORS = (flags.Error, AttributeError, KeyError)
+
+
+def flag_error_message(error: BaseException) -> str:
+  """One line for an error of `FLAG_ERRORS`: a config file's traceback is cut to its first and last
+  lines (the flag and the config's own message)."""
+  if isinstance(error, (AttributeError, KeyError)):
+    return f'a --config.<field> override names no field of the config: {str(error).strip(chr(34))}'
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if len(lines) > 1:
+    return f'{lines[0].rstrip(":")}: {lines[-1]}'
+  return lines[0] if lines else type(error).__name__
+
+
 def parse(prog: str, usage: str, define: Callable[[flags.FlagValues], None],
           argv: Sequence[str], positional: str | None = None
           ) -> tuple[flags.FlagValues, list[str]]:
@@ -70,8 +87,8 @@ def parse(prog: str, usage: str, define: Callable[[flags.FlagValues], None],
     raise SystemExit(0)
   try:
     rest = fv([prog, *argv])[1:]
-  except flags.Error as e:
-    usage_error(prog, str(e))
+  except FLAG_ERRORS as e:
+    usage_error(prog, flag_error_message(e))
   if positional and not rest:
     usage_error(prog, f'expected at least one {positional}')
   if rest and not positional:

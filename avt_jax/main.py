@@ -38,6 +38,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
+PROG = 'python -m avt_jax.main'
 config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard events and results (local or gs://).')
@@ -156,7 +157,7 @@ def main(argv):
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
         local_device_ids=FLAGS.local_device_ids)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    command_line.usage_error(PROG, str(e))
   try:
     from avt_jax import launch  # pylint: disable=g-import-not-at-top  # after the flags are checked
     launch.run(FLAGS.config, FLAGS.workdir, distributed, on_start=_mark_started)
@@ -169,5 +170,19 @@ def main(argv):
     raise SystemExit(1) from None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing with the project's convention (`avt_jax.command_line`): a bad flag is one line
+  `python -m avt_jax.main: error: ...` and exit status 2 (absl's own: a FATAL line, status 1), and
+  the help exits 0 (absl's: 1)."""
+  try:
+    return FLAGS(argv)
+  except command_line.FLAG_ERRORS as e:
+    command_line.usage_error(PROG, command_line.flag_error_message(e))
+  except SystemExit:
+    if set(command_line.HELP_FLAGS) & set(argv[1:]):
+      raise SystemExit(0) from None
+    raise
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

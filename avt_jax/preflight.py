@@ -71,9 +71,9 @@ def check_run(config: ml_collections.ConfigDict, data_dir: str, workdir: str
     ConfigError: one line starting with the config field (or naming the file) at fault.
   """
   check_config(config, workdir)  # again: `data.from_stats` may have changed fields
-  splits = [config.data.eval_split]
-  if not config.train.eval_only:
-    splits.insert(0, config.data.train_split)
+  fields = ['eval_split'] if config.train.eval_only else ['train_split', 'eval_split']
+  _check_splits_prepared(config, data_dir, fields)
+  splits = [config.data[field] for field in fields]
   try:
     pipeline.check_config(config, data_dir, splits)
   except (record_files.RecordFileError, data_format.StatsError):
@@ -86,6 +86,23 @@ def check_run(config: ml_collections.ConfigDict, data_dir: str, workdir: str
       _check_resumable(config, data_dir, workdir)
     return None
   return _read_init(config)
+
+
+def _check_splits_prepared(config: ml_collections.ConfigDict, data_dir: str,
+                           fields: list[str]) -> None:
+  """Each `config.data.<field>` split is among those stats.json counts (`num_clips`); a folder
+  without a readable stats.json is left to `pipeline.check_config`, which names the file."""
+  try:
+    prepared = sorted(input_lib.load_stats(data_dir).get('num_clips') or {})
+  except (OSError, ValueError):
+    return
+  for field in fields:
+    split = config.data[field]
+    if prepared and split not in prepared:
+      raise ConfigError(f'config.data.{field}: the prepared data {data_dir} has no {split!r} split '
+                        f'(it has {", ".join(prepared)}); give the annotations (manifest `split` '
+                        f'column) rows with split {split!r} and prepare again, or set '
+                        f'--config.data.{field} to one of those.')
 
 
 def _has_checkpoint(workdir: str) -> bool:

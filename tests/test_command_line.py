@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from absl import flags
+from ml_collections import config_flags
 
 from avt_jax import command_line
 
@@ -55,3 +56,36 @@ def test_predict_help_prints_no_line_the_user_did_not_ask_for():
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and '--workdir' in result.stdout
   assert result.stderr == ''
+
+
+def _define_config(fv):
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--config=configs/manifest.py:bogus'], "unknown variant ['bogus']"),
+    (['--config=configs/demo.py', '--config.train.nope=1'], "Unknown command line flag 'config.train.nope'"),
+])
+def test_a_bad_config_flag_is_one_error_line_with_the_configs_own_message(argv, message, capsys):
+  """The config file's ValueError arrives as a traceback inside absl's error; one line keeps the
+  flag and the config's message."""
+  with pytest.raises(SystemExit) as exit_info:
+    command_line.parse('prog', 'usage', _define_config, argv)
+  error = capsys.readouterr().err
+  assert exit_info.value.code == 2 and error.count('\n') == 1 and message in error, error
+
+
+@pytest.mark.parametrize('argv, status, stream, text', [
+    (['--config=configs/demo.py', '--workdir=/tmp/unused', '--nope'], 2, 'stderr',
+     "python -m avt_jax.main: error: Unknown command line flag 'nope'\n"),
+    (['--config=configs/demo.py', '--workdir=/tmp/unused', '--num_processes=2'], 2, 'stderr',
+     'python -m avt_jax.main: error: --num_processes given without --multihost.\n'),
+    (['--config=configs/demo.py', '--workdir=/tmp/unused', '--config.nope=1'], 2, 'stderr',
+     "python -m avt_jax.main: error: a --config.<field> override names no field of the config: 'nope'\n"),
+    (['--helpshort'], 0, 'stdout', '--workdir'),
+])
+def test_main_follows_the_convention(argv, status, stream, text):
+  result = subprocess.run([sys.executable, '-m', 'avt_jax.main', *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == status, result.stderr[-2000:]
+  assert (result.stderr == text) if stream == 'stderr' else text in result.stdout, result.stderr[-2000:]

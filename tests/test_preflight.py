@@ -45,7 +45,8 @@ def _check(data_dir, workdir, *flags):
     ('--config.input.n_mels=48', 'config.input.n_mels'),
     ('--config.input.eval_batch_size=7', 'config.input.eval_batch_size'),
     ('--config.train.best_metric=accuracy', 'config.train.best_metric'),
-    ('--config.data.eval_split=validation', "'validation'"),
+    ('--config.data.eval_split=validation', 'config.data.eval_split: '),
+    ('--config.data.train_split=training', 'config.data.train_split: '),
 ])
 def test_late_problems_are_found_before_anything_is_written(data_dir, files, tmp_path, flag, field):
   workdir = tmp_path / 'run'
@@ -53,6 +54,14 @@ def test_late_problems_are_found_before_anything_is_written(data_dir, files, tmp
     _check(data_dir, workdir, flag.format(files=files))
   assert field in str(error.value) and '\n' not in str(error.value)
   assert not workdir.exists()
+
+
+def test_a_split_the_data_lacks_is_named_with_the_splits_it_has(data_dir, tmp_path):
+  """A manifest without `test` rows prepares no `test` split: the run says so and what to do."""
+  with pytest.raises(ConfigError) as error:
+    _check(data_dir, tmp_path / 'run', '--config.data.eval_split=validation')
+  assert f"the prepared data {data_dir} has no 'validation' split (it has test, train)" in str(error.value)
+  assert "rows with split 'validation'" in str(error.value)
 
 
 @pytest.mark.parametrize('flag, field', [

