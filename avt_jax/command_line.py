@@ -53,7 +53,8 @@ def flag_error_message(error: BaseException) -> str:
   """One line for an error of `FLAG_ERRORS`: a config file's traceback is cut to its first and last
   lines (the flag and the config's own message)."""
   if isinstance(error, (AttributeError, KeyError)):
-    return f'a --config.<field> override names no field of the config: {str(error).strip(chr(34))}'
+    field = str(error).strip('"')
+    return f'a --config.<field> override names no field of the config: {field}'
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if len(lines) > 1:
     return f'{lines[0].rstrip(":")}: {lines[-1]}'
