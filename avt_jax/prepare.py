@@ -116,6 +116,11 @@ def define_flags(fv: flags.FlagValues) -> None:
                      '`group` column), as `val`, on which training calibrates its audio-video '
                      'fusion; 0 holds out nothing (default: the dataset default, 0.15 for manifest, '
                      '0 for the others).', flag_values=fv)
+  flags.DEFINE_float('test_fraction', 0.0, 'When the annotations have no `test` split: hold out at '
+                     'least this fraction of the `train` clips, whole groups at a time (manifest '
+                     '`group` column), as `test`, on which training evaluates; taken before '
+                     '--val_fraction, which then holds out of what stays in `train`, so no group is '
+                     'in both; 0 holds out nothing (default).', flag_values=fv)
   flags.DEFINE_enum('missing_audio', 'silence', ('silence', 'skip'), 'Files without an audio '
                     'stream, or whose audio stream cannot be decoded: keep the video with silence '
                     'and the audio/missing flag, or skip.', flag_values=fv)
@@ -157,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         clip_seconds=None if args.clip_seconds == 0 else args.clip_seconds,
         missing_audio=args.missing_audio, workers=args.workers, jpeg_quality=args.jpeg_quality,
         num_shards=parse_num_shards(args.num_shards), runner=args.runner,
-        beam_options=args.beam_options, val_fraction=args.val_fraction)
+        beam_options=args.beam_options, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction)
   except (ValueError, FileNotFoundError, ImportError) as e:
     sys.stderr.write(f'prepare: error: {e}\n')
     return 2

@@ -1,5 +1,9 @@
 """Calibrated late fusion: the fitted weights, the fused logits and the held-out split."""
 
+import collections
+import dataclasses
+import zlib
+
 import numpy as np
 import pytest
 
@@ -98,20 +102,78 @@ def _specs():
 
 
 def test_hold_out_validation_moves_whole_groups():
-  specs, note = holdout.hold_out_validation(_specs(), 0.15)
+  specs, notes = holdout.hold_out_splits(_specs(), val_fraction=0.15)
   val = [s for s in specs if s.split == 'val']
   train_groups = {s.group for s in specs if s.split == 'train'}
   assert len(val) == 10  # two speakers: the least number of whole groups reaching 15% of 60
   assert not {s.group for s in val} & train_groups
   assert all(s.split == 'test' for s in specs if s.clip_id.startswith('t'))
-  assert 'held out 10 of 60' in note
-  assert holdout.hold_out_validation(_specs(), 0.15)[0] == specs  # deterministic
+  assert len(notes) == 1 and notes[0].startswith("held out 10 of 60 'train' clips (2 of 12 groups) "
+                                                 "as split 'val'")
+  assert holdout.hold_out_splits(_specs(), val_fraction=0.15)[0] == specs  # deterministic
 
 
 def test_hold_out_validation_leaves_given_splits_alone():
   given = _specs()
   given[0] = ClipSpec('v', 'v.mp4', {'class': [0]}, split='val')
-  assert holdout.hold_out_validation(given, 0.15) == (given, None)
-  assert holdout.hold_out_validation(_specs(), 0.0) == (_specs(), None)
-  with pytest.raises(ValueError, match='val_fraction'):
-    holdout.hold_out_validation(_specs(), 1.0)
+  assert holdout.hold_out_splits(given, val_fraction=0.15) == (given, [])
+  assert holdout.hold_out_splits(_specs(), val_fraction=0.0) == (_specs(), [])
+  with pytest.raises(ValueError, match='^val_fraction: '):
+    holdout.hold_out_splits(_specs(), val_fraction=1.0)
+
+
+def _train_only(grouped=True):
+  """`_specs()` without its test rows: 12 speakers x 5 clips, all in train (each clip its own group
+  without `grouped`)."""
+  return [s if grouped else dataclasses.replace(s, group=None)
+          for s in _specs() if s.split == 'train']
+
+
+def _hash_order(groups):
+  """The documented hold-out order: by CRC-32 of the group name."""
+  return sorted(groups, key=lambda g: (zlib.crc32(g.encode()), g))
+
+
+def test_hold_out_test_then_val_by_whole_groups():
+  specs, notes = holdout.hold_out_splits(_train_only(), test_fraction=0.2, val_fraction=0.15)
+  by_split = {split: {s.group for s in specs if s.split == split} for split in ('train', 'val', 'test')}
+  counts = collections.Counter(s.split for s in specs)
+  # By hand: test needs >= 0.2 x 60 = 12 clips -> 3 speakers (15 clips); val then needs
+  # >= 0.15 x 45 = 6.75 of the 45 left -> 2 speakers (10 clips); 35 stay in train.
+  assert counts == {'test': 15, 'val': 10, 'train': 35}
+  assert not by_split['test'] & by_split['val']
+  assert not (by_split['test'] | by_split['val']) & by_split['train']
+  order = _hash_order(f'spk{g}' for g in range(12))
+  assert by_split['test'] == set(order[:3]) and by_split['val'] == set(order[3:5])
+  assert [n.split(' for ')[0] for n in notes] == [
+      "held out 15 of 60 'train' clips (3 of 12 groups) as split 'test'",
+      "held out 10 of 45 'train' clips (2 of 9 groups) as split 'val'"]
+  assert 'test_fraction=0.2' in notes[0] and "rows with split 'test' to choose them" in notes[0]
+  assert holdout.hold_out_splits(_train_only(), test_fraction=0.2, val_fraction=0.15) == (specs, notes)
+
+
+def test_hold_out_test_single_clips_without_groups():
+  specs, notes = holdout.hold_out_splits(_train_only(grouped=False), test_fraction=0.25)
+  test = [s.clip_id for s in specs if s.split == 'test']
+  assert len(test) == 15 and len(notes) == 1  # exactly 0.25 x 60 clips, one per group
+  assert set(test) == set(_hash_order(s.clip_id for s in _train_only())[:15])
+
+
+def test_an_existing_test_split_means_nothing_moves_to_test():
+  assert holdout.hold_out_splits(_specs(), test_fraction=0.2) == (_specs(), [])
+  assert (holdout.hold_out_splits(_specs(), test_fraction=0.2, val_fraction=0.15)
+          == holdout.hold_out_splits(_specs(), val_fraction=0.15))
+  assert holdout.hold_out_splits(_train_only(), test_fraction=0.0) == (_train_only(), [])
+
+
+@pytest.mark.parametrize('fraction', [1.0, -0.1, float('nan')])
+def test_a_bad_test_fraction_is_one_line_naming_it(fraction):
+  with pytest.raises(ValueError, match=r'^test_fraction: expected a number in \[0, 1\), got ') as error:
+    holdout.hold_out_splits(_train_only(), test_fraction=fraction)
+  assert '\n' not in str(error.value)
+
+
+def test_a_test_split_cannot_come_from_a_single_group():
+  one_speaker = [dataclasses.replace(s, group='spk') for s in _train_only()]
+  with pytest.raises(ValueError, match="^test_fraction: the 'train' clips form fewer than two groups"):
+    holdout.hold_out_splits(one_speaker, test_fraction=0.2)

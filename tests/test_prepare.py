@@ -62,7 +62,7 @@ def test_help_lists_datasets_and_options(help_flag):
   for text in ('kinetics_sounds', 'vggsound', 'epic_kitchens_100', 'manifest', '--annotations',
                '--videos', '--output', '--fps', '--short_side', '--n_mels', '--clip_seconds',
                '--missing_audio', '--workers', '--classes', '--tfds_data_dir', '--num_shards',
-               '--runner', '--beam_options'):
+               '--runner', '--beam_options', '--val_fraction', '--test_fraction'):
     assert text in result.stdout, text
 
 
@@ -183,12 +183,33 @@ def _run_main(tmp_path, dataset, annotation_text, *extra, name='annotations.csv'
     ('kinetics_sounds', 'label,youtube_id,time_start,time_end,split\n', ('--classes=34',),
      r"expected one of \['31'\] or the path of a class list file"),
     ('epic_kitchens_100', 'narration_id\n', ('--classes=x.txt',), '--classes does not apply'),
+    ('manifest', 'path,label\na.mp4,a\nb.mp4,b\n', ('--test_fraction=1',),
+     r'^prepare: error: test_fraction: expected a number in \[0, 1\), got 1.0.$'),
 ])
 def test_bad_input_exits_with_status_2_and_writes_nothing(tmp_path, capsys, dataset, text, extra, message):
   assert _run_main(tmp_path, dataset, text, *extra) == 2
   error = capsys.readouterr().err.splitlines()[-1]
   assert error.startswith('prepare: error: ') and re.search(message, error), error
   assert not (tmp_path / 'out').exists()
+
+
+def test_test_fraction_holds_out_a_test_split(smoke, tmp_path, capsys):
+  """Kinetics-Sounds train rows only (7, one file missing), no `test`: --test_fraction=0.3 moves at
+  least 2.1 of them, i.e. 3 single clips (no groups), to `test`; the rest stays in `train`."""
+  raw, reference = smoke['kinetics_sounds']
+  out = tmp_path / 'out'
+  assert prepare.main(['--dataset=kinetics_sounds', f'--annotations={os.path.join(raw, "train.csv")}',
+                       f'--videos={raw}/videos', f'--output={out}', '--fps=8', '--short_side=36',
+                       '--n_mels=32', '--clip_seconds=2', '--workers=0', '--test_fraction=0.3']) == 0
+  assert ("prepare: held out 3 of 7 'train' clips (3 of 7 groups) as split 'test' for evaluation "
+          '(test_fraction=0.3;') in capsys.readouterr().err
+  stats = json.loads((out / 'stats.json').read_text())
+  assert sorted(stats['num_clips']) == ['test', 'train']
+  assert {split: stats['num_clips'][split] + stats['num_skipped'][split] for split in ('test', 'train')
+          } == {'test': 3, 'train': 4}
+  test, train = (set(_read(str(out), split)) for split in ('test', 'train'))
+  assert len(test) == stats['num_clips']['test'] and not test & train
+  assert test | train == set(_read(reference, 'train'))  # the same 6 clips written, split in two
 
 
 def test_symlink_leaving_the_video_folder_is_refused(tmp_path, capsys):

@@ -148,7 +148,7 @@ def prepare(manifest: str, names: list[str], videos: str, output: str, num_worke
   specs, label_names = manifest_lib.read_manifest(manifest, class_names=names)
   if not hold_out_sources:
     specs = [dataclasses.replace(s, group=None) for s in specs]
-  specs, _ = holdout.hold_out_validation(specs, manifest_lib.DATASET.defaults.val_fraction)
+  specs, _ = holdout.hold_out_splits(specs, val_fraction=manifest_lib.DATASET.defaults.val_fraction)
   shards.prepare_dataset(specs, videos, output, fps=PREPARED_FPS, short_side=PREPARED_SHORT_SIDE,
                          n_mels=PREPARED_N_MELS, label_names=label_names,
                          clip_seconds=DURATION_S, num_workers=num_workers, progress=progress)

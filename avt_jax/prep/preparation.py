@@ -74,8 +74,8 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
             n_mels: int | None = None, clip_seconds: float | None = -1.0,
             missing_audio: str = 'silence', workers: int | None = None, jpeg_quality: int = 90,
             num_shards: int | Mapping[str, int] | None = None, runner: str = 'local',
-            beam_options: str = '', progress: bool = True, val_fraction: float | None = None
-            ) -> dict[str, Any]:
+            beam_options: str = '', progress: bool = True, val_fraction: float | None = None,
+            test_fraction: float = 0.0) -> dict[str, Any]:
   """Reads the annotations and writes the records (see `python -m avt_jax.prepare --help`).
 
   Args:
@@ -98,22 +98,26 @@ def prepare(dataset: str, annotation_paths: Sequence[str], video_dir: str, outpu
     runner, beam_options: see `shard_writer`.
     progress: print progress and a summary on stderr.
     val_fraction: least fraction of `train` clips held out by group as split `val` when the
-      annotations have none (`avt_jax.prep.holdout`); None for the dataset default.
+      annotations have none, taken after the `test` hold-out (`avt_jax.prep.holdout`); None for
+      the dataset default.
+    test_fraction: least fraction of `train` clips held out by group as split `test` when the
+      annotations have none (`avt_jax.prep.holdout`); 0 holds out nothing.
 
   Returns:
     The dataset statistics (`stats.json`).
 
   Raises:
-    ValueError: `num_shards` names a split the annotations do not have, or is < 1; see also
-      `shard_writer`.
+    ValueError: `num_shards` names a split the annotations do not have, or is < 1; a bad hold-out
+      fraction (`holdout.hold_out_splits`); see also `shard_writer`.
   """
   write_shards = shard_writer(runner, beam_options)  # before any output: Beam missing stops here
   specs, label_names = read_annotations(dataset, annotation_paths, video_dir, classes)
   defaults = registry.get(dataset).defaults
-  specs, held_out = holdout.hold_out_validation(
-      specs, defaults.val_fraction if val_fraction is None else val_fraction)
-  if progress and held_out:
-    sys.stderr.write(f'prepare: {held_out}\n')
+  specs, notes = holdout.hold_out_splits(
+      specs, test_fraction=test_fraction,
+      val_fraction=defaults.val_fraction if val_fraction is None else val_fraction)
+  if progress:
+    sys.stderr.writelines(f'prepare: {note}\n' for note in notes)
   per_split = collections.Counter(spec.split for spec in specs)
   shards_per_split = _shards_per_split(num_shards, per_split)
   if progress:
