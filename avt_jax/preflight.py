@@ -20,6 +20,7 @@ from avt_jax import (checkpoint_adaptation, checkpointing, data_format, input as
                      pretrained, record_files, sharding)
 from avt_jax.input import pipeline
 from avt_jax.models import ConfigError
+from avt_jax.prep import holdout
 
 _INIT_PATHS = ('checkpoint', 'video.checkpoint', 'audio.checkpoint')
 
@@ -99,9 +100,11 @@ def _check_splits_prepared(config: ml_collections.ConfigDict, data_dir: str,
   for field in fields:
     split = config.data[field]
     if prepared and split not in prepared:
+      held_out = (' (or prepare with --test_fraction=0.2 to hold out a fifth of the `train` '
+                  'clips, whole groups at a time)' if split == holdout.TEST_SPLIT else '')
       raise ConfigError(f'config.data.{field}: the prepared data {data_dir} has no {split!r} split '
                         f'(it has {", ".join(prepared)}); give the annotations (manifest `split` '
-                        f'column) rows with split {split!r} and prepare again, or set '
+                        f'column) rows with split {split!r} and prepare again{held_out}, or set '
                         f'--config.data.{field} to one of those.')
 
 

@@ -1,7 +1,9 @@
 """Tests for avt_jax.preflight: every config check runs before the workdir is written, one line
 naming the field (and `python -m avt_jax.main` leaves the workdir empty)."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +64,21 @@ def test_a_split_the_data_lacks_is_named_with_the_splits_it_has(data_dir, tmp_pa
     _check(data_dir, tmp_path / 'run', '--config.data.eval_split=validation')
   assert f"the prepared data {data_dir} has no 'validation' split (it has test, train)" in str(error.value)
   assert "rows with split 'validation'" in str(error.value)
+  assert '--test_fraction' not in str(error.value)  # only `test` can be held out that way
+
+
+def test_a_missing_test_split_suggests_holding_one_out(data_dir, tmp_path):
+  """The same data prepared from `train` rows only (stats.json counts no `test`)."""
+  train_only = tmp_path / 'train_only'
+  shutil.copytree(data_dir, train_only)
+  stats = json.loads((train_only / 'stats.json').read_text())
+  del stats['num_clips']['test']
+  (train_only / 'stats.json').write_text(json.dumps(stats))
+  with pytest.raises(ConfigError) as error:
+    _check(str(train_only), tmp_path / 'run')
+  assert str(error.value).startswith(f"config.data.eval_split: the prepared data {train_only} has no "
+                                     "'test' split (it has train)")
+  assert 'prepare with --test_fraction=0.2' in str(error.value) and '\n' not in str(error.value)
 
 
 @pytest.mark.parametrize('flag, field', [
