@@ -165,11 +165,13 @@ def test_synthetic_records_feed_the_training_pipeline(tmp_path):
 
 
 def test_input_mode_end_to_end_compares_pipeline_and_step(tmp_path):
-  """A real `--mode=input` run on synthetic records of the tiny test config."""
+  """A real `--mode=input` run on synthetic records of the tiny test config, classification only
+  (the step is timed, not checked: its objectives do not matter, and one compiles fastest)."""
   pytest.importorskip('tensorflow')
   config_file = tmp_path / 'tiny_config.py'
   config_file.write_text('from conftest import tiny_config\n\n\ndef get_config():\n'
-                         "  return tiny_config(**{'input.batch_size': 4, 'input.shuffle_buffer': 4})\n")
+                         "  return tiny_config(**{'input.batch_size': 4, 'input.shuffle_buffer': 4,\n"
+                         "                        'loss.weights': {'classification': 1.0}})\n")
   report = cli.main(['--mode=input', f'--config_file={config_file}', '--synthetic_clips=4',
                      '--input_batches=2', '--steps=2', '--step_batch_size=2',
                      f'--output_dir={tmp_path}'])
