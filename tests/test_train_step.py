@@ -32,8 +32,9 @@ def make_batches(config, steps, seed=0):
   return out
 
 
-def run_steps(config, mesh_shape, batches, devices=None):
-  """Runs the jitted, sharded train step; returns (per-step metrics, final params as numpy)."""
+def run_steps(config, mesh_shape, batches, devices=None, with_initial=False):
+  """Runs the jitted, sharded train step; returns (per-step metrics, final params as numpy), and
+  with `with_initial` the initial params as numpy too (read before the first step)."""
   model = build_model(config)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_shape), devices)
   tx, schedule = train_step.make_optimizer(config.optim, config.train.steps)
@@ -43,6 +44,8 @@ def run_steps(config, mesh_shape, batches, devices=None):
                                       train_step.param_axes(config, model))
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)(rng)
+    # A copy: the step donates the state's buffers, which a zero-copy view would share.
+    initial = jax.tree_util.tree_map(np.array, state.params) if with_initial else None
     step = jax.jit(train_step.make_train_step(config, model, tx, schedule),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -50,7 +53,8 @@ def run_steps(config, mesh_shape, batches, devices=None):
     for batch in batches:
       state, metrics = step(state, sharding.global_batch(batch, mesh))
       history.append(jax.device_get(metrics))
-  return history, jax.device_get(state.params)
+  final = jax.device_get(state.params)
+  return (history, final, initial) if with_initial else (history, final)
 
 
 def equivalence_config():
@@ -109,11 +113,8 @@ def test_non_finite_loss_skips_update_and_names_objective():
   batches = make_batches(config, 1)
   batches[0]['audio'][0, 0, 0] = np.nan
   devices = jax.devices()[:1]
-  history, params = run_steps(config, dict(data=1, fsdp=1, model=1), batches, devices)
-  model = build_model(config)
-  tx, _ = train_step.make_optimizer(config.optim, config.train.steps)
-  init = functools.partial(train_step.init_state, config, model, tx)
-  initial = jax.device_get(jax.jit(init)(jax.random.PRNGKey(0)).params)
+  history, params, initial = run_steps(config, dict(data=1, fsdp=1, model=1), batches, devices,
+                                       with_initial=True)
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, initial)
   with pytest.raises(train_step.NonFiniteLossError, match=r"step 7"):
     train_step.check_finite(7, history[0])
@@ -170,12 +171,10 @@ def test_frozen_parameters_keep_their_values_and_the_rest_train_as_without_freez
                           'optim.frozen': frozen})
   batches = make_batches(config(''), 1)
   one, devices = dict(data=1, fsdp=1, model=1), jax.devices()[:1]
-  (plain,), plain_params = run_steps(config(''), one, batches, devices)
-  (frozen,), frozen_params = run_steps(config(FROZEN), one, batches, devices)
-  model = build_model(config(''))
-  tx, _ = train_step.make_optimizer(config('').optim, 10)
-  initial = jax.device_get(jax.jit(functools.partial(train_step.init_state, config(''), model, tx))(
-      jax.random.PRNGKey(0)).params)
+  (plain,), plain_params, initial = run_steps(config(''), one, batches, devices, with_initial=True)
+  (frozen,), frozen_params, frozen_initial = run_steps(config(FROZEN), one, batches, devices,
+                                                       with_initial=True)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, frozen_initial, initial)  # same start
   mask = train_step.frozen_mask(FROZEN, initial)
   assert 0 < sum(jax.tree_util.tree_leaves(mask)) < len(jax.tree_util.tree_leaves(mask))
 
