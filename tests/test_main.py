@@ -46,6 +46,11 @@ def run(args):
   return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
 
 
+# For runs whose tests check neither the training-subset scores nor the pictures (both checked on
+# `straight_run`): the evaluations then score the eval split only (training is unchanged).
+EVAL_SPLIT_ONLY = ('--config.eval.train_subset_size=0', '--config.train.eval_pictures=False')
+
+
 @pytest.fixture(scope='module')
 def straight_run(data_dir, tmp_path_factory):
   """An uninterrupted 8-step run."""
@@ -57,8 +62,8 @@ def straight_run(data_dir, tmp_path_factory):
 
 def test_sigkill_then_resume_matches_uninterrupted(data_dir, straight_run, tmp_path):
   steps = '--config.train.steps=8'
-  proc = subprocess.Popen(command(tmp_path, data_dir, steps), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, env=ENV)
+  proc = subprocess.Popen(command(tmp_path, data_dir, steps, *EVAL_SPLIT_ONLY), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
   deadline = time.time() + 300
   while not (tmp_path / 'checkpoints' / '4').exists():
     assert proc.poll() is None, 'training ended before it could be killed'
@@ -67,7 +72,7 @@ def test_sigkill_then_resume_matches_uninterrupted(data_dir, straight_run, tmp_p
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (tmp_path / 'results.json').exists()
-  resumed = run(command(tmp_path, data_dir, steps))
+  resumed = run(command(tmp_path, data_dir, steps, *EVAL_SPLIT_ONLY))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resumed from' in resumed.stdout
 
@@ -165,7 +170,8 @@ def _copy_of(workdir, tmp_path):
 def test_resume_with_another_batch_size_starts_after_the_examples_seen(data_dir, straight_run, tmp_path):
   """8 steps at batch 8 consumed examples 0..63; 2 more steps at batch 4 take examples 64..71."""
   workdir = _copy_of(straight_run, tmp_path)
-  result = run(command(workdir, data_dir, '--config.train.steps=10', '--config.input.batch_size=4'))
+  result = run(command(workdir, data_dir, '--config.train.steps=10', '--config.input.batch_size=4',
+                       *EVAL_SPLIT_ONLY))
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resumed from" in result.stdout and "'examples_seen': 64" in result.stdout
   with checkpointing.Checkpointer(workdir) as ckpt:
@@ -240,7 +246,8 @@ def test_eval_every_keeps_the_best_checkpoint_through_resume_and_eval_only(
     data_dir, straight_run, tmp_path):
   steps = '--config.train.steps=8'
   workdir = tmp_path / 'run'
-  flags = (steps, '--config.train.eval_every=2', '--config.train.keep_checkpoints=2')
+  flags = (steps, '--config.train.eval_every=2', '--config.train.keep_checkpoints=2',
+           *EVAL_SPLIT_ONLY)
   result = run(command(workdir, data_dir, *flags))
   assert result.returncode == 0, result.stderr[-3000:]
   assert [int(s) for s in re.findall(r'^eval step (\d+)/8', result.stdout, re.M)] == [2, 4, 6, 8]
@@ -286,7 +293,7 @@ def test_eval_every_keeps_the_best_checkpoint_through_resume_and_eval_only(
                      workdir_lib.restore_params(config, str(workdir)))
 
   # eval_only on the best checkpoint evaluates the best step's parameters.
-  only = run(command(workdir, data_dir, steps, '--config.train.eval_only=True',
+  only = run(command(workdir, data_dir, steps, *EVAL_SPLIT_ONLY, '--config.train.eval_only=True',
                      '--config.train.eval_checkpoint=best'))
   assert only.returncode == 0, only.stderr[-3000:]
   assert f'Evaluating the best checkpoint: step {best_step}' in only.stdout
