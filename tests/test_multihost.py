@@ -83,6 +83,9 @@ class Job:
 
   def __init__(self, name: str, workdir, data_dir: str, num_processes: int):
     self.workdir = workdir
+    # The pictures (drawn by process 0) only where there are several processes: a single process
+    # drawing them is tested in tests/test_main.py.
+    pictures = [] if num_processes > 1 else ['--config.train.eval_pictures=False']
     env = dict(os.environ, XLA_FLAGS=os.environ['XLA_FLAGS'].replace(
         'device_count=8', f'device_count={DEVICES // num_processes}'))
     cluster = []
@@ -94,7 +97,7 @@ class Job:
     for i, log in enumerate(self.logs):
       command = [sys.executable, '-m', 'avt_jax.main', '--config=configs/demo.py',
                  f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *TINY_MAIN_FLAGS,
-                 *FLAGS, *(cluster + [f'--process_id={i}'] if cluster else [])]
+                 *FLAGS, *pictures, *(cluster + [f'--process_id={i}'] if cluster else [])]
       with open(log, 'w') as out:
         self.processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=out,
                                                stderr=subprocess.STDOUT))
