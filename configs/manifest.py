@@ -37,11 +37,17 @@ TRAINED_BLOCKS = 2
 def pretrained_variant(c):
   """ViT-S encoders (384 wide, 12 layers, exact GELU) started from a DINOv2 ViT-S/14 checkpoint
   (`config.init.checkpoint`, required; the audio encoder AST-style from the same weights), ImageNet
-  pixel statistics, all but the top `TRAINED_BLOCKS` blocks frozen. Our design (README "Train on your
+  pixel statistics, all but the top `TRAINED_BLOCKS` blocks frozen, 4 bottleneck tokens in those
+  blocks (MBT's fusion, whose bottleneck tokens start at layer 8 of 12). Our design (README "Train on your
   own videos", "Pretrained encoders on the suite")."""
   size = MODEL_PRESETS['small']
   c.model.update(dict(size='small', gelu_approximate=False, **size))
   c.init.pixel_normalization = 'imagenet'
+  # Bottleneck tokens only in the trained blocks: from layer 2 (the small model's setting) the
+  # frozen blocks mix the modalities, no branch stays unimodal and the calibration cannot fall back on
+  # the reliable one (README "Pretrained encoders on the suite", fusion comparison).
+  c.model.fusion = 'bottleneck'
+  c.model.fusion_layer = size['num_layers'] - TRAINED_BLOCKS
   frozen_blocks = '|'.join(str(i) for i in range(size['num_layers'] - TRAINED_BLOCKS))
   c.optim.frozen = rf'(tokenizer_|posembed_|cls_).*|encoder/encoderblock_({frozen_blocks})_.*'
   c.optim.learning_rate = 3e-4

@@ -118,12 +118,15 @@ def test_patch_size_resampling_on_a_real_image(dinov2):
   assert cosine[0] > 0.9995 and cosine[1:].mean() > 0.999  # measured 0.99996, 0.99988
 
 
-def test_pretrained_manifest_variant_trains_only_its_top_blocks_from_the_real_weights(dinov2, tmp_path):
-  """configs/manifest.py:pretrained:video on the real weights: after two AdamW steps the frozen
-  blocks, embeddings and CLS token hold DINOv2's values exactly; the top two blocks have moved."""
+@pytest.mark.parametrize('variant', ['pretrained:video', 'pretrained'])
+def test_pretrained_manifest_variant_trains_only_its_top_blocks_from_the_real_weights(
+    variant, dinov2, tmp_path):
+  """configs/manifest.py:pretrained(:video) on the real weights: after two AdamW steps the frozen
+  blocks, embeddings and CLS tokens hold DINOv2's values exactly; the top two blocks have moved, and
+  with both modalities so have the bottleneck tokens, which join only those two blocks."""
   from avt_jax import dataset_stats, train_step  # pylint: disable=g-import-not-at-top
   from tests.test_dataset_stats import manifest_config, write_stats  # pylint: disable=g-import-not-at-top
-  config = manifest_config('pretrained:video')
+  config = manifest_config(variant)
   dataset_stats.apply_stats(config, write_stats(tmp_path, num_classes={'class': 3}, short_side=32,
                                                 clip_seconds=1.0))
   config.init.checkpoint = dinov2['path']
@@ -137,6 +140,10 @@ def test_pretrained_manifest_variant_trains_only_its_top_blocks_from_the_real_we
   size = config.input.image_size
   batch = {'video': rng.random((4, config.input.num_frames, size, size, 3), np.float32),
            'labels/class': np.eye(3, dtype=np.float32)[[0, 1, 2, 0]], 'mask': np.ones(4, np.float32)}
+  modalities = ['video']
+  if variant == 'pretrained':
+    modalities.append('audio')
+    batch['audio'] = rng.normal(size=(4, config.input.audio_frames, config.input.n_mels)).astype('f4')
   step = jax.jit(train_step.make_train_step(config, model, tx, schedule))
   for _ in range(2):
     state, _ = step(state, batch)
@@ -146,8 +153,12 @@ def test_pretrained_manifest_variant_trains_only_its_top_blocks_from_the_real_we
   flat = {'/'.join(k.key for k in p): (f, m) for (p, f), (_, m) in zip(
       jax.tree_util.tree_flatten_with_path(mask)[0], jax.tree_util.tree_flatten_with_path(moved)[0])}
   assert not any(m for f, m in flat.values() if f)  # frozen: bit-identical to the checkpoint
-  assert all(m for name, (f, m) in flat.items() if 'encoderblock_11_video/MlpBlock' in name)
-  assert flat['encoder/encoderblock_9_video/MlpBlock_3/Dense_0/kernel'][0]  # frozen below the top 2
+  for m in modalities:
+    assert all(moved for name, (_, moved) in flat.items() if f'encoderblock_11_{m}/MlpBlock' in name)
+    assert flat[f'encoder/encoderblock_9_{m}/MlpBlock_3/Dense_0/kernel'][0]  # frozen below the top 2
+  if variant == 'pretrained':
+    assert (config.model.fusion, config.model.fusion_layer) == ('bottleneck', 10)
+    assert flat['encoder/bottleneck'] == (False, True)
 
 
 def test_learning_benchmark_gives_pretrained_runs_the_converted_weights(dinov2):
