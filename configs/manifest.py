@@ -12,8 +12,8 @@ follows the number of training clips. Single-modality runs: `configs/manifest.py
 `configs/manifest.py:pretrained` (also `:pretrained:video`, `:pretrained:audio`) starts ViT-S encoders
 from DINOv2 and trains only their top blocks; it needs `--config.init.checkpoint=` a DINOv2 ViT-S/14
 file (README "Train on your own videos" says how to get one offline). On the benchmark suite's four
-sets it beats this recipe by 6-24 points (audio + video, 3 seeds: 0.788, 0.528, 0.743, 0.715) and on
-VoiceDigits by 7 (0.683 vs 0.611; README "Pretrained encoders on the suite"); it is not the default
+sets it beats this recipe by 8-23 points (audio + video, 3 seeds: 0.806, 0.545, 0.740, 0.694) and on
+VoiceDigits by 12 (0.728 vs 0.611; README "Pretrained encoders on the suite"); it is not the default
 only because it needs that file.
 
 The recipe is sized for a few hundred to a few thousand clips trained from scratch (README "Learning
