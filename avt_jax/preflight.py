@@ -100,11 +100,11 @@ def _check_splits_prepared(config: ml_collections.ConfigDict, data_dir: str,
   for field in fields:
     split = config.data[field]
     if prepared and split not in prepared:
-      held_out = (' (or prepare with --test_fraction=0.2 to hold out a fifth of the `train` '
-                  'clips, whole groups at a time)' if split == holdout.TEST_SPLIT else '')
+      hint = (' (or prepare with --test_fraction=0.2 to hold out a fifth of the `train` '
+              'clips, whole groups at a time)' if split == holdout.TEST_SPLIT else '')
       raise ConfigError(f'config.data.{field}: the prepared data {data_dir} has no {split!r} split '
                         f'(it has {", ".join(prepared)}); give the annotations (manifest `split` '
-                        f'column) rows with split {split!r} and prepare again{held_out}, or set '
+                        f'column) rows with split {split!r} and prepare again{hint}, or set '
                         f'--config.data.{field} to one of those.')
 
 

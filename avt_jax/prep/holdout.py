@@ -1,6 +1,6 @@
 """Test and validation splits held out of the training clips, by group.
 
-`configs/manifest.py` evaluates on split `test` and fits the late-fusion weights
+`configs/manifest.py` evaluates on split `test` and fits the fusion weights of its two classifiers
 (`avt_jax.calibration`) on split `val`, clips the model never trained on. Users' manifests often
 have neither, so preparation can carve them out of `train` (our design): whole groups (a speaker, a
 source video, a recording session: the manifest's `group` column, else each clip alone) move to the
