@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from avt_jax import learning_benchmark
+from avt_jax import data_format, learning_benchmark
 from avt_jax.prep import clips, suite, voice_digits
 from avt_jax.prep.suite import icons, sets, soundfonts
 
@@ -66,6 +66,47 @@ def test_audio_recipe_beats_the_linear_floor(data_dir, tmp_path):
   with open(workdir / 'results.json') as f:
     top1 = json.load(f)['eval']['top1']
   assert top1 > floor, (top1, floor)
+
+
+def test_pretrain_study_fine_tunes_from_the_pretraining_run_on_the_labelled_subset(data_dir, tmp_path,
+                                                                               monkeypatch):
+  """`--pretrain_study` end to end (`label_efficiency`), tiny model, a few steps: contrastive
+  pretraining on every training clip without labels, then fine-tuning from it and supervised training
+  on half of each class's clips; the fine-tuning run takes every pretrained parameter but the
+  classifier, and a second call reuses the finished runs."""
+  for name in ('JAX_COMPILATION_CACHE_DIR', 'XLA_FLAGS'):  # the runs: one CPU device, as above
+    monkeypatch.delenv(name, raising=False)
+  tiny = [o for o in learning_benchmark.REDUCED_OVERRIDES if 'epochs' not in o] + [
+      '--config.train.epochs=1', '--config.seed=0']
+  pretrain = ['--config.loss.weights.classification=0', '--config.loss.weights.contrastive=1']
+  study = lambda: learning_benchmark.label_efficiency(data_dir, 0.5, str(tmp_path),
+                                                       'configs/manifest.py', tiny, pretrain)
+  out = study()
+  assert set(out) == {'fine-tuned', 'supervised only', 'linear probe, pretrained',
+                      'linear probe, initial encoder'}
+  assert all(0.0 <= v <= 1.0 for v in out.values()), out
+  with open(tmp_path / 'finetune' / 'init_report.json') as f:
+    report = json.load(f)
+  assert {tuple(v.items()) for v in report['sources'].values()} == {
+      (('checkpoint', str(tmp_path / 'pretrain')), ('format', 'avt'))}
+  assert report['excluded'] and all(n.startswith('classifier/') for n in report['excluded'])
+  # Left at init: what a run without labels has not got, the final encoder norms and the fusion
+  # weights of the classification branch (`with_classification_branch`).
+  assert report['init'] == ['encoder/encoder_norm_audio/bias', 'encoder/encoder_norm_audio/scale',
+                            'encoder/encoder_norm_video/bias', 'encoder/encoder_norm_video/scale',
+                            'logit_fusion/modality_weights']
+  assert any(n.startswith('encoder/') for n in report['loaded'])
+  labelled = json.loads((tmp_path / 'finetune' / 'results.json').read_text())
+  pretrained = json.loads((tmp_path / 'pretrain' / 'results.json').read_text())
+  assert 'top1' not in pretrained['eval']  # no classifier trained without labels
+  # Half of each class's 24 training clips (4 classes; the manifest interleaves its test clips) for
+  # both runs with labels: 48, of which preparation holds some voices out as `val` again.
+  stats = data_format.read_stats(os.path.join(os.path.dirname(data_dir), 'prepared_labels50'))
+  assert stats['num_clips']['train'] + stats['num_clips']['val'] == 48, stats['num_clips']
+  assert labelled['eval']['num_videos'] == 24
+  stamps = {p: os.path.getmtime(p) for p in tmp_path.glob('*/results.json')}
+  assert study() == out
+  assert stamps == {p: os.path.getmtime(p) for p in tmp_path.glob('*/results.json')}
 
 
 @pytest.mark.parametrize('num_classes', [4, 10])

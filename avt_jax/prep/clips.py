@@ -12,6 +12,7 @@ one. Our design.
 import csv
 import dataclasses
 import os
+import shutil
 import zlib
 
 import numpy as np
@@ -179,10 +180,12 @@ def labelled_subset(prepared: str, fraction: float, *, num_workers: int | None =
       per_class[row['label']] = per_class.get(row['label'], 0) + 1
   keep, seen = [], {}
   for row in rows:
-    label = row['label']
-    seen[label] = seen.get(label, 0) + 1
-    if row['split'] != 'train' or seen[label] <= max(1, round(fraction * per_class[label])):
-      keep.append(row)
+    if row['split'] == 'train':  # only training rows count: other splits may be interleaved
+      label = row['label']
+      seen[label] = seen.get(label, 0) + 1
+      if seen[label] > max(1, round(fraction * per_class[label])):
+        continue
+    keep.append(row)
   subset = os.path.join(folder, f'prepared_labels{round(100 * fraction)}')
   names = data_format.read_stats(prepared, required=('label_names',))['label_names']['class']
   num_workers = default_workers(num_workers)
@@ -191,8 +194,18 @@ def labelled_subset(prepared: str, fraction: float, *, num_workers: int | None =
     os.makedirs(building)
     prepare(manifest_lib.write_manifest(building, keep), names, folder, building, num_workers, progress)
 
+  if _stale(subset, keep):  # built from other rows (e.g. by an older version): rebuild it
+    shutil.rmtree(subset)
   cache.build_once(subset, build, {'fraction': fraction})
   return subset
+
+
+def _stale(subset: str, rows: list[dict[str, str]]) -> bool:
+  """Whether a complete `subset` folder holds other clips than `rows`."""
+  if not os.path.exists(os.path.join(subset, cache.MARKER_FILE)):
+    return False
+  with open(os.path.join(subset, 'manifest.csv')) as f:
+    return [r['path'] for r in csv.DictReader(f)] != [r['path'] for r in rows]
 
 
 def sources(prepared: str, split: str) -> list[str]:
