@@ -105,6 +105,9 @@ def get_config(arg: str | None = None):
   c.model.video_patch = (5, 16, 16)
   c.model.audio_patch = (16, 16)
   c.model.classifier = 'gap'
+  # Late fusion: over 3 seeds on the suite it beats bottleneck and concat fusion from layer 2 on three
+  # of four sets and on the mean (0.557 vs 0.539, 0.533); mixed layers leave no unimodal branch for
+  # the calibration to fall back on (README "Late, bottleneck and concat fusion from scratch").
   c.model.fusion = 'late'
   c.model.stochastic_depth = 0.1
 
