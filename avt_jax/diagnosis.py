@@ -5,8 +5,12 @@ fixed training subset (`config.eval.train_subset_size`), and returns plain sente
 what to try. The thresholds are our design (rules of thumb, not tuned):
 
 - not fit: the training subset's headline score (top1, mAP or action_top1) under `FIT_THRESHOLD`
-  after at least `MOST_OF_SCHEDULE` of the steps;
-- does not generalise: the training subset's score over the eval split's by more than `GAP`;
+  after at least `MOST_OF_SCHEDULE` of the steps. 0.9, not lower: a run that stops at 0.8 usually
+  gains on both splits from a longer schedule (VoiceDigits, video only, `configs/manifest.py`: 60
+  epochs train 0.80 / test 0.61, 150 epochs 1.00 / 0.80; README "VoiceDigits"), and the recipe fits
+  0.93-1.00 of its training clips wherever the modalities carry the class;
+- does not generalise: the model fits (the score above) and the training subset's score is over the
+  eval split's by more than `GAP`;
 - a weak branch: a modality's own score under the fused one by more than `GAP`;
 - fusion that loses: the fused score under one modality's own score by more than `FUSION_LOSS`.
 """
@@ -17,7 +21,7 @@ import ml_collections
 
 from avt_jax import evaluate
 
-FIT_THRESHOLD = 0.5
+FIT_THRESHOLD = 0.9
 MOST_OF_SCHEDULE = 0.75
 GAP = 0.15
 FUSION_LOSS = 0.02
@@ -26,7 +30,8 @@ _UNDERFIT_ADVICE = (
     'try a longer schedule (config.train.steps or config.train.epochs), another learning rate '
     '(config.optim.learning_rate 3x higher or lower) or warm-up (config.optim.warmup_steps), '
     'smaller patches or tubelets for small frames or spectrograms (config.model.video_patch, '
-    'config.model.audio_patch), or weaker augmentation and regularisation')
+    'config.model.audio_patch), or weaker augmentation and regularisation; a single-modality run '
+    'may also stay here because its modality does not carry the class')
 _OVERFIT_ADVICE = (
     'try stronger augmentation (mixup, SpecAugment), stochastic depth or weight decay, fewer '
     'steps (config.train.eval_every keeps the best checkpoint), a smaller model, or {start}')
@@ -55,7 +60,8 @@ def diagnose(config: ml_collections.ConfigDict, eval_metrics: Mapping[str, float
     notes.append(f'The model has not fit its training data: {score} {fitted:.3f} on the first '
                  f'{int(train_metrics["num_videos"])} training clips after {fraction:.0%} of the '
                  f'schedule (step {step}/{config.train.steps}); {_UNDERFIT_ADVICE}.')
-  if fitted is not None and score in eval_metrics and fitted - eval_metrics[score] > GAP:
+  elif (fitted is not None and fitted >= FIT_THRESHOLD and score in eval_metrics
+        and fitted - eval_metrics[score] > GAP):
     notes.append(f'The model fits its training data but does not generalise: {score} '
                  f'{fitted:.3f} on training clips, {eval_metrics[score]:.3f} on '
                  f'{config.data.eval_split}; '

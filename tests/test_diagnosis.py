@@ -31,15 +31,29 @@ def test_not_fit_after_most_of_the_schedule_names_the_score_and_what_to_try():
 
 
 def test_a_weak_branch_and_fusion_that_loses_are_named_per_split():
-  # Eval split: video far below the fused (0.7 - 0.5 > 0.15), fused below audio (0.75 > 0.72).
-  notes = diagnosis.diagnose(config(), scores(0.7, 0.5, 0.75), scores(0.8, 0.75, 0.8), 100)
+  # Eval split: video far below the fused (0.8 - 0.6 > 0.15), fused below audio (0.85 > 0.82).
+  notes = diagnosis.diagnose(config(), scores(0.8, 0.6, 0.85), scores(0.92, 0.88, 0.9), 100)
   assert len(notes) == 2, notes
-  assert notes[0].startswith("On test, the video branch's own predictions (top1 0.500) are far "
-                             'below the fused ones (0.700)')
-  assert notes[1].startswith('On test, fusion loses to audio alone: fused top1 0.700, audio 0.750')
+  assert notes[0].startswith("On test, the video branch's own predictions (top1 0.600) are far "
+                             'below the fused ones (0.800)')
+  assert notes[1].startswith('On test, fusion loses to audio alone: fused top1 0.800, audio 0.850')
   assert "config.model.fusion='late'" in notes[1]
   # Within the margins nothing is said: a gap of 0.14, fused 0.01 under the better modality.
   assert diagnosis.diagnose(config(), scores(0.7, 0.56, 0.71), {}, 100) == []
+
+
+def test_a_model_under_the_fit_threshold_is_told_to_fit_first_not_to_regularise():
+  # VoiceDigits video only at 60 epochs: 0.80 of the training clips, 0.61 of the test clips. The
+  # gap is over GAP, but the advice is the longer schedule (150 epochs: 1.00 / 0.80), not more
+  # regularisation.
+  notes = diagnosis.diagnose(config(), scores(0.61, 0.61, 0.61), scores(0.8, 0.8, 0.8), 100)
+  assert len(notes) == 1 and notes[0].startswith(
+      'The model has not fit its training data: top1 0.800'), notes
+  assert 'config.train.epochs' in notes[0] and 'does not generalise' not in notes[0]
+  # At the threshold the model fits, and the same gap is named as one.
+  notes = diagnosis.diagnose(config(), scores(0.7, 0.7, 0.7), scores(0.9, 0.9, 0.9), 100)
+  assert len(notes) == 1 and notes[0].startswith('The model fits its training data but does not '
+                                                 'generalise: top1 0.900'), notes
 
 
 def test_a_model_that_does_not_generalise_is_named():
