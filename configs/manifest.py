@@ -124,7 +124,7 @@ def get_config(arg: str | None = None):
 
   # Fit first: at 60 epochs VoiceDigits' runs stopped at 0.80-0.87 of their training clips and 0.61
   # on its test voices; 150 fit 1.00 there and on the suite (VoiceDigits 0.80 over 2 seeds; the suite
-  # at seed 0: +4 to +7 points on three sets, -3 on one), at 2.5x the time (README "VoiceDigits, and
+  # over seeds 0-1: +5 to +6 points on three sets, -3 on one), at 2.5x the time (README "VoiceDigits, and
   # fit first").
   c.train.epochs = 150
   # A few dozen training clips get more epochs, so that they are still fitted (10% of the suite's
