@@ -56,12 +56,12 @@ def diagnose(config: ml_collections.ConfigDict, eval_metrics: Mapping[str, float
   notes = []
   fraction = step / max(int(config.train.steps), 1)
   fitted = train_metrics.get(score)
-  if fitted is not None and fraction >= MOST_OF_SCHEDULE and fitted < FIT_THRESHOLD:
+  fits = fitted is not None and fitted >= FIT_THRESHOLD
+  if fitted is not None and not fits and fraction >= MOST_OF_SCHEDULE:
     notes.append(f'The model has not fit its training data: {score} {fitted:.3f} on the first '
                  f'{int(train_metrics["num_videos"])} training clips after {fraction:.0%} of the '
                  f'schedule (step {step}/{config.train.steps}); {_UNDERFIT_ADVICE}.')
-  elif (fitted is not None and fitted >= FIT_THRESHOLD and score in eval_metrics
-        and fitted - eval_metrics[score] > GAP):
+  if fits and score in eval_metrics and fitted - eval_metrics[score] > GAP:
     notes.append(f'The model fits its training data but does not generalise: {score} '
                  f'{fitted:.3f} on training clips, {eval_metrics[score]:.3f} on '
                  f'{config.data.eval_split}; '

@@ -23,7 +23,7 @@ down-weighted rather than averaged in. On the benchmark suite (`python -m avt_ja
 README "The recipe on the suite, three seeds"), audio + video test top-1 over 3 seeds with 60 epochs:
 0.656, 0.469, 0.507 and 0.597 on the four sets; above both single-modality runs on three of them, and
 above the linear floors only where both modalities are needed. The recipe now trains 150 epochs (it
-did not fit VoiceDigits' clips in 60; README "Ablations, suite x factor"), about 15 minutes per audio +
+did not fit VoiceDigits' clips in 60; README "VoiceDigits, and fit first"), about 15 minutes per audio +
 video run on 2 CPU cores.
 """
 
